@@ -1,0 +1,269 @@
+"""Hugging Face-layout checkpoints: config.json + safetensors (single file or sharded), FP8 block dequantization.
+
+Our modules store routed experts stacked (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`
+[E, H, I]) and MTP modules under `model.mtp.{j}`; on disk they are DeepSeek's per-expert keys
+(`mlp.experts.{e}.gate_proj.weight`, ...) and `model.layers.{num_hidden_layers + j}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import CausalLM
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+# On disk, each MTP layer repeats the shared embedding and output head (DeepSeek-V3's release does this).
+_MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(disk key, tensor) pairs in DeepSeek's layout, one expert matrix at a time (views, no copies)."""
+    config = model.config
+    L, I = config.num_hidden_layers, config.moe_intermediate_size
+    state = model.state_dict(keep_vars=False)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for key, tensor in state.items():
+        key = _to_disk_key(key, L)
+        if key.endswith(".mlp.experts.gate_up_proj"):
+            prefix = key[: -len("gate_up_proj")]
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}{e}.gate_proj.weight", tensor[e, :I]
+                yield f"{prefix}{e}.up_proj.weight", tensor[e, I:]
+        elif key.endswith(".mlp.experts.down_proj"):
+            prefix = key[: -len("down_proj")]
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}{e}.down_proj.weight", tensor[e]
+        else:
+            yield key, tensor
+    for j in range(config.num_nextn_predict_layers):
+        for suffix, shared in _MTP_SHARED.items():
+            source = state.get(shared, state["model.embed_tokens.weight"])
+            yield f"model.layers.{L + j}.{suffix}", source
+
+
+def _to_disk_key(key: str, n_layers: int) -> str:
+    m = re.match(r"^model\.mtp\.(\d+)\.(.*)$", key)
+    return f"model.layers.{n_layers + int(m.group(1))}.{m.group(2)}" if m else key
+
+
+def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+    """Write `path/config.json` and the weights as safetensors, sharded with an index past `max_shard_bytes`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save(path)
+    limit = max_shard_bytes or DEFAULT_SHARD_BYTES
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for key, tensor in hf_state_items(model):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, tensor))
+        size += nbytes
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        _write_shard(path / SINGLE_NAME, shards[0])
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _write_shard(path / name, shard)
+        for key, tensor in shard:
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_shard(file: Path, items: list[tuple[str, torch.Tensor]]) -> None:
+    # clone(): safetensors refuses tensors that share storage (expert slices, the MTP layers' shared copies).
+    save_file({k: t.detach().to("cpu").contiguous().clone() for k, t in items}, str(file), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def checkpoint_files(path: Path) -> dict[str, str]:
+    """Map every tensor key of the checkpoint in `path` to the safetensors file holding it."""
+    if (path / INDEX_NAME).is_file():
+        return json.loads((path / INDEX_NAME).read_text())["weight_map"]
+    if (path / SINGLE_NAME).is_file():
+        with safe_open(str(path / SINGLE_NAME), "pt") as f:
+            return {k: SINGLE_NAME for k in f.keys()}
+    raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}")
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> CausalLM:
+    """Load a DeepSeek-V2/V3 Hugging Face directory into a CausalLM.
+
+    Tensors are streamed one at a time from memory-mapped shards straight into the model's parameters; FP8
+    block-quantized weights are dequantized on the way. `device="meta"` builds the model's structure only.
+    `dtype` defaults to the checkpoint's floating dtype (bfloat16 for FP8 checkpoints).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    if raw is None:
+        raise FileNotFoundError(f"no config.json in {path}")
+    config = ModelConfig.from_dict(raw)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = CausalLM(config)
+    if device.type == "meta":
+        return model if dtype is None else model.to(dtype)
+
+    files = checkpoint_files(path)
+    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    if dtype is None:
+        dtype = _checkpoint_dtype(path, files)
+    model = model.to_empty(device=device).to(dtype)
+    model.model.rotary_emb.reset_parameters()  # a non-persistent buffer: to_empty left it uninitialized
+    loader = _Loader(model, path, files, block)
+    loader.load()
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    return model
+
+
+def _checkpoint_dtype(path: Path, files: dict[str, str]) -> torch.dtype:
+    first = next(iter(sorted(set(files.values()))))
+    with safe_open(str(path / first), "pt") as f:
+        for key in f.keys():
+            t = f.get_slice(key).get_dtype()
+            if t == "F8_E4M3":
+                return torch.bfloat16
+            if t in ("F32", "BF16", "F16") and not key.endswith("_scale_inv"):
+                return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[t]
+    return torch.float32
+
+
+class _Loader:
+    """Copies checkpoint tensors into a materialized model, tracking what was filled."""
+
+    def __init__(self, model: CausalLM, path: Path, files: dict[str, str], block: tuple[int, int]):
+        self.model, self.path, self.files, self.block = model, path, files, block
+        self.config = model.config
+        self.params = dict(model.named_parameters())
+        self.params.update(dict(model.named_buffers()))
+        self.filled: set[tuple[str, tuple[int, str] | None]] = set()
+        self.handles: dict[str, object] = {}
+
+    def _open(self, name: str):
+        if name not in self.handles:
+            self.handles[name] = safe_open(str(self.path / name), "pt")
+        return self.handles[name]
+
+    def _get(self, key: str) -> torch.Tensor:
+        tensor = self._open(self.files[key]).get_tensor(key)
+        if tensor.dtype == torch.float8_e4m3fn:
+            scale_key = key + "_scale_inv"
+            if scale_key not in self.files:
+                raise ValueError(f"FP8 tensor {key} has no {scale_key} in the checkpoint")
+            tensor = dequantize_fp8(tensor, self._open(self.files[scale_key]).get_tensor(scale_key), self.block)
+        return tensor
+
+    def load(self) -> None:
+        L = self.config.num_hidden_layers
+        D = self.config.num_nextn_predict_layers
+        I = self.config.moe_intermediate_size
+        by_file: dict[str, list[str]] = {}
+        for key, name in self.files.items():
+            by_file.setdefault(name, []).append(key)
+        for name in sorted(by_file):
+            for key in by_file[name]:
+                if key.endswith("_scale_inv") or key.endswith(_IGNORED_SUFFIXES):
+                    continue
+                target = self._target(key, L, D)
+                if target is None:
+                    continue
+                name_, index = target
+                if name_ not in self.params:
+                    raise ValueError(f"checkpoint tensor {key} has no place in this model (expected {name_})")
+                param = self.params[name_]
+                tensor = self._get(key)
+                dest = param if index is None else self._expert_slice(param, index, I)
+                if tuple(dest.shape) != tuple(tensor.shape):
+                    raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(dest.shape)} (does config.json match the weights?)")
+                with torch.no_grad():
+                    dest.copy_(tensor.to(dest.dtype))
+                self.filled.add((name_, index))
+        self.handles.clear()
+        missing = []
+        for name_, param in self.params.items():
+            if (name_, None) in self.filled or name_.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name_.endswith("lm_head.weight") and self.config.tie_word_embeddings:
+                continue
+            if name_.endswith(".mlp.experts.gate_up_proj") or name_.endswith(".mlp.experts.down_proj"):
+                parts = ("gate_proj", "up_proj") if name_.endswith("gate_up_proj") else ("down_proj",)
+                want = {(name_, (e, p)) for e in range(param.shape[0]) for p in parts}
+                if want <= self.filled:
+                    continue
+            missing.append(name_)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint in {self.path} lacks tensors the config requires: {shown}")
+
+    @staticmethod
+    def _expert_slice(param: torch.Tensor, index: tuple[int, str], I: int) -> torch.Tensor:
+        e, part = index
+        if part == "gate_proj":
+            return param[e, :I]
+        if part == "up_proj":
+            return param[e, I:]
+        return param[e]
+
+    def _target(self, key: str, L: int, D: int) -> tuple[str, tuple[int, str] | None] | None:
+        """Our parameter name for a disk key (and the expert slice), or None for keys we deliberately skip."""
+        m = _LAYER_KEY.match(key)
+        if m and int(m.group(1)) >= L:
+            j = int(m.group(1)) - L
+            if j >= D or m.group(2) in _MTP_SHARED:
+                return None  # MTP layers beyond the configured depth, and the repeated shared embedding/head
+            key = f"model.mtp.{j}.{m.group(2)}"
+        e = _EXPERT_KEY.match(key)
+        if e:
+            part = e.group(3)
+            stacked = "gate_up_proj" if part in ("gate_proj", "up_proj") else "down_proj"
+            return f"{e.group(1)}.{stacked}", (int(e.group(2)), part)
+        return key, None
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """DeepSeek-V3 FP8 weights: each [block x block] tile of `weight` times its entry of `scale_inv`, in fp32."""
+    out_dim, in_dim = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:out_dim].repeat_interleave(block[1], 1)[:, :in_dim]
+    return weight.float() * scale
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantize a matrix as DeepSeek-V3 is released: float8_e4m3fn weight and fp32 `weight_scale_inv`."""
+    out_dim, in_dim = weight.shape
+    rows, cols = -(-out_dim // block[0]), -(-in_dim // block[1])
+    padded = weight.float().new_zeros(rows * block[0], cols * block[1])
+    padded[:out_dim, :in_dim] = weight.float()
+    tiles = padded.view(rows, block[0], cols, block[1])
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [rows, cols]
+    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    q = (tiles / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn).view(rows * block[0], cols * block[1])
+    return q[:out_dim, :in_dim].contiguous(), scale_inv

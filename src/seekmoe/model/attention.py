@@ -1,0 +1,72 @@
+"""Multi-head Latent Attention (MLA): low-rank query, a joint low-rank KV latent, and a decoupled rope key."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA as in DeepSeek-V2/V3.
+
+    Keys and values are up-projected from a `kv_lora_rank` latent c_kv; position enters only through a
+    `qk_rope_head_dim` key shared by all heads (k_pe) and the matching part of each query. What a decoder caches
+    per token is therefore just (c_kv, k_pe).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.interleave = config.rope_interleave
+        H = config.hidden_size
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, H, bias=False)
+        self.softmax_scale = self.qk_head_dim ** -0.5 * config.yarn_mscale()
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head query parts: q_nope [B, S, heads, qk_nope_head_dim] and rotated q_pe [B, S, heads, rope_dim]."""
+        B, S, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_head_dim).split(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What MLA caches per token: normalized latent c_kv [B, S, kv_lora_rank] and rotated k_pe [B, S, rope_dim]."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention over x [B, S, hidden] (or under `attn_mask`, True = may attend)."""
+        B, S, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, self.n_heads, -1).split(
+            [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, heads, S, qk_head_dim]
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_mask,
+                                             is_causal=attn_mask is None, scale=self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_head_dim))

@@ -1,0 +1,32 @@
+"""A decoder block: pre-norm MLA attention, then a pre-norm dense MLP or DeepSeekMoE layer, each residual."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MultiHeadLatentAttention
+from .mlp import MLP
+from .moe import MoE, MoEStats
+from .norm import RMSNorm
+
+
+class DecoderBlock(nn.Module):
+    """x + Attn(norm(x)), then + FFN(norm(.)) where FFN is a MoE (moe=True) or a dense SwiGLU MLP."""
+
+    def __init__(self, config: ModelConfig, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, stats = self.mlp(h)
+            return x + y, stats
+        return x + self.mlp(h), None

@@ -1,0 +1,146 @@
+"""The DeepSeek-MoE causal language model: embeddings, decoder blocks, final norm, LM head, and MTP modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from .block import DecoderBlock
+from .experts import RoutedExperts
+from .moe import MoE, MoEStats
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+from .router import Router
+
+
+@dataclass
+class CausalLMOutput:
+    """logits [B, S, vocab]; with labels, the loss and its parts; per-MoE-layer expert token counts."""
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor  # [B, S, hidden] after the final norm (what MTP modules start from)
+    loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + balance_loss
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None  # mean over the MTP depths of their cross-entropies (unweighted)
+    balance_loss: torch.Tensor | None = None  # already weighted by the configured alphas
+    expert_counts: torch.Tensor | None = None  # [n MoE layers (main, then MTP), E] tokens per expert
+
+
+class DeepseekModel(nn.Module):
+    """The body: token embedding, decoder blocks (dense for the first `first_k_dense_replace`), final RMSNorm, and
+    the MTP modules (kept here so parameter names match the `model.` prefix of DeepSeek checkpoints)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i))
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.num_nextn_predict_layers))
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class CausalLM(nn.Module):
+    """DeepSeek-V2/V3-style MoE causal LM. `model(input_ids, labels=input_ids)` trains it (labels are shifted
+    inside, -100 ignored); `model(input_ids).logits` scores it."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DeepseekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for router biases."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, Router):
+                module.weight.normal_(0.0, std)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, RoutedExperts):
+                module.gate_up_proj.normal_(0.0, std)
+                module.down_proj.normal_(0.0, std)
+            elif isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer, main blocks first, then MTP modules: the order of `expert_counts` rows."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids [B, S]; labels [B, S] (usually input_ids); position_ids [S] or [B, S]; attn_mask, if given,
+        a boolean [B, 1, S, S] (True = may attend) replacing the causal mask."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        body = self.model
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device)
+        cos, sin = body.rotary_emb(position_ids)
+        h = body.embed_tokens(input_ids)
+        stats: list[MoEStats] = []
+        for layer in body.layers:
+            if self.gradient_checkpointing and self.training:
+                h, s = checkpoint(layer, h, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                h, s = layer(h, cos, sin, attn_mask)
+            if s is not None:
+                stats.append(s)
+        h = body.norm(h)
+        logits = self.lm_head(h)
+        out = CausalLMOutput(logits=logits, hidden_states=h)
+        if labels is None:
+            return out
+
+        out.lm_loss = _next_token_loss(logits, labels)
+        out.loss = out.lm_loss
+        if body.mtp and S > 1 + len(body.mtp):
+            out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats)
+            out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
+        if stats:
+            out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
+            out.loss = out.loss + out.balance_loss
+            out.expert_counts = torch.stack([s.expert_counts for s in stats])
+        return out
+
+    def _mtp_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, h: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, stats: list[MoEStats]) -> torch.Tensor:
+        """Mean over depths k = 1..D of the cross-entropy of predicting token i+k+1 at position i."""
+        S = input_ids.shape[1]
+        losses = []
+        for k, mtp in enumerate(self.model.mtp, start=1):
+            n = S - k  # positions i that have an input token t_{i+k}
+            h, s = mtp(h[:, :n], self.model.embed_tokens(input_ids[:, k:]), cos[..., :n, :, :], sin[..., :n, :, :])
+            if s is not None:
+                stats.append(s)
+            logits = self.lm_head(mtp.shared_head["norm"](h))
+            losses.append(_next_token_loss(logits, labels[:, k:]))
+        return torch.stack(losses).mean()
+
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
+        """Write config.json and safetensors in the Hugging Face DeepSeek layout (per-expert keys)."""
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits[:, i] against labels[:, i + 1] (fp32), ignoring -100."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
