@@ -1,0 +1,82 @@
+"""Model arithmetic: parameter counts (on the meta device), forward FLOPs per token, KV-cache bytes per token."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+
+
+def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "bfloat16") -> dict:
+    """Sizes of the model `config` describes, counted on a meta-device build (no memory allocated).
+
+    - total_params / active_params: all weights / those one token uses (its top-k routed experts only), main model
+      without the MTP modules, which are reported separately as mtp_params (without the shared embedding and head);
+    - flops_per_token: forward FLOPs of the matrix products (2 per multiply-add) of the activated weights other
+      than the embedding lookup, plus attention scores and values averaged over a causal window of `context`;
+    - kv_cache_bytes_per_token: MLA's cache, (kv_lora_rank + qk_rope_head_dim) per layer, against the full keys
+      and values a standard multi-head attention with the same heads would cache.
+    """
+    from .model import CausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(config)
+    total = mtp = routed = 0
+    for name, p in model.named_parameters():
+        if name.startswith("model.mtp."):
+            mtp += p.numel()
+            continue
+        total += p.numel()
+        if ".mlp.experts." in name:
+            routed += p.numel()
+    active = total - routed + routed * config.num_experts_per_tok // max(config.n_routed_experts, 1)
+    embedding = config.vocab_size * config.hidden_size
+    L, heads = config.num_hidden_layers, config.num_attention_heads
+    attended = (context + 1) / 2  # mean number of keys a query sees in a causal window
+    attention_flops = 2 * L * heads * (config.qk_head_dim + config.v_head_dim) * attended
+    per_dtype = DTYPE_BYTES[cache_dtype]
+    mla_values = (config.kv_lora_rank + config.qk_rope_head_dim) * L
+    mha_values = heads * (config.qk_head_dim + config.v_head_dim) * L
+    return {
+        "total_params": total,
+        "active_params": active,
+        "mtp_params": mtp,
+        "embedding_params": embedding,
+        "flops_per_token": int(2 * (active - embedding) + attention_flops),
+        "context_for_flops": context,
+        "kv_cache_dtype": cache_dtype,
+        "kv_cache_bytes_per_token": mla_values * per_dtype,
+        "mha_kv_cache_bytes_per_token": mha_values * per_dtype,
+        "num_hidden_layers": L,
+        "moe_layers": config.n_moe_layers,
+        "n_routed_experts": config.n_routed_experts,
+        "num_experts_per_tok": config.num_experts_per_tok,
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def format_summary(name: str, s: dict) -> str:
+    """A human-readable table of `model_summary`'s figures."""
+    ratio = s["mha_kv_cache_bytes_per_token"] / s["kv_cache_bytes_per_token"]
+    rows = [
+        ("model", name),
+        ("total parameters", f"{_human(s['total_params'])} ({s['total_params']:,})"),
+        ("activated per token", f"{_human(s['active_params'])} ({s['active_params']:,})"),
+        ("MTP modules (extra)", f"{_human(s['mtp_params'])} ({s['mtp_params']:,})"),
+        ("layers (MoE)", f"{s['num_hidden_layers']} ({s['moe_layers']})"),
+        ("routed experts", f"{s['n_routed_experts']}, {s['num_experts_per_tok']} active per token"),
+        ("forward FLOPs per token", f"{_human(s['flops_per_token'], 'FLOP')} at context {s['context_for_flops']}"),
+        (f"KV cache per token, MLA ({s['kv_cache_dtype']})", f"{s['kv_cache_bytes_per_token']:,} bytes"),
+        (f"KV cache per token, MHA ({s['kv_cache_dtype']})",
+         f"{s['mha_kv_cache_bytes_per_token']:,} bytes ({ratio:.1f}x MLA)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
