@@ -1,5 +1,6 @@
 """The `seekmoe` command. Each subcommand lives with the code it drives and exposes
-`add_arguments(parser)` and `run(args) -> int`; this file only dispatches."""
+`add_arguments(parser)` and `run(args) -> int`; this file only dispatches, importing just the chosen command's
+module (so `seekmoe info` never pays for, or depends on, the server's imports)."""
 
 from __future__ import annotations
 
@@ -7,38 +8,33 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Modules are imported only when their command runs.
+# name -> (module, one-line help)
 COMMANDS = {
     "info": ("seekmoe.info_cli", "parameters, FLOPs and KV-cache size of a preset or a model directory"),
     "train": ("seekmoe.train.cli", "pretrain a model on text (the default corpus: Python's standard library)"),
     "generate": ("seekmoe.inference.cli", "complete a prompt with a trained model"),
     "chat": ("seekmoe.inference.chat", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
-    "analyze": ("seekmoe.analysis.cli", "routing statistics of a model on a text"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run one subcommand; returns the process exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="seekmoe", description="DeepSeek-style Mixture-of-Experts language models.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="seekmoe", description="DeepSeek-style Mixture-of-Experts language models. "
+                                     "Run `seekmoe COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    available = {}
-    for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and module_name.startswith(e.name):
-                continue  # a command whose module this version does not have
-            raise
-        available[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
+    module = None
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        module.add_arguments(parsers[argv[0]])
     args = parser.parse_args(argv)
-    if args.command is None:
+    if module is None:
         parser.print_help()
         return 2
     try:
-        return available[args.command].run(args) or 0
+        return module.run(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"seekmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
