@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,14 @@ from torch import nn
 from ..config import ModelConfig
 from .norm import RMSNorm
 from .rope import apply_rope
+
+
+class LatentCacheLayer(Protocol):
+    """One layer's decoding cache as attention sees it: store this step's latents, return every cached one."""
+
+    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store c_kv [B, S, kv_lora_rank] and k_pe [B, S, rope_dim]; return the cache [B, T, ...] including them."""
+        ...
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -58,11 +68,18 @@ class MultiHeadLatentAttention(nn.Module):
         return self.kv_a_layernorm(c_kv), k_pe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal self-attention over x [B, S, hidden] (or under `attn_mask`, True = may attend)."""
+                attn_mask: torch.Tensor | None = None, cache: LatentCacheLayer | None = None) -> torch.Tensor:
+        """Causal self-attention over x [B, S, hidden] (or under `attn_mask`, True = may attend).
+
+        With a `cache`, x holds only the new tokens: their latents are stored in it and the queries attend to every
+        cached token through `attend_latent` (`attn_mask` [B, 1, S, T] then says which cached tokens each may see).
+        """
         B, S, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
+        if cache is not None:
+            c_kv, k_pe = cache.update(c_kv, k_pe)
+            return self.attend_latent(q_nope, q_pe, c_kv, k_pe, attn_mask)
         k_nope, v = self.kv_b_proj(c_kv).view(B, S, self.n_heads, -1).split(
             [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, heads, S, qk_head_dim]
@@ -70,3 +87,26 @@ class MultiHeadLatentAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_mask,
                                              is_causal=attn_mask is None, scale=self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_head_dim))
+
+    def attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                      attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention computed on the latent itself, never on per-head keys and values ("absorb" decoding).
+
+        q_nope [B, S, heads, qk_nope_head_dim] and q_pe [B, S, heads, rope_dim] attend to c_kv [B, T, kv_lora_rank]
+        and k_pe [B, T, rope_dim]. Since k_nope = W_UK c_kv and v = W_UV c_kv per head, q_nope . k_nope equals
+        (W_UK^T q_nope) . c_kv and the attention-weighted v equals W_UV (attention-weighted c_kv): W_UK is absorbed
+        into the query and W_UV into the output. attn_mask [B, 1, S, T] is True where a query may attend.
+        """
+        B, S, h, _ = q_nope.shape
+        w_kv_b = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, dn, r], [h, dv, r]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, h, r]
+        scores = (torch.matmul(q_latent.reshape(B, S * h, -1), c_kv.transpose(1, 2))
+                  + torch.matmul(q_pe.reshape(B, S * h, -1), k_pe.transpose(1, 2)))  # [B, S*h, T]
+        scores = scores.view(B, S, h, -1).transpose(1, 2).float() * self.softmax_scale  # [B, h, S, T]
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)
+        mixed = torch.matmul(probs.transpose(1, 2).reshape(B, S * h, -1), c_kv).view(B, S, h, -1)  # [B, S, h, r]
+        out = torch.einsum("bshc,hdc->bshd", mixed, w_uv)  # [B, S, h, dv]
+        return self.o_proj(out.reshape(B, S, h * self.v_head_dim))

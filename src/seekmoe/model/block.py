@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import MultiHeadLatentAttention
+from .attention import LatentCacheLayer, MultiHeadLatentAttention
 from .mlp import MLP
 from .moe import MoE, MoEStats
 from .norm import RMSNorm
@@ -23,8 +23,10 @@ class DecoderBlock(nn.Module):
         self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+                attn_mask: torch.Tensor | None = None,
+                cache: LatentCacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """x [B, S, hidden] -> (x, MoE stats or None); `cache` switches attention to cached latent decoding."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(h)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .attention import LatentCacheLayer
 from .block import DecoderBlock
 from .moe import MoEStats
 from .norm import RMSNorm
@@ -26,8 +27,10 @@ class MTPModule(DecoderBlock):
         self.eh_proj = nn.Linear(2 * H, H, bias=False)
         self.shared_head = nn.ModuleDict({"norm": RMSNorm(H, config.rms_norm_eps)})
 
-    def forward(self, h_prev: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
-        """h_prev [B, S, H] from the previous depth, next_embeds [B, S, H] the embeddings of the tokens k ahead."""
+    def forward(self, h_prev: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None,
+                cache: LatentCacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """h_prev [B, S, H] from the previous depth, next_embeds [B, S, H] the embeddings of the tokens k ahead;
+        `attn_mask` and `cache` as in `DecoderBlock` (for drafting tokens while decoding)."""
         h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(h_prev)], dim=-1))
-        return super().forward(h, cos, sin)
+        return super().forward(h, cos, sin, attn_mask, cache)

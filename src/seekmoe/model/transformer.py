@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from .attention import LatentCacheLayer
 from .block import DecoderBlock
 from .experts import RoutedExperts
 from .moe import MoE, MoEStats
@@ -84,9 +85,13 @@ class CausalLM(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                cache: list[LatentCacheLayer] | None = None) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] (usually input_ids); position_ids [S] or [B, S]; attn_mask, if given,
-        a boolean [B, 1, S, S] (True = may attend) replacing the causal mask."""
+        a boolean [B, 1, S, S] (True = may attend) replacing the causal mask.
+
+        For decoding, `cache` holds one latent cache per decoder layer: input_ids are then only the new tokens,
+        position_ids their positions and attn_mask [B, 1, S, T] which cached tokens each may attend to."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
@@ -96,11 +101,11 @@ class CausalLM(nn.Module):
         cos, sin = body.rotary_emb(position_ids)
         h = body.embed_tokens(input_ids)
         stats: list[MoEStats] = []
-        for layer in body.layers:
+        for i, layer in enumerate(body.layers):
             if self.gradient_checkpointing and self.training:
                 h, s = checkpoint(layer, h, cos, sin, attn_mask, use_reentrant=False)
             else:
-                h, s = layer(h, cos, sin, attn_mask)
+                h, s = layer(h, cos, sin, attn_mask, None if cache is None else cache[i])
             if s is not None:
                 stats.append(s)
         h = body.norm(h)
