@@ -1,69 +1,167 @@
-"""Routed experts: E SwiGLU experts stored as stacked [E, ...] weights, applied with a sort-based dispatch."""
+"""Routed experts: E SwiGLU experts stored as stacked [E, ...] weights, run as grouped GEMMs on dispatched tokens.
+
+Each expert e computes  y = down_e( w * silu(gate_e(x)) * up_e(x) )  for the token rows routed to it, w being the
+row's routing weight (applied to the moe_intermediate_size-wide activation, which is narrower than hidden in
+DeepSeek's shapes). The rows arrive grouped by expert (see dispatch.py), so the three projections are grouped
+matrix products. Two backends compute them:
+
+- "grouped_mm": torch._grouped_mm on the ragged groups (CPU in fp32/bf16, and CUDA);
+- "padded_bmm": the groups padded to the largest one and multiplied by torch.bmm (any build; costs one host
+  synchronization to learn the padded size).
+
+The default is "grouped_mm" where this build runs it for the device and dtype, else "padded_bmm". Override it per
+module (`RoutedExperts.backend`) or for the process (`SEEKMOE_EXPERTS_BACKEND`).
+"""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dispatch import DispatchPlan
 
-def _has_grouped_mm() -> bool:
-    return hasattr(torch, "_grouped_mm")
+BACKENDS = ("grouped_mm", "padded_bmm")
+BACKEND_ENV = "SEEKMOE_EXPERTS_BACKEND"
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows x[offsets[e-1]:offsets[e]] times w[e] for every expert e: x [M, K], w [E, K, N] -> [M, N].
+@functools.lru_cache(maxsize=None)
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs here (forward and backward) for this device type and dtype."""
+    if not hasattr(torch, "_grouped_mm") or device_type not in ("cpu", "cuda"):
+        return False
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False
+    try:
+        x = torch.ones(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
+        torch._grouped_mm(x, w, offs=offs).sum().backward()
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
-    Uses torch._grouped_mm where the build has it; otherwise pads the groups into one batched matmul.
+
+def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend to run: `requested`, else $SEEKMOE_EXPERTS_BACKEND, else the fastest this build supports."""
+    name = requested or os.environ.get(BACKEND_ENV) or None
+    if name is None:
+        return "grouped_mm" if grouped_mm_supported(device.type, dtype) else "padded_bmm"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown routed-experts backend {name!r}: expected one of {BACKENDS} "
+                         f"(set by RoutedExperts.backend or ${BACKEND_ENV})")
+    return name
+
+
+class _RaggedGroups:
+    """Group g is rows offsets[g-1]:offsets[g] of a [rows, features] tensor (torch._grouped_mm's layout)."""
+
+    def __init__(self, offsets: torch.Tensor):
+        self.offsets = offsets
+
+    def linear(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """a_g @ w_g^T per group: a [M, in], w [E, out, in] -> [M, out]."""
+        return torch._grouped_mm(a, w.transpose(1, 2), offs=self.offsets)
+
+    def linear_grad_input(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """g_g @ w_g: g [M, out], w [E, out, in] -> [M, in]."""
+        return torch._grouped_mm(g, w, offs=self.offsets)
+
+    def linear_grad_weight(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """g_g^T @ a_g: g [M, out], a [M, in] -> [E, out, in] (zero for an empty group)."""
+        return torch._grouped_mm(g.t(), a, offs=self.offsets)
+
+
+class _PaddedGroups:
+    """Group g is row block g of an [E, capacity, features] tensor, padded with zero rows (torch.bmm's layout)."""
+
+    def linear(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, w.transpose(1, 2))
+
+    def linear_grad_input(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(g, w)
+
+    def linear_grad_weight(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(g.transpose(1, 2), a)
+
+
+class GroupedSwiGLU(torch.autograd.Function):
+    """The experts' math on rows grouped by expert: down( w * silu(gate) * up ), with a hand-written backward.
+
+    It saves only the input rows and the gate/up pre-activations, and recomputes the [rows, intermediate]
+    activation in the backward instead of keeping it; the routing-weight gradient comes from the down projection's
+    input gradient (sum(dy * down(a)) = sum(down^T(dy) * a)), so the expert outputs are never saved either.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
-    else:
-        w = w.to(x.dtype)
-    if _has_grouped_mm():
-        return torch._grouped_mm(x, w, offs=offsets.to(torch.int32))
-    return _padded_grouped_mm(x, w, offsets)
+
+    @staticmethod
+    def forward(ctx, rows, weights, gate_up_proj, down_proj, groups):
+        # rows [..., hidden], weights [...] (rows and weights share their leading dims), gate_up_proj [E, 2I, hidden]
+        h = groups.linear(rows, gate_up_proj)  # [..., 2I]: each expert's gate columns, then its up columns
+        gate, up = h.chunk(2, dim=-1)
+        a = F.silu(gate).mul_(up * weights.unsqueeze(-1))  # [..., I]
+        ctx.save_for_backward(rows, weights, gate_up_proj, down_proj, h)
+        ctx.groups = groups
+        return groups.linear(a, down_proj)  # [..., hidden]
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, weights, gate_up_proj, down_proj, h = ctx.saved_tensors
+        groups = ctx.groups
+        dy = dy.contiguous()
+        gate, up = h.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        act = silu_gate * up  # [..., I] the activation before the routing weight
+        w = weights.unsqueeze(-1)
+        d_down = groups.linear_grad_weight(dy, act * w)
+        d_weighted = groups.linear_grad_input(dy, down_proj)  # [..., I] gradient of w * act
+        d_weights = (d_weighted * act).sum(-1)
+        d_act = d_weighted.mul_(w)
+        dh = torch.empty_like(h)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        torch.mul(d_act, silu_gate, out=d_up)
+        d_gate.copy_(torch.ops.aten.silu_backward(d_act.mul_(up), gate))
+        d_gate_up = groups.linear_grad_weight(dh, rows)
+        d_rows = groups.linear_grad_input(dh, gate_up_proj)
+        return d_rows, d_weights, d_gate_up, d_down, None
 
 
-def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Fallback for torch builds without _grouped_mm: scatter groups into [E, max_rows, K] and bmm."""
-    E, M = w.shape[0], x.shape[0]
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-    capacity = int(counts.max()) if M else 0  # one host sync: the padded size must be known
-    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=M)
-    row = torch.arange(M, device=x.device) - (offsets - counts)[expert]
-    padded = x.new_zeros(E, max(capacity, 1), x.shape[1])
-    padded[expert, row] = x
-    return torch.bmm(padded, w)[expert, row]
+def _pad_groups(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan):
+    """Rows grouped by expert -> ([E, capacity, hidden], [E, capacity], the flat padded index of each row)."""
+    E, M = plan.counts.shape[0], rows.shape[0]
+    capacity = max(int(plan.counts.max()), 1) if M else 1  # the one host synchronization of this backend
+    rank = torch.arange(M, device=rows.device) - (plan.offsets.long() - plan.counts)[plan.expert]
+    slot = plan.expert * capacity + rank  # [M] position of each row in the padded [E * capacity] rows
+    padded_rows = rows.new_zeros(E * capacity, rows.shape[1]).index_copy(0, slot, rows)
+    padded_weights = weights.new_zeros(E * capacity).index_copy(0, slot, weights)
+    return padded_rows.view(E, capacity, -1), padded_weights.view(E, capacity), slot
 
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts. gate_up_proj [E, 2*moe_intermediate_size, hidden] holds each expert's gate rows then its
-    up rows; down_proj [E, hidden, moe_intermediate_size]."""
+    up rows; down_proj [E, hidden, moe_intermediate_size]. `backend` (None = automatic) picks the grouped GEMM."""
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str | None = None):
         super().__init__()
         self.n_experts = n_experts
         self.intermediate_size = intermediate_size
+        self.backend = backend
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted sum of each token's chosen experts. x [T, hidden], indices/weights [T, top_k].
+    def forward(self, rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Each dispatched row through its expert, scaled by its routing weight: rows [M, hidden] grouped by
+        expert as `plan` says, weights [M] -> [M, hidden]."""
+        device_type = rows.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
+        rows, weights = rows.to(dtype), weights.to(dtype)
+        gate_up_proj, down_proj = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            if resolve_backend(self.backend, rows.device, dtype) == "grouped_mm":
+                return GroupedSwiGLU.apply(rows, weights, gate_up_proj, down_proj, _RaggedGroups(plan.offsets))
+            padded_rows, padded_weights, slot = _pad_groups(rows, weights, plan)
+            y = GroupedSwiGLU.apply(padded_rows, padded_weights, gate_up_proj, down_proj, _PaddedGroups())
+            return y.reshape(-1, y.shape[-1]).index_select(0, slot)
 
-        Returns the output [T, hidden] and the number of tokens each expert received [E].
-        """
-        T, top_k = indices.shape
-        flat = indices.reshape(-1)  # [T * top_k] expert of each token slot
-        order = flat.argsort(stable=True)  # slots grouped by expert
-        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        offsets = counts.cumsum(0)
-        token = order // top_k
-        h = grouped_mm(x[token], self.gate_up_proj.transpose(1, 2), offsets)  # [T*k, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        y = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets)  # [T*k, hidden]
-        y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
-        out = torch.zeros(T, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y)
-        return out.to(x.dtype), counts

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .dispatch import LocalDispatcher
 from .experts import RoutedExperts
 from .mlp import MLP
 from .router import Router, RouterOutput
@@ -28,6 +29,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.gate = Router(config)
+        self.dispatcher = LocalDispatcher(config.n_routed_experts)
         self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts > 0 else None)
@@ -37,13 +39,13 @@ class MoE(nn.Module):
         B, S, H = x.shape
         flat = x.reshape(-1, H)
         route = self.gate(flat)
-        y, counts = self.experts(flat, route.indices, route.weights)
-        y = y.view(B, S, H)
+        rows, row_weights, plan = self.dispatcher.dispatch(flat, route.indices, route.weights)
+        y = self.dispatcher.combine(self.experts(rows, row_weights, plan), plan).to(x.dtype).view(B, S, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         # Balance losses shape training only; evaluation and inference skip them.
         loss = balance_loss(route, self.config, B, S) if self.training else route.logits.new_zeros(())
-        return y, MoEStats(counts, loss)
+        return y, MoEStats(plan.counts, loss)
 
 
 def balance_loss(route: RouterOutput, config: ModelConfig, batch: int, seq: int) -> torch.Tensor:
