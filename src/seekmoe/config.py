@@ -289,16 +289,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                   n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=None,
                   kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                   max_position_embeddings=1024, num_nextn_predict_layers=1, initializer_range=0.02),
-    # DeepSeekMoE 16B's expert layout (64 routed, 6 active, 2 shared). seekmoe implements MLA only, so its
-    # attention is MLA with DeepSeek-V2-Lite's ranks instead of the original's 16-head MHA.
-    "deepseek-moe-16b": dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-                             num_hidden_layers=28, first_k_dense_replace=1, num_attention_heads=16,
-                             n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
-                             topk_method="greedy", scoring_func="softmax", routed_scaling_factor=1.0,
-                             norm_topk_prob=False, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
-                             qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=4096,
-                             num_nextn_predict_layers=0, bos_token_id=100000, eos_token_id=100001,
-                             aux_loss_alpha=0.001),
     "deepseek-v2-lite": dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
                              num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16,
                              n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
@@ -319,3 +309,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-v3": dict(max_position_embeddings=163840,
                         rope_scaling={**_YARN_40X, "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
+# DeepSeekMoE 16B's expert layout (64 routed, 6 active, 2 shared) and depth, 4K context. seekmoe implements MLA
+# only, so its attention is MLA with DeepSeek-V2-Lite's ranks instead of the original's 16-head MHA.
+PRESETS["deepseek-moe-16b"] = {**PRESETS["deepseek-v2-lite"], "num_hidden_layers": 28,
+                               "max_position_embeddings": 4096, "rope_scaling": None}
