@@ -92,8 +92,12 @@ class Engine:
         return bool(self.free_slots)
 
     @property
+    def requests(self) -> list[Request]:
+        """Requests holding a slot: running, then added since the last step."""
+        return self.running + self._new
+
+    @property
     def active(self) -> int:
-        """Requests holding a slot."""
         return len(self.running) + len(self._new)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:

@@ -1,0 +1,114 @@
+"""`seekmoe generate`: complete prompts with a model directory, streaming the completion to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .engine import SPECULATIVE_METHODS, Engine, Request
+from .sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags that pick the model and how it runs (shared by generate, chat and serve)."""
+    p.add_argument("--model", metavar="DIR", required=True,
+                   help="a model directory: config.json, safetensors weights and tokenizer.json")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight and cache type (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="context length: prompt plus completion, in tokens (default: the model's maximum)")
+    p.add_argument("--speculative", choices=SPECULATIVE_METHODS, default=None,
+                   help="speculative decoding: 'mtp' drafts with the model's MTP module (default off)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float) -> None:
+    """Flags that set SamplingParams."""
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                   help=f"softmax temperature; 0 is greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide positive logits of tokens already seen by R (default 1: off)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling (default: random)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the completion before TEXT (repeatable)")
+
+
+def load_engine(args: argparse.Namespace, max_batch_size: int) -> Engine:
+    """The engine for --model/--dtype/--device/--max-seq-len/--speculative."""
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such directory")
+    return Engine.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
+                                  max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
+                                  speculative=args.speculative)
+
+
+def sampling_params(args: argparse.Namespace, stop: list[str] | None = None) -> SamplingParams:
+    """SamplingParams from the sampling flags (ValueError names a flag's bad value)."""
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=list(args.stop) + list(stop or []))
+
+
+def report(requests: list[Request], seconds: float) -> str:
+    """One line of decoding statistics: tokens/s, tokens per forward, and the MTP acceptance rate."""
+    tokens = sum(len(r.output_ids) for r in requests)
+    forwards = max((r.forwards for r in requests), default=0)
+    line = f"{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):.1f} tokens/s), " \
+           f"{tokens / max(forwards * len(requests), 1):.2f} tokens per forward"
+    drafted = sum(r.drafted for r in requests)
+    if drafted:
+        line += f", MTP acceptance {sum(r.accepted for r in requests) / drafted:.1%} of {drafted} drafts"
+    return line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", metavar="TEXT", help="the text to complete")
+    which.add_argument("--prompts-file", metavar="F",
+                       help="complete every line of F as its own prompt (batched); prints one JSON object a line: "
+                            "{prompt, completion, finish_reason}")
+    add_model_arguments(p)
+    add_sampling_arguments(p, temperature=0.0)
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default 8)")
+    p.add_argument("--stats", action="store_true", help="print tokens/s and the MTP acceptance rate to stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size}: expected at least 1")
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {path}: no such file")
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+    else:
+        prompts = [args.prompt]
+    engine = load_engine(args, max_batch_size=min(args.batch_size, len(prompts)))
+    ids = [engine.tokenizer.encode(p) for p in prompts]
+    for x in ids:
+        engine.check_prompt(x)
+    start = time.perf_counter()
+    if args.prompts_file is None:
+        requests = []
+        for event in engine.stream(ids[0], params):
+            requests = [event.request]
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        requests = engine.generate(ids, params)
+        for prompt, r in zip(prompts, requests):
+            print(json.dumps({"prompt": prompt, "completion": r.text, "finish_reason": r.finish_reason}))
+    if args.stats:
+        print(report(requests, time.perf_counter() - start), file=sys.stderr)
+    return 0
