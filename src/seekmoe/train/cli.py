@@ -1,0 +1,51 @@
+"""`seekmoe train`: pretrain a DeepSeek-style MoE model on text, resumably."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import PRESETS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `train` command's options."""
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--preset", choices=sorted(PRESETS), help="a named model with its training settings")
+    model.add_argument("--config", metavar="FILE", help="a YAML or TOML file of config fields (and 'preset:')")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where metrics, checkpoints and final/ go")
+    parser.add_argument("--data", nargs="+", metavar="PATH",
+                        help="text files, folders (see data_glob=), .jsonl ('text' field) or .parquet files; "
+                             "default: the Python standard library's source")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps the schedules span")
+    parser.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps")
+    parser.add_argument("--eval-every", type=int, metavar="N", help="validation loss every N steps")
+    parser.add_argument("--stop-at", type=int, metavar="N", help="end after step N with a checkpoint (as if "
+                                                                 "pre-empted); --resume continues")
+    parser.add_argument("--seed", type=int, metavar="S")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="field=value",
+                        help="set any ModelConfig or TrainConfig field, e.g. num_nextn_predict_layers=1 lr=1e-3")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `seekmoe train`; returns the exit status."""
+    from .config import load_run_config, parse_overrides
+    from .trainer import TrainingDiverged, train
+
+    # `--data a.txt lr=1e-3`: argparse hands the override to --data; a field=value that is no path is an override.
+    data = [p for p in args.data or [] if "=" not in p or Path(p).exists()] or None
+    overrides = parse_overrides([p for p in args.data or [] if p not in (data or [])] + args.overrides)
+    for flag in ("max_steps", "save_every", "eval_every", "seed"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    model_config, train_config = load_run_config(args.preset, args.config, overrides)
+    try:
+        train(model_config, train_config, args.out, data=data, resume=args.resume, stop_at=args.stop_at,
+              progress=not args.no_progress)
+    except TrainingDiverged as e:
+        print(f"seekmoe train: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,197 @@
+"""TrainConfig: how a model is pretrained (data, objective schedules, optimizer, checkpoints), and reading a run's
+model + training settings from a preset, a YAML/TOML file and `field=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+
+LR_SCHEDULES = ("cosine", "wsd")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# DeepSeek-V3's stepwise schedules (section 4.2), as (fraction of training at which a phase starts, multiplier of
+# the configured value): MTP weight lambda 0.3 for the first 10T of 14.8T tokens, then 0.1; bias update speed gamma
+# 0.001 for the first 14.3T tokens, then 0.
+V3_MTP_LOSS_WEIGHT_SCHEDULE = [[0.0, 1.0], [10.0 / 14.8, 1.0 / 3.0]]
+V3_BIAS_UPDATE_SPEED_SCHEDULE = [[0.0, 1.0], [14.3 / 14.8, 0.0]]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one pretraining run; every field can be set by `field=value` on the command line."""
+
+    # data
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    val_fraction: float = 0.02  # share of documents held out for validation (chosen by a hash of their text)
+    data_glob: str = "*"  # which files of a --data folder to read
+    cache_dir: str | None = None  # tokenizer and token-shard cache; default $SEEKMOE_CACHE or ~/.cache/seekmoe
+    # schedule of the run
+    max_steps: int = 1000
+    seed: int = 0
+    # optimizer (AdamW)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the schedule's final lr as a fraction of lr
+    warmup_steps: int = 50
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    decay_norms_biases_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    # objective schedules: [[fraction of max_steps where a phase starts, multiplier of the config value], ...]
+    mtp_loss_weight_schedule: list = field(default_factory=lambda: [list(p) for p in V3_MTP_LOSS_WEIGHT_SCHEDULE])
+    bias_update_speed_schedule: list = field(default_factory=lambda: [list(p) for p in V3_BIAS_UPDATE_SPEED_SCHEDULE])
+    # speed
+    precision: str = "auto"  # auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    # bookkeeping
+    eval_every: int = 100
+    eval_batches: int = 8  # validation micro-batches per evaluation (the same ones every time)
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite losses after which training stops
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value cannot run."""
+
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every",
+                     "keep_checkpoints", "max_bad_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "a positive integer")
+        for name in ("warmup_steps", "num_threads", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(name, "a non-negative integer")
+        for name in ("lr", "eps"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise bad(name, "a positive number")
+        for name in ("min_lr_ratio", "decay_fraction", "beta1", "beta2"):
+            if not isinstance(getattr(self, name), (int, float)) or not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "a number in [0, 1]")
+        for name in ("weight_decay", "grad_clip"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise bad(name, "a non-negative number")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", f"one of {LR_SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"one of {PRECISIONS}")
+        for name in ("mtp_loss_weight_schedule", "bias_update_speed_schedule"):
+            phases = getattr(self, name)
+            if (not isinstance(phases, list) or not phases
+                    or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in phases)
+                    or phases[0][0] != 0 or [p[0] for p in phases] != sorted(p[0] for p in phases)
+                    or any(p[1] < 0 for p in phases)):
+                raise bad(name, "a list of [start fraction, multiplier] pairs, the first starting at 0, "
+                                "in increasing order, multipliers >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def stepwise(phases: list, step: int, max_steps: int) -> float:
+    """The multiplier of the phase that `step` (0-based) falls in, phases starting at fractions of `max_steps`."""
+    value = phases[0][1]
+    for start, multiplier in phases:
+        if step >= start * max_steps:
+            value = multiplier
+    return float(value)
+
+
+_MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"extra"}
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def load_run_config(preset: str | None = None, config_file: str | Path | None = None,
+                    overrides: list[str] | dict | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings of a run: `preset` (or the file's `preset:` key) as the base, then the
+    file's fields, then `overrides` (`field=value` strings, values parsed as YAML). Any ModelConfig or TrainConfig
+    field may appear at the top level of the file."""
+    settings: dict[str, Any] = {}
+    if config_file is not None:
+        settings.update(read_config_file(config_file))
+    if isinstance(overrides, dict):
+        settings.update(overrides)
+    else:
+        settings.update(parse_overrides(overrides or []))
+    base = settings.pop("preset", None) or preset
+    if base is None:
+        raise ValueError("no model given: pass --preset NAME or a --config file with a 'preset:' key")
+    unknown = set(settings) - _MODEL_FIELDS - _TRAIN_FIELDS
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(unknown)}: expected ModelConfig fields "
+                         f"({', '.join(sorted(_MODEL_FIELDS))}) or TrainConfig fields "
+                         f"({', '.join(sorted(_TRAIN_FIELDS))})")
+    model = ModelConfig.preset(base, **{k: v for k, v in settings.items() if k in _MODEL_FIELDS})
+    train = TrainConfig(**{**PRESET_TRAINING.get(base, {}), **{k: v for k, v in settings.items()
+                                                                 if k in _TRAIN_FIELDS}})
+    return model, train
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML (.yaml/.yml) or TOML (.toml) file's top-level mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"--config {path} is not valid TOML: {e}") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path} is not valid YAML: {e}") from None
+    else:
+        raise ValueError(f"--config {path}: expected a .yaml, .yml or .toml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of field: value at the top level")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["lr=1e-3", "num_nextn_predict_layers=1"]` -> {"lr": 0.001, ...}; values are read as YAML scalars/lists."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is invalid: expected field=value")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+# Training settings that go with a model preset (a file or field=value overrides them).
+PRESET_TRAINING: dict[str, dict[str, Any]] = {
+    "tiny": dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=20, save_every=50),
+    "small": dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=20, max_steps=300, eval_every=50,
+                  save_every=100),
+}

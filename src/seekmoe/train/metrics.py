@@ -1,0 +1,54 @@
+"""What a run reports per step: `OUT/metrics.jsonl` (one JSON object a step) and, when tensorboard is installed,
+TensorBoard event files under `OUT/tensorboard/`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends one record per step; a resumed run first drops the records after the step it resumes from, so the
+    file reads as one uninterrupted run."""
+
+    def __init__(self, out: Path, resume_step: int | None = None):
+        self.path = Path(out) / METRICS_FILE
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        self._tb = _tensorboard_writer(Path(out) / "tensorboard")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The records of `OUT/metrics.jsonl`, in step order."""
+    path = Path(out) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {out}: is it a `seekmoe train --out` folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _tensorboard_writer(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(directory))
