@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
             return 1
         reply = ""
         for event in engine.stream(ids, params):
-            reply += event.text
-            sys.stdout.write(event.text)
+            text = event.text if reply else event.text.lstrip()  # no space after "Assistant:"
+            reply += text
+            sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply.strip()})
