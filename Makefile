@@ -18,9 +18,14 @@ install: $(PY)
 test: install
 	$(PY) -m pytest tests
 
+# The main job: train the small preset on Python's standard library for a few minutes on 2 CPU cores, then print a
+# summary table and a greedy completion. The tokenizer and token shards are cached (~/.cache/seekmoe) for reruns.
+DEMO_OUT ?= runs/demo
+DEMO_STEPS ?= 300
 demo: install
-	$(VENV)/bin/seekmoe info --preset deepseek-v3
-	$(PY) -c "import torch, seekmoe; m = seekmoe.build_model(seekmoe.ModelConfig.preset('tiny')); x = torch.randint(0, m.config.vocab_size, (2, 16)); print('tiny forward: logits', tuple(m(x).logits.shape))"
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/seekmoe train --preset small --out $(DEMO_OUT) --max-steps $(DEMO_STEPS)
+	$(PY) -m seekmoe.train.report $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

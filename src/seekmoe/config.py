@@ -283,12 +283,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                  n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=32,
                  kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                  max_position_embeddings=512, num_nextn_predict_layers=1, initializer_range=0.02),
-    # Learns Python-flavoured text on 2 CPU cores in minutes.
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-                  num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=16,
+    # Learns Python-flavoured text on 2 CPU cores in minutes (`make demo`); sized for a CPU without native bf16.
+    "small": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+                  num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=16,
                   n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=None,
-                  kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                  max_position_embeddings=1024, num_nextn_predict_layers=1, initializer_range=0.02),
+                  kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
+                  max_position_embeddings=1024, num_nextn_predict_layers=1, initializer_range=0.02,
+                  bias_update_speed=0.01),  # gamma: a few hundred steps, not V3's ~1M, to balance in
     "deepseek-v2-lite": dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
                              num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16,
                              n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,

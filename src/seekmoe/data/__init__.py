@@ -5,5 +5,5 @@ from .packing import PackedSequences, SequenceOrder
 from .shards import TokenizedCorpus, prepare_data
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, train_tokenizer
 
-__all__ = ["Corpus", "default_corpus", "discover_corpus", "PackedSequences", "SequenceOrder", "TokenizedCorpus", "prepare_data",
-           "BOS_TOKEN", "EOS_TOKEN", "train_tokenizer"]
+__all__ = ["Corpus", "default_corpus", "discover_corpus", "PackedSequences", "SequenceOrder", "TokenizedCorpus",
+           "prepare_data", "BOS_TOKEN", "EOS_TOKEN", "train_tokenizer"]

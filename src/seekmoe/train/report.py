@@ -22,8 +22,9 @@ def format_summary(summary: dict) -> str:
     rows = [
         ("total parameters", f"{summary['total_params'] / 1e6:.2f}M ({summary['total_params']:,})"),
         ("activated per token", f"{summary['active_params'] / 1e6:.2f}M ({summary['active_params']:,})"),
-        ("corpus", f"{data['corpus']}: {data['train']['documents']} train / {data['val']['documents']} validation "
-                   f"documents, {data['train']['tokens'] + data['val']['tokens']:,} tokens"),
+        ("corpus", _shorten(data["corpus"], 60)),
+        ("documents (train / validation)", f"{data['train']['documents']} / {data['val']['documents']}"),
+        ("tokens (train / validation)", f"{data['train']['tokens']:,} / {data['val']['tokens']:,}"),
         ("tokenizer training / tokenizing", f"{data['tokenizer_s']:.1f} s / {data['tokenize_s']:.1f} s"
                                             + (" (cached)" if data["tokenize_s"] == 0 else "")),
         ("steps, tokens trained", f"{summary['steps']}, {summary['tokens_trained']:,}"),
@@ -38,6 +39,10 @@ def format_summary(summary: dict) -> str:
     width = max(len(k) for k, _ in rows)
     rule = "-" * (width + 2 + max(len(v) for _, v in rows))
     return "\n".join([rule, *(f"{k:<{width}}  {v}" for k, v in rows), rule])
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 @torch.no_grad()

@@ -243,13 +243,14 @@ def _summary(out: Path, model_config: ModelConfig, config: TrainConfig, tokenize
     sizes = model_summary(model_config)
     counts = np.bincount(np.asarray(tokenized.train_tokens), minlength=model_config.vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
+    tokens = config.max_steps * config.batch_size * config.grad_accum * config.seq_len
     return {
         "total_params": sizes["total_params"],
         "active_params": sizes["active_params"],
         "steps": config.max_steps,
-        "tokens_trained": config.max_steps * config.batch_size * config.grad_accum * config.seq_len,
-        "train_seconds": train_seconds,
-        "tokens_per_s": sum(r["tokens_per_s"] for r in records[1:] or records) / len(records[1:] or records),
+        "tokens_trained": tokens,
+        "train_seconds": train_seconds,  # optimizer steps only: no evaluation, checkpoints or data preparation
+        "tokens_per_s": tokens / train_seconds,
         "precision": "bf16 autocast" if autocast_dtype else "fp32",
         "device": str(device),
         "final_train_loss": sum(r["lm_loss"] for r in tail) / len(tail),
