@@ -40,6 +40,7 @@ class Corpus:
 
     @property
     def total_bytes(self) -> int:
+        """Size of the corpus files on disk."""
         return sum(p.stat().st_size for p in self.files)
 
 

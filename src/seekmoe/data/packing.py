@@ -54,9 +54,11 @@ class SequenceOrder:
         return out
 
     def state_dict(self) -> dict:
+        """The position as JSON-able integers."""
         return {"epoch": self.epoch, "cursor": self.cursor, "n_sequences": self.n, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a position `state_dict` returned, on the same data."""
         if state["n_sequences"] != self.n:
             raise ValueError(f"the checkpoint's data position is over {state['n_sequences']} sequences but this "
                              f"data has {self.n}: resume with the same --data and seq_len")

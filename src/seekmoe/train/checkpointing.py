@@ -37,6 +37,7 @@ class CheckpointWarning(UserWarning):
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
+    """The folder of the checkpoint taken after optimizer step `step`."""
     return Path(out) / "checkpoints" / f"step-{step:08d}"
 
 

@@ -102,6 +102,7 @@ class TrainConfig:
                                 "in increasing order, multipliers >= 0")
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-able dict."""
         return dataclasses.asdict(self)
 
 

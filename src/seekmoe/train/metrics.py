@@ -25,6 +25,7 @@ class MetricsLog:
         self._tb = _tensorboard_writer(Path(out) / "tensorboard")
 
     def write(self, record: dict) -> None:
+        """Append one step's record (and its numbers to TensorBoard)."""
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
