@@ -23,7 +23,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight and cache type (default float32)")
     p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
-                   help="context length: prompt plus completion, in tokens (default: the model's maximum)")
+                   help="context length: prompt plus completion, in tokens; the cache is preallocated for it "
+                        "(default: the model's maximum, at most 4096)")
     p.add_argument("--speculative", choices=SPECULATIVE_METHODS, default=None,
                    help="speculative decoding: 'mtp' drafts with the model's MTP module (default off)")
 

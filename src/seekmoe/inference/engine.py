@@ -21,6 +21,7 @@ from .speculative import MTPDrafter, verify
 from .tokenizer import TextStream, Tokenizer
 
 SPECULATIVE_METHODS = ("mtp",)
+DEFAULT_MAX_SEQ_LEN = 4096
 _ids = itertools.count()
 
 
@@ -73,7 +74,8 @@ class Engine:
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len or self.config.max_position_embeddings
+        # The cache is preallocated for max_seq_len tokens a slot: DeepSeek-V3's 163,840 would be tens of GB.
+        self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         if not 1 < self.max_seq_len <= self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len={self.max_seq_len} is invalid: expected 2 to the model's "
                              f"max_position_embeddings={self.config.max_position_embeddings}")

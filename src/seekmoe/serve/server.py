@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
+import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -99,6 +100,10 @@ class Handler(BaseHTTPRequestHandler):
             status = self._send_json(e.status, e.body())
         except (BrokenPipeError, ConnectionResetError):
             status = 499  # the client closed the connection
+        except Exception as e:  # a bug must cost one request, not the connection's thread silently
+            traceback.print_exc()
+            status = self._send_json(500, APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                                   type="server_error").body())
         finally:
             self.server.metrics.request_done(path if (method, path) in ROUTES else "other", status)
 
