@@ -50,14 +50,16 @@ class Shape:
 
 # DeepSeek-V2-Lite and V3 layers do not fit a 2-core machine's memory and minutes at full expert count, so those
 # rows hold a slice of the experts and tokens in proportion: the hidden size, expert width, top-k and shared
-# experts are the real ones, and each expert receives the rows it receives in the full layer at 4096 tokens.
+# experts are the real ones, and each expert receives the rows it receives in the full layer at 2048 tokens.
 SHAPES = {
     "small": Shape("small", 32, 4, 256, 128, 1, 2048),
-    "v2-lite-8of64": Shape("v2-lite-8of64", 8, 6, 2048, 1408, 2, 512,
-                       "DeepSeek-V2-Lite layer, 8 of 64 experts, 512 tokens = its per-expert load at 4096 tokens"),
-    "v3-8of256": Shape("v3-8of256", 8, 8, 7168, 2048, 1, 128,
-                   "DeepSeek-V3 layer, 8 of 256 experts, 128 tokens = its per-expert load at 4096 tokens"),
-    "v2-lite": Shape("v2-lite", 64, 6, 2048, 1408, 2, 4096, "DeepSeek-V2-Lite layer, all 64 experts"),
+    "v2-lite-8of64": Shape("v2-lite-8of64", 8, 6, 2048, 1408, 2, 256,
+                           "DeepSeek-V2-Lite layer, 8 of its 64 experts at 256 tokens: each expert gets the "
+                           "192 rows it gets in the full layer at 2048 tokens"),
+    "v3-8of256": Shape("v3-8of256", 8, 8, 7168, 2048, 1, 64,
+                       "DeepSeek-V3 layer, 8 of its 256 experts at 64 tokens: each expert gets the 64 rows it "
+                       "gets in the full layer at 2048 tokens"),
+    "v2-lite": Shape("v2-lite", 64, 6, 2048, 1408, 2, 2048, "DeepSeek-V2-Lite layer, all 64 experts"),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -148,7 +150,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, of fp32,bf16")
     parser.add_argument("--large-bf16", action="store_true",
                         help="also time bf16 at the large shapes (slow on CPUs without bf16 matrix instructions)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per layer (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per layer (median reported)")
     parser.add_argument("--quick", action="store_true", help="smoke run: the small shape at 256 tokens, 2 repeats")
     parser.add_argument("--out", type=Path, default=RESULTS / "moe_layer.json")
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import seekmoe
 from hf_oracle import hf_config, hf_model, rel_error
 from seekmoe.model.dispatch import LocalDispatcher
-from seekmoe.model.experts import BACKEND_ENV, BACKENDS, RoutedExperts
+from seekmoe.model.experts import BACKEND_ENV, BACKENDS, RoutedExperts, resolve_backend
 
 E, H, I, T, TOP_K = 6, 16, 8, 40, 2
 
@@ -50,19 +50,24 @@ def _leaves(seed: int):
     return g, x, gate_up_proj, down_proj
 
 
-@pytest.mark.parametrize("load", ["random", "some_experts_empty", "every_token_on_one_expert"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_matches_per_expert_loop_forward_and_gradients(backend, load):
-    g, x, gate_up_proj, down_proj = _leaves(seed=zlib.crc32(f"{backend}/{load}".encode()))
-    indices, w = _routing(load, g)
-    weights = w.requires_grad_()
+def _routed_experts(backend, gate_up_proj, down_proj, x, indices, weights):
+    """The library's path: dispatch, RoutedExperts holding copies of the given weights, combine."""
     experts = RoutedExperts(E, H, I, backend=backend)
     with torch.no_grad():
         experts.gate_up_proj.copy_(gate_up_proj)
         experts.down_proj.copy_(down_proj)
     dispatcher = LocalDispatcher(E)
     rows, row_weights, plan = dispatcher.dispatch(x, indices, weights)
-    got = dispatcher.combine(experts(rows, row_weights, plan), plan)
+    return experts, dispatcher.combine(experts(rows, row_weights, plan), plan)
+
+
+@pytest.mark.parametrize("load", ["random", "some_experts_empty", "every_token_on_one_expert"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_per_expert_loop_forward_and_gradients(backend, load):
+    g, x, gate_up_proj, down_proj = _leaves(seed=zlib.crc32(f"{backend}/{load}".encode()))
+    indices, w = _routing(load, g)
+    weights = w.requires_grad_()
+    experts, got = _routed_experts(backend, gate_up_proj, down_proj, x, indices, weights)
     ref = reference_experts(x, indices, weights, gate_up_proj, down_proj)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -87,6 +92,13 @@ def test_dispatch_counts_tokens_per_expert_and_groups_rows_by_expert():
     assert torch.equal(row_weights.sort().values, weights.flatten().sort().values)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch build has no torch._grouped_mm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_is_the_default_backend_where_torch_has_it(dtype, monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend(None, torch.device("cpu"), dtype) == "grouped_mm"
+
+
 def test_unknown_backend_is_named_in_the_error(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "cutlass")
     experts = RoutedExperts(E, H, I)
@@ -99,14 +111,8 @@ def test_unknown_backend_is_named_in_the_error(monkeypatch):
 def test_bf16_autocast_stays_close_to_fp32(backend):
     g, x, gate_up_proj, down_proj = _leaves(seed=7)
     indices, weights = _routing("random", g)
-    experts = RoutedExperts(E, H, I, backend=backend)
-    with torch.no_grad():
-        experts.gate_up_proj.copy_(gate_up_proj)
-        experts.down_proj.copy_(down_proj)
-    dispatcher = LocalDispatcher(E)
-    rows, row_weights, plan = dispatcher.dispatch(x, indices, weights)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = dispatcher.combine(experts(rows, row_weights, plan), plan)
+        experts, got = _routed_experts(backend, gate_up_proj, down_proj, x, indices, weights)
     got.float().sum().backward()
     assert got.dtype == torch.bfloat16 and experts.gate_up_proj.grad.dtype == torch.float32
     assert rel_error(got, reference_experts(x, indices, weights, gate_up_proj, down_proj)) < 2e-2

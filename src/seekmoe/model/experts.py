@@ -39,10 +39,28 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         x = torch.ones(16, 16, device=device_type, dtype=dtype, requires_grad=True)
         w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
         offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
-        torch._grouped_mm(x, w, offs=offs).sum().backward()
+        y = torch._grouped_mm(x, w, offs=offs)
+        y.backward(torch.ones_like(y))  # a contiguous gradient: its backward rejects expanded ones
         return True
     except (RuntimeError, NotImplementedError):
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_matmul() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def gemm_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the expert GEMMs run in for activations of `dtype`: fp32 instead of bf16 on a CPU without bf16
+    matrix instructions (AVX512-BF16 or AMX), where torch's bf16 matmuls run several times slower than fp32 ones
+    (fp32 arithmetic on bf16 inputs is also at least as exact)."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not _cpu_has_bf16_matmul():
+        return torch.float32
+    return dtype
 
 
 def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
@@ -122,7 +140,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         dh = torch.empty_like(h)
         d_gate, d_up = dh.chunk(2, dim=-1)
         torch.mul(d_act, silu_gate, out=d_up)
-        d_gate.copy_(torch.ops.aten.silu_backward(d_act.mul_(up), gate))
+        torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_gate)
         d_gate_up = groups.linear_grad_weight(dh, rows)
         d_rows = groups.linear_grad_input(dh, gate_up_proj)
         return d_rows, d_weights, d_gate_up, d_down, None
@@ -156,12 +174,15 @@ class RoutedExperts(nn.Module):
         expert as `plan` says, weights [M] -> [M, hidden]."""
         device_type = rows.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
-        rows, weights = rows.to(dtype), weights.to(dtype)
-        gate_up_proj, down_proj = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        compute = gemm_dtype(rows.device, dtype)
+        rows, weights = rows.to(compute), weights.to(compute)
+        gate_up_proj, down_proj = self.gate_up_proj.to(compute), self.down_proj.to(compute)
         with torch.autocast(device_type, enabled=False):
-            if resolve_backend(self.backend, rows.device, dtype) == "grouped_mm":
-                return GroupedSwiGLU.apply(rows, weights, gate_up_proj, down_proj, _RaggedGroups(plan.offsets))
-            padded_rows, padded_weights, slot = _pad_groups(rows, weights, plan)
-            y = GroupedSwiGLU.apply(padded_rows, padded_weights, gate_up_proj, down_proj, _PaddedGroups())
-            return y.reshape(-1, y.shape[-1]).index_select(0, slot)
+            if resolve_backend(self.backend, rows.device, compute) == "grouped_mm":
+                y = GroupedSwiGLU.apply(rows, weights, gate_up_proj, down_proj, _RaggedGroups(plan.offsets))
+            else:
+                padded_rows, padded_weights, slot = _pad_groups(rows, weights, plan)
+                y = GroupedSwiGLU.apply(padded_rows, padded_weights, gate_up_proj, down_proj, _PaddedGroups())
+                y = y.reshape(-1, y.shape[-1]).index_select(0, slot)
+        return y.to(dtype)
 
