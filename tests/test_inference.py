@@ -9,13 +9,10 @@ import seekmoe
 from seekmoe import ModelConfig
 from seekmoe.inference import Engine, LatentCache, SamplingParams
 from seekmoe.inference.engine import Request
+from hf_oracle import rel_error
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 PROMPTS = [[0, 5, 6, 7, 8, 9, 10], [0, 40], [0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3], [0, 100, 200, 300]]
-
-
-def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
