@@ -61,9 +61,9 @@ def test_verification_samples_exactly_the_target_distribution():
     """Accept the draft with probability p(draft), else draw from p without it: overall, tokens follow p."""
     p = torch.tensor([0.5, 0.3, 0.2])
     g = torch.Generator().manual_seed(0)
-    draws = torch.tensor([verify(p, 1, g)[1] for _ in range(20000)])
+    draws = torch.tensor([verify(p, 1, g)[1] for _ in range(8000)])
     freq = torch.bincount(draws, minlength=3).float() / len(draws)
-    assert torch.allclose(freq, p, atol=0.015)
+    assert torch.allclose(freq, p, atol=0.02)
     assert verify(torch.tensor([0.0, 1.0, 0.0]), 1, g) == (True, 1)
     assert verify(torch.tensor([0.0, 1.0, 0.0]), 2, g) == (False, 1)
 
