@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -31,13 +32,16 @@ def machine() -> dict:
     import transformers
 
     return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "transformers": transformers.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            # Other jobs on a shared machine, and how idle OpenMP threads wait, move these timings a lot.
+            "load_average_1min": os.getloadavg()[0], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
 
 def header(title: str) -> str:
     m = machine()
     return (f"{title}\n{m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}, "
-            f"transformers {m['transformers']}, {m['date']}")
+            f"transformers {m['transformers']}, {m['date']}\n"
+            f"load average {m['load_average_1min']:.1f} at start, OMP_WAIT_POLICY={m['omp_wait_policy']}")
 
 
 def median_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:

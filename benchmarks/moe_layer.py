@@ -151,6 +151,8 @@ def main(argv=None) -> None:
     parser.add_argument("--large-bf16", action="store_true",
                         help="also time bf16 at the large shapes (slow on CPUs without bf16 matrix instructions)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per layer (median reported)")
+    parser.add_argument("--large-repeats", type=int, default=2,
+                        help="timed runs per layer at the shapes other than small (each takes seconds)")
     parser.add_argument("--quick", action="store_true", help="smoke run: the small shape at 256 tokens, 2 repeats")
     parser.add_argument("--out", type=Path, default=RESULTS / "moe_layer.json")
     args = parser.parse_args(argv)
@@ -171,7 +173,7 @@ def main(argv=None) -> None:
         for dtype_name in args.dtypes.split(","):
             if dtype_name == "bf16" and shape.name != "small" and not args.large_bf16:
                 continue
-            r = measure(shape, dtype_name, repeats)
+            r = measure(shape, dtype_name, repeats if shape.name == "small" else args.large_repeats)
             results.append(r)
             ms = {k: 1e3 * t for k, t in r["seconds"].items()}
             row = [shape.name, dtype_name, str(shape.tokens), f"E={shape.n_experts} k={shape.top_k} "
