@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import ModelConfig
 from .metrics import read_metrics
 
 
@@ -47,12 +48,15 @@ def plot_run(out: Path) -> list[Path]:
     loads = [r["expert_load"] for r in records if "expert_load" in r]  # [steps][layers][E], load / mean load
     if loads:
         n_layers = len(loads[0])
+        config = Path(out) / "final" / "config.json"  # rows after the main model's MoE layers are MTP modules'
+        main_layers = ModelConfig.from_json_file(config).n_moe_layers if config.is_file() else n_layers
         fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.8 * n_layers + 1), sharex=True, squeeze=False)
         for layer, ax in enumerate(axes[:, 0]):
             grid = [[step_loads[layer][e] for step_loads in loads] for e in range(len(loads[0][layer]))]
             image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest",
                               extent=(steps[0], steps[-1], len(grid) - 0.5, -0.5))
-            ax.set_ylabel(f"MoE layer {layer}\nexpert")
+            name = f"MoE layer {layer}" if layer < main_layers else f"MTP module {layer - main_layers}"
+            ax.set_ylabel(f"{name}\nexpert")
             fig.colorbar(image, ax=ax, label="load / mean")
         axes[-1, 0].set_xlabel("step")
         fig.suptitle("expert load per MoE layer (1 = perfectly balanced)")
