@@ -193,6 +193,6 @@ def parse_overrides(items: list[str]) -> dict:
 # Training settings that go with a model preset (a file or field=value overrides them).
 PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "tiny": dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=20, save_every=50),
-    "small": dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=20, max_steps=300, eval_every=50,
+    "small": dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=20, max_steps=600, eval_every=50,
                   save_every=100),
 }
