@@ -30,17 +30,21 @@ BACKEND_ENV = "SEEKMOE_EXPERTS_BACKEND"
 
 @functools.lru_cache(maxsize=None)
 def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs here (forward and backward) for this device type and dtype."""
+    """Whether torch._grouped_mm runs here, in the three layouts GroupedSwiGLU uses, for this device and dtype.
+
+    The probe runs without autograd (the Function's backward calls _grouped_mm itself): it may first run inside a
+    checkpointed forward, where any tensor it saved for backward would break activation checkpointing.
+    """
     if not hasattr(torch, "_grouped_mm") or device_type not in ("cpu", "cuda"):
         return False
     if device_type == "cuda" and not torch.cuda.is_available():
         return False
     try:
-        x = torch.ones(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
-        y = torch._grouped_mm(x, w, offs=offs)
-        y.backward(torch.ones_like(y))  # a contiguous gradient: its backward rejects expanded ones
+        with torch.no_grad():
+            groups = _RaggedGroups(torch.tensor([8, 16], device=device_type, dtype=torch.int32))
+            a = torch.ones(16, 16, device=device_type, dtype=dtype)
+            w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
+            groups.linear(a, w), groups.linear_grad_input(a, w), groups.linear_grad_weight(a, a)
         return True
     except (RuntimeError, NotImplementedError):
         return False
