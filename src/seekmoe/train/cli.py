@@ -18,12 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", metavar="PATH",
                         help="text files, folders (see data_glob=), .jsonl ('text' field) or .parquet files; "
                              "default: the Python standard library's source")
-    parser.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps the schedules span")
-    parser.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps")
-    parser.add_argument("--eval-every", type=int, metavar="N", help="validation loss every N steps")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps the schedules span (default: the preset's, 1000 unless it says otherwise)")
+    parser.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: the preset's, else 500), and always at the end")
+    parser.add_argument("--eval-every", type=int, metavar="N", help="validation loss every N steps (default: the preset's, else 100)")
     parser.add_argument("--stop-at", type=int, metavar="N", help="end after step N with a checkpoint (as if "
                                                                  "pre-empted); --resume continues")
-    parser.add_argument("--seed", type=int, metavar="S")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed of initialization and data order (default 0); "
+                                                              "the same seed repeats a run exactly on CPU in fp32")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
