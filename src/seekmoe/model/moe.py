@@ -58,6 +58,9 @@ def balance_loss(route: RouterOutput, config: ModelConfig, batch: int, seq: int)
     - router z-loss (router_z_loss_coef): mean of logsumexp(logits)^2.
     """
     total = route.logits.new_zeros(())
+    if not (config.aux_loss_alpha or config.expert_balance_alpha or config.device_balance_alpha
+            or config.router_z_loss_coef):
+        return total
     E, K = config.n_routed_experts, config.num_experts_per_tok
     scores = route.scores / route.scores.sum(dim=-1, keepdim=True)  # [T, E] normalized affinities
     chosen = torch.zeros_like(scores).scatter_(1, route.indices, 1.0)  # [T, E] 1 where routed
