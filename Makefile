@@ -21,7 +21,7 @@ test: install
 # The main job: train the small preset on Python's standard library for a few minutes on 2 CPU cores, then print a
 # summary table and a greedy completion. The tokenizer and token shards are cached (~/.cache/seekmoe) for reruns.
 DEMO_OUT ?= runs/demo
-DEMO_STEPS ?= 600
+DEMO_STEPS ?= 1500
 demo: install
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/seekmoe train --preset small --out $(DEMO_OUT) --max-steps $(DEMO_STEPS)
