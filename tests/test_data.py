@@ -75,11 +75,11 @@ def test_shards_are_cached_and_validation_is_held_out_by_document(tmp_path):
     assert first.meta["val"]["documents"] >= 1 and first.meta["train"]["documents"] >= 1
     assert first.meta["val"]["documents"] + first.meta["train"]["documents"] == len(SAMPLE_MODULES)
     assert (again.val_tokens == first.val_tokens).all()
-    # each held-out document is whole: the validation stream decodes to complete modules separated by EOS
+    # each held-out document is whole: the validation stream decodes to BOS + a complete module + EOS, repeated
     docs = [d for d in first.tokenizer.decode(list(first.val_tokens), skip_special_tokens=False)
             .split(EOS_TOKEN) if d]
     originals = {p.read_text() for p in corpus.files}
-    assert docs and all(d in originals for d in docs)
+    assert docs and all(d.startswith(BOS_TOKEN) and d[len(BOS_TOKEN):] in originals for d in docs)
 
 
 def test_sequence_order_resumes_exactly_and_covers_every_sequence_once_per_epoch():

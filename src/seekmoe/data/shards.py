@@ -21,9 +21,11 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from .corpus import Corpus
-from .tokenizer import EOS_TOKEN, train_tokenizer
+from .tokenizer import BOS_TOKEN, EOS_TOKEN, train_tokenizer
 
-FORMAT_VERSION = 1  # bump when the tokenizer recipe or the shard layout changes: old cache entries are then unused
+# Bump when the tokenizer recipe or the shard layout changes: old cache entries are then unused.
+# 2: each document is <|begin_of_text|> ... <|end_of_text|>, so training sees what inference prompts start with.
+FORMAT_VERSION = 2
 _ENCODE_BATCH = 64  # documents per encode_batch call
 
 
@@ -125,9 +127,10 @@ def _tokenize_into(out: Path, corpus: Corpus, tokenizer: Tokenizer, val_fraction
         raise ValueError(f"val_fraction={val_fraction} holds out all {len(draws)} documents of {corpus.name}")
     vocab = tokenizer.get_vocab_size()
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    if eos is None:
-        raise ValueError(f"the tokenizer has no {EOS_TOKEN} token to separate documents")
+    bos, eos = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+    if bos is None or eos is None:
+        raise ValueError(f"the tokenizer lacks {BOS_TOKEN} or {EOS_TOKEN}: expected both, to mark each document's "
+                         f"start and end")
     stats = {name: {"documents": 0, "tokens": 0, "bytes": 0} for name in ("train", "val")}
     files = {name: open(out / f"{name}.bin", "wb") for name in stats}
     bar = tqdm(total=len(draws), desc="tokenizing", unit="doc", disable=not progress, dynamic_ncols=True)
@@ -139,7 +142,7 @@ def _tokenize_into(out: Path, corpus: Corpus, tokenizer: Tokenizer, val_fraction
             nonlocal index
             for doc, enc in zip(batch, tokenizer.encode_batch(batch, add_special_tokens=False)):
                 name = "val" if index in held_out else "train"
-                ids = np.asarray(enc.ids + [eos], dtype=dtype)
+                ids = np.asarray([bos] + enc.ids + [eos], dtype=dtype)
                 ids.tofile(files[name])
                 stats[name]["documents"] += 1
                 stats[name]["tokens"] += len(ids)

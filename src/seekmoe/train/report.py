@@ -45,45 +45,31 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-@torch.no_grad()
-def greedy_completion(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
-    """The model's most likely continuation of `prompt`, one argmax token at a time (full recompute each step),
-    stopping at the end-of-text token."""
-    eos = model.config.eos_token_id
-    # Packed training documents each follow an end-of-text token, so one before the prompt marks a document start.
-    ids = ([eos] if eos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False).ids
-    start = len(ids)
-    window = model.config.max_position_embeddings
-    model.eval()
-    for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids[-window:]])).logits[0, -1]
-        token = int(logits.argmax())
-        if token == eos:
-            break
-        ids.append(token)
-    return tokenizer.decode(ids[start:])
+def greedy_completion(model_dir: Path, prompt: str, max_new_tokens: int = 64) -> str:
+    """The model's most likely continuation of `prompt` (stopping at end-of-text), by the inference engine."""
+    from ..inference import Engine, SamplingParams
+
+    engine = Engine.from_pretrained(model_dir, dtype=torch.float32, max_batch_size=1)
+    request = engine.generate([engine.tokenizer.encode(prompt)],
+                              SamplingParams(max_new_tokens=max_new_tokens, temperature=0))[0]
+    return request.text
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print the summary table of a `seekmoe train --out` folder and its final model's greedy completion."""
-    from tokenizers import Tokenizer
-
-    from .. import from_pretrained
     from .trainer import SUMMARY_FILE
 
     parser = argparse.ArgumentParser(prog="python -m seekmoe.train.report", description=__doc__.splitlines()[0])
     parser.add_argument("out", metavar="DIR", help="a finished `seekmoe train --out` folder")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text the model completes (default: a code line)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not (out / SUMMARY_FILE).is_file():
         print(f"error: no {SUMMARY_FILE} in {out}: the run has not finished", file=sys.stderr)
         return 2
     print(format_summary(json.loads((out / SUMMARY_FILE).read_text())))
-    model = from_pretrained(out / "final", dtype=torch.float32)
-    tokenizer = Tokenizer.from_file(str(out / "final" / "tokenizer.json"))
-    completion = greedy_completion(model, tokenizer, args.prompt, args.max_new_tokens)
+    completion = greedy_completion(out / "final", args.prompt, args.max_new_tokens)
     print("greedy completion by the trained model (prompt, then >>> continuation <<<):")
     print(f"{args.prompt}>>>{completion}<<<")
     return 0
