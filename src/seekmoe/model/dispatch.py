@@ -18,9 +18,16 @@ class DispatchPlan:
 
     token: torch.Tensor  # [T * top_k] source token of each slot, slots grouped by expert (expert 0 first)
     expert: torch.Tensor  # [T * top_k] expert of each slot, in the same grouped order (non-decreasing)
-    counts: torch.Tensor  # [E] long: slots each expert received (= tokens, since a token picks an expert once)
-    offsets: torch.Tensor  # [E] int32: cumulative row ends of the groups, the `offs` of torch._grouped_mm
+    counts: torch.Tensor  # [E_local] long: rows each expert here received (= tokens: a token picks an expert once)
+    offsets: torch.Tensor  # [E_local] int32: cumulative row ends of the groups, the `offs` of torch._grouped_mm
     n_tokens: int
+    # [E] long: tokens of *this* batch routed to each of all E experts, wherever they live: what balancing counts.
+    # On one device the experts here are all E and it is `counts`; with expert parallelism the two differ.
+    routed_counts: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.routed_counts is None:
+            self.routed_counts = self.counts
 
 
 class LocalDispatcher:

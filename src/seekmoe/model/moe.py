@@ -45,7 +45,7 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         # Balance losses shape training only; evaluation and inference skip them.
         loss = balance_loss(route, self.config, B, S) if self.training else route.logits.new_zeros(())
-        return y, MoEStats(plan.counts, loss)
+        return y, MoEStats(plan.routed_counts, loss)
 
 
 def balance_loss(route: RouterOutput, config: ModelConfig, batch: int, seq: int) -> torch.Tensor:
