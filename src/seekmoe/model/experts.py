@@ -123,7 +123,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         # rows [..., hidden], weights [...] (rows and weights share their leading dims), gate_up_proj [E, 2I, hidden]
         h = groups.linear(rows, gate_up_proj)  # [..., 2I]: each expert's gate columns, then its up columns
         gate, up = h.chunk(2, dim=-1)
-        a = F.silu(gate).mul_(up * weights.unsqueeze(-1))  # [..., I]
+        a = F.silu(gate).mul_(up * weights.unsqueeze(-1))  # [..., I]: the product in fp32, stored as rows' dtype
         ctx.save_for_backward(rows, weights, gate_up_proj, down_proj, h)
         ctx.groups = groups
         return groups.linear(a, down_proj)  # [..., hidden]
@@ -137,9 +137,9 @@ class GroupedSwiGLU(torch.autograd.Function):
         silu_gate = F.silu(gate)
         act = silu_gate * up  # [..., I] the activation before the routing weight
         w = weights.unsqueeze(-1)
-        d_down = groups.linear_grad_weight(dy, act * w)
+        d_down = groups.linear_grad_weight(dy, (act * w).to(dy.dtype))
         d_weighted = groups.linear_grad_input(dy, down_proj)  # [..., I] gradient of w * act
-        d_weights = (d_weighted * act).sum(-1)
+        d_weights = (d_weighted.float() * act.float()).sum(-1)  # fp32, as the weights are
         d_act = d_weighted.mul_(w)
         dh = torch.empty_like(h)
         d_gate, d_up = dh.chunk(2, dim=-1)
@@ -179,7 +179,9 @@ class RoutedExperts(nn.Module):
         device_type = rows.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
         compute = gemm_dtype(rows.device, dtype)
-        rows, weights = rows.to(compute), weights.to(compute)
+        # The routing weights stay fp32 until they multiply the experts' activations (DeepSeek-V3 keeps its gating
+        # in fp32); only the products enter the low-precision down projection.
+        rows, weights = rows.to(compute), weights.float()
         gate_up_proj, down_proj = self.gate_up_proj.to(compute), self.down_proj.to(compute)
         with torch.autocast(device_type, enabled=False):
             if resolve_backend(self.backend, rows.device, compute) == "grouped_mm":

@@ -46,25 +46,31 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def _apply(self, fn, recurse=True):
-        # The selection bias stays fp32 whatever dtype the model is cast to: its steps (bias_update_speed ~ 1e-3)
-        # would vanish in bf16.
-        super()._apply(fn, recurse)
+        # The selection bias stays fp32, bit for bit, whatever dtype the model is cast to: its steps
+        # (bias_update_speed ~ 1e-3) would vanish in bf16, and a round trip through bf16 would move the balancing
+        # state of a run. So the cast result is discarded and the original fp32 values are moved to the new device.
         bias = self.e_score_correction_bias
-        if bias is not None and bias.dtype != torch.float32 and bias.is_floating_point():
-            self.e_score_correction_bias = bias.float()
+        super()._apply(fn, recurse)
+        if bias is not None:
+            moved = self.e_score_correction_bias
+            if moved.dtype != torch.float32:
+                self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
         return self
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        """Route x [T, hidden]."""
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        with torch.no_grad():
-            indices = self._select(choice.detach())
-        weights = scores.gather(1, indices)  # [T, top_k]
-        if self.norm_topk_prob and self.top_k > 1:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return RouterOutput(weights * self.routed_scaling_factor, indices, scores, logits)
+        """Route x [T, hidden]. Everything here is fp32 whatever the autocast state: under bf16 autocast a bf16
+        router picks a different expert set for a sizeable share of tokens (DeepSeek-V3 keeps its gating in fp32,
+        Megatron-Core's moe_router_dtype=fp32 exists for the same reason)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # [T, E]
+            scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+            choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+            with torch.no_grad():
+                indices = self._select(choice.detach())
+            weights = scores.gather(1, indices)  # [T, top_k]
+            if self.norm_topk_prob and self.top_k > 1:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return RouterOutput(weights * self.routed_scaling_factor, indices, scores, logits)
 
     def _select(self, choice: torch.Tensor) -> torch.Tensor:
         """Top-k expert ids [T, top_k], restricted to the `topk_group` best groups unless greedy."""

@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from .attention import LatentCacheLayer
 from .block import DecoderBlock
 from .experts import RoutedExperts
-from .moe import MoE, MoEStats
+from .moe import BalanceWindow, MoE, MoEStats, batch_balance_loss
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -86,12 +86,17 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: list[LatentCacheLayer] | None = None) -> CausalLMOutput:
+                cache: list[LatentCacheLayer] | None = None, mtp: bool | None = None,
+                balance_window: BalanceWindow | None = None) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] (usually input_ids); position_ids [S] or [B, S]; attn_mask, if given,
         a boolean [B, 1, S, S] (True = may attend) replacing the causal mask.
 
         For decoding, `cache` holds one latent cache per decoder layer: input_ids are then only the new tokens,
-        position_ids their positions and attn_mask [B, 1, S, T] which cached tokens each may attend to."""
+        position_ids their positions and attn_mask [B, 1, S, T] which cached tokens each may attend to.
+
+        With labels, the MTP modules run (and `mtp_loss` is reported) when `mtp` says so, by default in training
+        mode only: the validation loss needs no MTP. `balance_window` makes the expert- and device-level balance
+        losses count over a whole optimizer step's micro-batches (see `BalanceWindow`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
@@ -116,11 +121,16 @@ class CausalLM(nn.Module):
 
         out.lm_loss = _next_token_loss(logits, labels)
         out.loss = out.lm_loss
-        if body.mtp and S > 1 + len(body.mtp):
+        if mtp is None:
+            mtp = self.training
+        if mtp and body.mtp and S > 1 + len(body.mtp):
             out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats)
             out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
         if stats:
             out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
+            batch_loss = batch_balance_loss(stats, self.config, B * S, balance_window)
+            if batch_loss is not None:
+                out.balance_loss = out.balance_loss + batch_loss
             out.loss = out.loss + out.balance_loss
             out.expert_counts = torch.stack([s.expert_counts for s in stats])
         return out

@@ -12,6 +12,7 @@ from ..config import ModelConfig
 
 LR_SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16")
+BALANCE_SCOPES = ("global", "micro")
 
 # DeepSeek-V3's stepwise schedules (section 4.2), as (fraction of training at which a phase starts, multiplier of
 # the configured value): MTP weight lambda 0.3 for the first 10T of 14.8T tokens, then 0.1; bias update speed gamma
@@ -31,6 +32,7 @@ class TrainConfig:
     val_fraction: float = 0.02  # share of documents held out for validation (chosen by a hash of their text)
     data_glob: str = "*"  # which files of a --data folder to read
     cache_dir: str | None = None  # tokenizer and token-shard cache; default $SEEKMOE_CACHE or ~/.cache/seekmoe
+    min_file_bytes: int = 0  # skip files smaller than this (a context-extension stage wants long documents)
     # schedule of the run
     max_steps: int = 1000
     seed: int = 0
@@ -49,6 +51,9 @@ class TrainConfig:
     # objective schedules: [[fraction of max_steps where a phase starts, multiplier of the config value], ...]
     mtp_loss_weight_schedule: list = field(default_factory=lambda: [list(p) for p in V3_MTP_LOSS_WEIGHT_SCHEDULE])
     bias_update_speed_schedule: list = field(default_factory=lambda: [list(p) for p in V3_BIAS_UPDATE_SPEED_SCHEDULE])
+    # balancing: the batch the expert- and device-level balance losses count f_i over: every micro-batch of a step
+    # on every data-parallel rank (global, "Demons in the Detail", Qwen 2025), or each micro-batch alone (micro)
+    balance_scope: str = "global"
     # speed
     precision: str = "auto"  # auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32
     compile: bool = False  # torch.compile the model
@@ -75,7 +80,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, "a positive integer")
-        for name in ("warmup_steps", "num_threads", "seed"):
+        for name in ("warmup_steps", "num_threads", "seed", "min_file_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise bad(name, "a non-negative integer")
@@ -90,6 +95,8 @@ class TrainConfig:
                 raise bad(name, "a non-negative number")
         if self.lr_schedule not in LR_SCHEDULES:
             raise bad("lr_schedule", f"one of {LR_SCHEDULES}")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise bad("balance_scope", f"one of {BALANCE_SCOPES}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"one of {PRECISIONS}")
         for name in ("mtp_loss_weight_schedule", "bias_update_speed_schedule"):

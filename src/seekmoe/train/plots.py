@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ModelConfig
 from .metrics import read_metrics
 
 
@@ -35,8 +34,10 @@ def plot_run(out: Path) -> list[Path]:
     ax_loss.set_ylabel("cross-entropy (nats)")
     ax_loss.legend()
     ax_loss.set_title("losses")
-    ax_vio.plot(steps, [r["max_vio"] for r in records], label="MaxVio (mean over layers)", linewidth=1)
-    ax_vio.plot(steps, [r["max_vio_worst"] for r in records], label="MaxVio (worst layer)", linewidth=1)
+    for key, label in (("max_vio", "MaxVio (mean over main layers)"), ("max_vio_worst", "MaxVio (worst main layer)"),
+                       ("max_vio_mtp", "MaxVio (MTP modules)")):
+        if any(key in r for r in records):
+            ax_vio.plot(steps, [r.get(key) for r in records], label=label, linewidth=1)
     ax_vio.set_xlabel("step")
     ax_vio.set_ylabel("MaxVio")
     ax_vio.legend()
@@ -45,11 +46,11 @@ def plot_run(out: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)
 
-    loads = [r["expert_load"] for r in records if "expert_load" in r]  # [steps][layers][E], load / mean load
+    # [steps][layers][E], load / mean load: the main model's MoE layers, then the MTP modules' (own metric)
+    loads = [r["expert_load"] + r.get("expert_load_mtp", []) for r in records if "expert_load" in r]
     if loads:
         n_layers = len(loads[0])
-        config = Path(out) / "final" / "config.json"  # rows after the main model's MoE layers are MTP modules'
-        main_layers = ModelConfig.from_json_file(config).n_moe_layers if config.is_file() else n_layers
+        main_layers = len(records[-1].get("expert_load", loads[0]))
         fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.8 * n_layers + 1), sharex=True, squeeze=False)
         for layer, ax in enumerate(axes[:, 0]):
             grid = [[step_loads[layer][e] for step_loads in loads] for e in range(len(loads[0][layer]))]

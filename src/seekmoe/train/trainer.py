@@ -1,13 +1,13 @@
-"""The pretraining loop: data, objective schedules, AdamW steps, auxiliary-loss-free bias updates, evaluation,
-metrics and checkpoints, resumable step for step."""
+"""The pretraining loop, in parts that other stages reuse: `TrainData` (data.py) feeds `TrainStep` (step.py); the
+`Trainer` here sets a run up (model, optimizer, resume), steps it, evaluates, checkpoints, reports, and stops
+cleanly on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
+import signal
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,32 +17,30 @@ from tqdm.auto import tqdm
 
 from .. import build_model
 from ..config import ModelConfig
-from ..data import PackedSequences, SequenceOrder, default_corpus, discover_corpus, prepare_data
 from ..info import model_summary
-from .balance import max_violation, update_router_biases
+from ..model.moe import device_groups_for
+from .balance import max_violation
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomically
 from .config import TrainConfig, stepwise
+from .data import TrainData, select_corpus
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
 from .plots import plot_run
+from .step import StepResult, TrainStep, autocast_context
 
 SUMMARY_FILE = "summary.json"
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps had a NaN or infinite loss."""
+    """Too many consecutive steps had a non-finite loss or non-finite gradients."""
 
 
-@dataclass
-class StepResult:
-    """Losses and expert counts of one optimizer step's micro-batches."""
+class TrainingInterrupted(RuntimeError):
+    """The run was asked to stop (Ctrl-C, SIGTERM) and saved a checkpoint first."""
 
-    loss: float
-    lm_loss: float
-    mtp_loss: float
-    balance_loss: float
-    expert_counts: torch.Tensor | None  # [n MoE layers, E]
-    tokens: int
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -61,203 +59,283 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if native else None
 
 
-def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, data: list[str] | None = None,
-          resume: bool = False, stop_at: int | None = None, progress: bool = True) -> dict:
-    """Pretrain a model from scratch (or from OUT's newest checkpoint with `resume`) and return the run summary.
+class StopSignals:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second SIGINT aborts at
+    once. Installed only in the main thread (signal handlers cannot be set elsewhere)."""
 
-    Schedules span `config.max_steps`; `stop_at` ends the run early after that step, with a checkpoint.
-    """
-    out = Path(out)
-    if stop_at is not None and stop_at < 1:
-        raise ValueError(f"--stop-at {stop_at} is invalid: expected a step >= 1")
-    resume_from = latest_checkpoint(out) if resume else None
-    if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose "
-                         f"another --out")
-    if resume and resume_from is None:
-        print(f"no complete checkpoint in {out}: starting from step 0")
-    out.mkdir(parents=True, exist_ok=True)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast_dtype = resolve_precision(config.precision, device)
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
-    # ----- data -----
-    corpus = discover_corpus(data, config.data_glob) if data else default_corpus()
-    tokenizer = Tokenizer.from_file(str(resume_from / "tokenizer.json")) if resume_from else None
-    tokenized = prepare_data(corpus, model_config.vocab_size, config.val_fraction, config.cache_dir, tokenizer,
-                             progress=progress)
-    tokenizer = tokenized.tokenizer
-    if tokenizer.get_vocab_size() > model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but vocab_size="
-                         f"{model_config.vocab_size}: set vocab_size to at least that")
-    train_seqs = PackedSequences(tokenized.train_tokens, config.seq_len, "train")
-    val_seqs = (PackedSequences(tokenized.val_tokens, config.seq_len, "validation")
-                if len(tokenized.val_tokens) >= config.seq_len else None)
-    order = SequenceOrder(len(train_seqs), config.seed)
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
 
-    # ----- model and optimizer -----
-    model = build_model(model_config).to(device)
-    model.train()
-    model.gradient_checkpointing = config.activation_checkpointing
-    optimizer = build_optimizer(model, config)
-    start_step, bad_steps, elapsed = 0, 0, 0.0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
-        order.load_state_dict(state["data"])
-        start_step, bad_steps, elapsed = state["step"], state["bad_steps"], state["train_seconds"]
-        print(f"resuming from {resume_from} (step {start_step})")
-    forward = torch.compile(model) if config.compile else model
-    moe_layers = model.moe_layers()
-    base_lambda, base_gamma = model_config.mtp_loss_weight, model_config.bias_update_speed
-    end_step = min(config.max_steps, stop_at or config.max_steps)
-    metrics = MetricsLog(out, resume_step=start_step if resume_from else None)
-    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
-    print(f"training {model_summary(model_config)['total_params'] / 1e6:.2f}M parameters on {device} "
-          f"({'bf16 autocast' if autocast_dtype else 'fp32'}), {len(train_seqs):,} train sequences of "
-          f"{config.seq_len} tokens, {tokens_per_step:,} tokens per step, steps {start_step + 1}..{end_step} "
-          f"of {config.max_steps}", flush=True)
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now, without a checkpoint
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name} received: finishing the current step, then saving a checkpoint "
+              f"(press Ctrl-C again to abort at once)", flush=True)
 
-    def autocast():
-        return (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-                else contextlib.nullcontext())
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
-    def train_step(lam: float) -> StepResult:
-        model.config.mtp_loss_weight = lam
-        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        counts = None
-        for _ in range(config.grad_accum):
-            ids = train_seqs.batch(order.take(config.batch_size)).to(device)
-            with autocast():
-                result = forward(ids, labels=ids)
-            (result.loss / config.grad_accum).backward()
-            for key in sums:
-                value = getattr(result, key)
-                sums[key] += value.item() / config.grad_accum if value is not None else 0.0
-            if result.expert_counts is not None:
-                counts = result.expert_counts if counts is None else counts + result.expert_counts
-        model.config.mtp_loss_weight = base_lambda
-        return StepResult(**sums, expert_counts=counts, tokens=tokens_per_step)
+
+class Trainer:
+    """One training run into OUT: from scratch, from OUT's newest checkpoint (`resume`), or from the weights of a
+    model folder (`init_from`). `stop_at` ends the run early after that step, with a checkpoint."""
+
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, out: str | Path,
+                 data: list[str] | None = None, resume: bool = False, stop_at: int | None = None,
+                 progress: bool = True, init_from: str | Path | None = None):
+        if stop_at is not None and stop_at < 1:
+            raise ValueError(f"--stop-at {stop_at} is invalid: expected a step >= 1")
+        self.model_config, self.config, self.out = model_config, config, Path(out)
+        self.progress, self.stop_at, self.init_from = progress, stop_at, init_from
+        depth = model_config.num_nextn_predict_layers
+        if depth and config.seq_len < depth + 2:
+            raise ValueError(f"seq_len={config.seq_len} is too short for num_nextn_predict_layers={depth}: MTP "
+                             f"depth {depth} needs sequences of at least {depth + 2} tokens (raise seq_len, or set "
+                             f"num_nextn_predict_layers=0)")
+        self.rank, self.world_size, self.reduce = 0, 1, None  # parallel/ sets these under torchrun
+        self.resume_from = latest_checkpoint(self.out) if resume else None
+        checkpoints = self.out / "checkpoints"
+        if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+            raise ValueError(f"{self.out} already holds checkpoints: pass --resume to continue that run, or choose "
+                             f"another --out")
+        if resume and self.resume_from is None:
+            self.log(f"no complete checkpoint in {self.out}: starting from step 0")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.autocast_dtype = resolve_precision(config.precision, self.device)
+
+        tokenizer = None
+        if self.resume_from is not None:
+            tokenizer = Tokenizer.from_file(str(self.resume_from / "tokenizer.json"))
+        elif init_from is not None:
+            tokenizer = Tokenizer.from_file(str(Path(init_from) / "tokenizer.json"))
+        self.data = TrainData(select_corpus(data, config), model_config.vocab_size, config, tokenizer,
+                              self.rank, self.world_size, progress=progress)
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, config)
+        self.start_step, self.bad_steps, self.train_seconds = 0, 0, 0.0
+        if self.resume_from is not None:
+            state = load_checkpoint(self.resume_from, self.model, self.optimizer)
+            self.data.load_state_dict(state["data"])
+            self.start_step, self.bad_steps = state["step"], state["bad_steps"]
+            self.train_seconds = state["train_seconds"]
+            self.log(f"resuming from {self.resume_from} (step {self.start_step})")
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.step = TrainStep(self.model, self.optimizer, config.grad_clip, self.autocast_dtype, self.device,
+                              self.reduce, config.balance_scope, self.forward)
+
+    # ----- setup -----
+    def _build_model(self) -> torch.nn.Module:
+        """The model on the run's device, initialized or loaded from `init_from`, in training mode."""
+        model = build_model(self.model_config)
+        if self.init_from is not None:
+            from ..checkpoint import from_pretrained
+
+            # The weights (and router biases) of the folder, into a model of this run's config: an extension stage
+            # changes rope_scaling, which lives in no tensor.
+            model.load_state_dict(from_pretrained(self.init_from, dtype=torch.float32).state_dict())
+            self.log(f"initialized from {self.init_from}")
+        model = model.to(self.device)
+        for moe in model.moe_layers():
+            device_groups_for(self.model_config, moe.device_groups)
+        model.train()
+        model.gradient_checkpointing = self.config.activation_checkpointing
+        return model
+
+    def log(self, message: str) -> None:
+        """Print on the first rank only."""
+        if self.rank == 0:
+            print(message, flush=True)
+
+    # ----- the loop -----
+    def run(self) -> dict:
+        """Train to `max_steps` (or `stop_at`); returns the run summary ({"stopped_at": N} when stopped early)."""
+        c = self.config
+        end_step = min(c.max_steps, self.stop_at or c.max_steps)
+        metrics = MetricsLog(self.out, resume_step=self.start_step if self.resume_from else None) \
+            if self.rank == 0 else None
+        base_lambda, base_gamma = self.model_config.mtp_loss_weight, self.model_config.bias_update_speed
+        self.log(f"training {model_summary(self.model_config)['total_params'] / 1e6:.2f}M parameters on "
+                 f"{self.device} ({'bf16 autocast' if self.autocast_dtype else 'fp32'}), "
+                 f"{len(self.data.train):,} train sequences of {c.seq_len} tokens, "
+                 f"{self.data.tokens_per_step:,} tokens per step, steps {self.start_step + 1}..{end_step} of "
+                 f"{c.max_steps}")
+        bar = tqdm(total=c.max_steps, initial=self.start_step, desc="train", unit="step",
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        done = self.start_step
+        try:
+            with StopSignals() as signals:
+                for step in range(self.start_step, end_step):
+                    lr = lr_at(step, c)
+                    lam = base_lambda * stepwise(c.mtp_loss_weight_schedule, step, c.max_steps)
+                    gamma = base_gamma * stepwise(c.bias_update_speed_schedule, step, c.max_steps)
+                    t0 = time.perf_counter()
+                    result = self.step(self.data.next_micro_batches(), lr, lam, gamma)
+                    dt = time.perf_counter() - t0
+                    self.train_seconds += dt
+                    done = step + 1
+                    record = self._record(done, result, lr, lam, gamma, dt)
+                    self._check_divergence(done, result, record, metrics)
+                    if done % c.eval_every == 0 or done == c.max_steps:
+                        val = self.evaluate()
+                        if val is not None:
+                            record["val_loss"] = val
+                    if metrics is not None:
+                        metrics.write(record)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    lr=f"{lr:.2e}",
+                                    **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                    stop = self._stop_requested(signals)
+                    if done % c.save_every == 0 or done == end_step or stop:
+                        self.save_checkpoint(done)
+                    if stop:
+                        raise TrainingInterrupted(
+                            f"stopped after step {done} by {signal.Signals(stop).name}; checkpoint saved in "
+                            f"{self.out / 'checkpoints'}: continue with the same command and --resume", stop)
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+
+        if end_step < c.max_steps:
+            self.log(f"stopped after step {end_step} of {c.max_steps} (--stop-at); continue with --resume")
+            return {"stopped_at": end_step}
+        return self.finish()
+
+    def _stop_requested(self, signals: StopSignals) -> int | None:
+        """The signal that asked to stop, or None; every rank agrees (one rank's request stops them all)."""
+        if self.reduce is None:
+            return signals.signum
+        asked = self.reduce(torch.tensor(1.0 if signals.signum else 0.0, device=self.device))
+        return (signals.signum or signal.SIGTERM) if float(asked) > 0 else None
+
+    def _record(self, done: int, result: StepResult, lr: float, lam: float, gamma: float, dt: float) -> dict:
+        """The metrics.jsonl record of a step: losses, lr, schedules, speed, and the balance of the main layers
+        and (on their own) the MTP modules' layers."""
+        record = {"step": done, "loss": result.loss, "lm_loss": result.lm_loss, "mtp_loss": result.mtp_loss,
+                  "balance_loss": result.balance_loss, "lr": lr, "mtp_loss_weight": lam,
+                  "bias_update_speed": gamma, "tokens_per_s": self.data.tokens_per_step / dt}
+        if result.grad_norm is not None:
+            record["grad_norm"] = result.grad_norm
+        if result.skipped:
+            record["skipped"] = result.skipped
+        if result.expert_counts is not None:
+            n_main = self.model_config.n_moe_layers
+            for suffix, counts in (("", result.expert_counts[:n_main]), ("_mtp", result.expert_counts[n_main:])):
+                if len(counts) == 0:
+                    continue
+                vio = max_violation(counts)
+                record[f"max_vio{suffix}"] = float(vio.mean())
+                record[f"max_vio{suffix}_worst"] = float(vio.max())
+                load = counts.double()
+                record[f"expert_load{suffix}"] = (load / load.mean(dim=-1, keepdim=True)).round(decimals=3).tolist()
+        return record
+
+    def _check_divergence(self, done: int, result: StepResult, record: dict, metrics: MetricsLog | None) -> None:
+        """Count consecutive skipped steps; stop the run after `max_bad_steps` of them."""
+        if not result.skipped:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        self.log(f"step {done}: {result.skipped} (loss {result.loss}); step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.config.max_bad_steps:
+            if metrics is not None:
+                metrics.write(record)
+            raise TrainingDiverged(
+                f"training stopped at step {done}: {self.bad_steps} consecutive steps had a non-finite loss or "
+                f"gradients (max_bad_steps={self.config.max_bad_steps}); lower lr (now {self.config.lr}) or check "
+                f"the data")
 
     @torch.no_grad()
-    def evaluate() -> float | None:
-        if val_seqs is None:
+    def evaluate(self) -> float | None:
+        """Mean validation cross-entropy (main next-token loss only: the MTP modules do not run)."""
+        batches = self.data.val_batches()
+        if not batches:
             return None
-        model.eval()
-        n = min(len(val_seqs), config.eval_batches * config.batch_size)
-        losses = []
-        for start in range(0, n, config.batch_size):
-            ids = val_seqs.batch(range(start, min(start + config.batch_size, n))).to(device)
-            with autocast():
-                losses.append(float(forward(ids, labels=ids).lm_loss))
-        model.train()
-        return sum(losses) / len(losses)
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)  # [sum of batch losses, batches]
+        for ids, counts in batches:
+            with autocast_context(self.device, self.autocast_dtype):
+                loss = self.forward(ids.to(self.device), labels=ids.to(self.device)).lm_loss
+            if counts:
+                total += torch.stack([loss.float(), torch.ones((), device=self.device)])
+        self.model.train()
+        if self.reduce is not None:
+            total = self.reduce(total)
+        return float(total[0] / total[1])
 
-    def checkpoint_state(step: int) -> dict:
-        return {"step": step, "data": order.state_dict(), "bad_steps": bad_steps, "train_seconds": elapsed,
-                "lr": lr_at(step - 1, config), "train_config": config.to_dict()}
+    # ----- checkpoints and the end of a run -----
+    def save_checkpoint(self, step: int) -> None:
+        """The training state after `step`, atomically, keeping the newest `keep_checkpoints`."""
+        state = {"step": step, "data": self.data.state_dict(), "bad_steps": self.bad_steps,
+                 "train_seconds": self.train_seconds, "lr": lr_at(step - 1, self.config),
+                 "train_config": self.config.to_dict()}
+        save_checkpoint(self.out, step, self.model, self.data.tokenizer, self.optimizer, state,
+                        self.config.keep_checkpoints)
 
-    bar = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    record: dict = {}
-    try:
-        for step in range(start_step, end_step):
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            lam = base_lambda * stepwise(config.mtp_loss_weight_schedule, step, config.max_steps)
-            gamma = base_gamma * stepwise(config.bias_update_speed_schedule, step, config.max_steps)
-            t0 = time.perf_counter()
-            result = train_step(lam)
-            record = {"step": step + 1, "loss": result.loss, "lm_loss": result.lm_loss, "mtp_loss": result.mtp_loss,
-                      "balance_loss": result.balance_loss, "lr": lr, "mtp_loss_weight": lam,
-                      "bias_update_speed": gamma}
-            if not math.isfinite(result.loss):
-                optimizer.zero_grad(set_to_none=True)
-                bad_steps += 1
-                record["skipped"] = "non-finite loss"
-                print(f"step {step + 1}: loss is {result.loss}; step skipped ({bad_steps} in a row)", flush=True)
-                if bad_steps >= config.max_bad_steps:
-                    metrics.write(record)
-                    raise TrainingDiverged(
-                        f"training stopped at step {step + 1}: {bad_steps} consecutive steps had a non-finite loss "
-                        f"(max_bad_steps={config.max_bad_steps}); lower lr (now {config.lr}) or check the data")
-            else:
-                bad_steps = 0
-                if config.grad_clip > 0:
-                    record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if result.expert_counts is not None:
-                    update_router_biases(moe_layers, result.expert_counts, gamma)
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            record["tokens_per_s"] = result.tokens / dt
-            if result.expert_counts is not None:
-                vio = max_violation(result.expert_counts)
-                record["max_vio"] = float(vio.mean())
-                record["max_vio_worst"] = float(vio.max())
-                load = result.expert_counts.double()
-                record["expert_load"] = (load / load.mean(dim=-1, keepdim=True)).round(decimals=3).tolist()
-            done = step + 1
-            if done % config.eval_every == 0 or done == config.max_steps:
-                val = evaluate()
-                if val is not None:
-                    record["val_loss"] = val
-            metrics.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}",
-                            **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-            if done % config.save_every == 0 or done == end_step:
-                save_checkpoint(out, done, model, tokenizer, optimizer, checkpoint_state(done),
-                                config.keep_checkpoints)
-    finally:
-        bar.close()
-        metrics.close()
+    def finish(self) -> dict:
+        """Write `final/` (the model folder), the summary and the plots; returns the summary."""
 
-    if end_step < config.max_steps:
-        print(f"stopped after step {end_step} of {config.max_steps} (--stop-at); continue with --resume")
-        return {"stopped_at": end_step}
+        def write_final(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            self.data.tokenizer.save(str(tmp / "tokenizer.json"))
 
-    def write_final(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save(str(tmp / "tokenizer.json"))
+        write_atomically(self.out / "final", write_final)
+        summary = self.summary()
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        plots = plot_run(self.out)
+        self.log(f"final model: {self.out / 'final'}" + (f"; plots: {', '.join(map(str, plots))}" if plots else ""))
+        return summary
 
-    write_atomically(out / "final", write_final)
-    summary = _summary(out, model_config, config, tokenized, elapsed, autocast_dtype, device)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    plots = plot_run(out)
-    print(f"final model: {out / 'final'}" + (f"; plots: {', '.join(map(str, plots))}" if plots else ""))
-    return summary
+    def summary(self) -> dict:
+        """The figures a user wants after a run, read back from metrics.jsonl."""
+        from .metrics import read_metrics
+
+        c, tokenized = self.config, self.data.tokenized
+        records = [r for r in read_metrics(self.out) if "skipped" not in r]
+        tail = records[-min(10, len(records)):]
+        evals = [r for r in records if "val_loss" in r]
+        sizes = model_summary(self.model_config)
+        counts = np.bincount(np.asarray(tokenized.train_tokens),
+                             minlength=self.model_config.vocab_size).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        tokens = c.max_steps * self.data.tokens_per_step
+        return {
+            "total_params": sizes["total_params"],
+            "active_params": sizes["active_params"],
+            "steps": c.max_steps,
+            "tokens_trained": tokens,
+            "train_seconds": self.train_seconds,  # optimizer steps only: no evaluation, checkpoints or data prep
+            "tokens_per_s": tokens / self.train_seconds,
+            "precision": "bf16 autocast" if self.autocast_dtype else "fp32",
+            "device": str(self.device),
+            "processes": self.world_size,
+            "final_train_loss": sum(r["lm_loss"] for r in tail) / len(tail),
+            "final_val_loss": evals[-1]["val_loss"] if evals else None,
+            "unigram_entropy": float(-(p * np.log(p)).sum()),
+            "max_vio": sum(r.get("max_vio", 0.0) for r in tail) / len(tail),
+            "max_vio_worst": max(r.get("max_vio_worst", 0.0) for r in tail),
+            "data": {k: tokenized.meta[k] for k in ("corpus", "files", "train", "val", "tokenizer_s", "tokenize_s")},
+            "model_dir": str((self.out / "final").resolve()),
+        }
 
 
-def _summary(out: Path, model_config: ModelConfig, config: TrainConfig, tokenized, train_seconds: float,
-             autocast_dtype, device: torch.device) -> dict:
-    """The figures a user wants after a run, read back from metrics.jsonl."""
-    from .metrics import read_metrics
-
-    records = [r for r in read_metrics(out) if "skipped" not in r]
-    tail = records[-min(10, len(records)):]
-    evals = [r for r in records if "val_loss" in r]
-    sizes = model_summary(model_config)
-    counts = np.bincount(np.asarray(tokenized.train_tokens), minlength=model_config.vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    tokens = config.max_steps * config.batch_size * config.grad_accum * config.seq_len
-    return {
-        "total_params": sizes["total_params"],
-        "active_params": sizes["active_params"],
-        "steps": config.max_steps,
-        "tokens_trained": tokens,
-        "train_seconds": train_seconds,  # optimizer steps only: no evaluation, checkpoints or data preparation
-        "tokens_per_s": tokens / train_seconds,
-        "precision": "bf16 autocast" if autocast_dtype else "fp32",
-        "device": str(device),
-        "final_train_loss": sum(r["lm_loss"] for r in tail) / len(tail),
-        "final_val_loss": evals[-1]["val_loss"] if evals else None,
-        "unigram_entropy": float(-(p * np.log(p)).sum()),
-        "max_vio": sum(r.get("max_vio", 0.0) for r in tail) / len(tail),
-        "max_vio_worst": max(r.get("max_vio_worst", 0.0) for r in tail),
-        "data": {k: tokenized.meta[k] for k in ("corpus", "files", "train", "val", "tokenizer_s", "tokenize_s")},
-        "model_dir": str((out / "final").resolve()),
-    }
+def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, data: list[str] | None = None,
+          resume: bool = False, stop_at: int | None = None, progress: bool = True,
+          init_from: str | Path | None = None) -> dict:
+    """Pretrain a model (see `Trainer`) and return the run summary."""
+    return Trainer(model_config, config, out, data, resume, stop_at, progress, init_from).run()

@@ -1,0 +1,132 @@
+"""One optimizer step: forward and backward over the micro-batches, the gradient check, clipping, AdamW, and the
+auxiliary-loss-free bias update from the step's global expert counts."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model.moe import BalanceWindow
+from .balance import update_router_biases
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over every data-parallel rank (identity alone)
+LOSS_PARTS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
+
+
+@dataclass
+class StepResult:
+    """The losses (means over the step's micro-batches and ranks), the global expert counts and what happened."""
+
+    loss: float
+    lm_loss: float
+    mtp_loss: float
+    balance_loss: float
+    expert_counts: torch.Tensor | None  # [n MoE layers, E] summed over micro-batches and ranks
+    grad_norm: float | None = None
+    skipped: str | None = None  # why the optimizer step was skipped (non-finite loss or gradients), else None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast on `device` when dtype says so, else nothing."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+class TrainStep:
+    """Runs optimizer steps of `model` (already parallelized, if it is) with `optimizer`.
+
+    `reduce` sums over data-parallel ranks (the losses reported, the expert counts, the finite check), so every rank
+    takes the same decision and holds bit-identical router biases. `balance_scope='global'` counts the expert- and
+    device-level balance losses over the whole step (every micro-batch, every rank) instead of each micro-batch.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 autocast_dtype: torch.dtype | None, device: torch.device, reduce: Reduce | None = None,
+                 balance_scope: str = "global", forward: Callable | None = None):
+        self.model = model
+        self.forward = forward or model
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.autocast_dtype = autocast_dtype
+        self.device = device
+        self.reduce = reduce or (lambda t: t)
+        self.window = BalanceWindow(reduce) if balance_scope == "global" else None
+        self.moe_layers = _moe_layers(model)
+
+    def forward_backward(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Accumulate the gradients of the mean loss over `micro_batches`; returns (summed loss parts as tensors,
+        expert counts of this rank [layers, E] or None)."""
+        sums = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
+        counts = None
+        if self.window is not None:
+            self.window.reset()
+        for ids in micro_batches:
+            ids = ids.to(self.device, non_blocking=True)
+            with autocast_context(self.device, self.autocast_dtype):
+                out = self.forward(ids, labels=ids, balance_window=self.window)
+            (out.loss / len(micro_batches)).backward()
+            for key in LOSS_PARTS:
+                value = getattr(out, key)
+                if value is not None:
+                    sums[key] += value.detach().float() / len(micro_batches)
+            if out.expert_counts is not None:
+                counts = out.expert_counts if counts is None else counts + out.expert_counts
+        return sums, counts
+
+    def __call__(self, micro_batches: list[torch.Tensor], lr: float, mtp_loss_weight: float,
+                 bias_update_speed: float) -> StepResult:
+        """One optimizer step at learning rate `lr`; skipped (gradients dropped) when the loss or any gradient is
+        not finite on any rank."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        config = self.model.config
+        base_lambda, config.mtp_loss_weight = config.mtp_loss_weight, mtp_loss_weight
+        try:
+            sums, counts = self.forward_backward(micro_batches)
+        finally:
+            config.mtp_loss_weight = base_lambda
+        # One reduction carries the losses (averaged over ranks below) and, when there are MoE layers, the counts.
+        ranks = self.reduce(torch.ones((), device=self.device))
+        packed = torch.stack([sums[k] for k in LOSS_PARTS])
+        if counts is not None:
+            packed = torch.cat([packed, counts.reshape(-1).to(packed.dtype)])
+        packed = self.reduce(packed)
+        losses = (packed[:len(LOSS_PARTS)] / ranks).tolist()
+        if counts is not None:
+            counts = packed[len(LOSS_PARTS):].round().long().view_as(counts)
+        result = StepResult(*losses, expert_counts=counts)
+        grad_norm = _grad_norm(self.model, self.grad_clip)
+        result.grad_norm = grad_norm
+        if not math.isfinite(result.loss):
+            result.skipped = "non-finite loss"
+        elif not math.isfinite(grad_norm):
+            result.skipped = "non-finite gradients"
+        if result.skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            return result
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if counts is not None:
+            update_router_biases(self.moe_layers, counts, bias_update_speed)
+        return result
+
+
+def _grad_norm(model: nn.Module, grad_clip: float) -> float:
+    """The global gradient norm (over every rank's shards), clipping to `grad_clip` when it is > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf, foreach=None)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over all shards
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The MoE layers in `expert_counts` row order, through wrappers (torch.compile) if any."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner.moe_layers()
