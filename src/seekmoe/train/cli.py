@@ -14,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--preset", choices=sorted(PRESETS), help="a named model with its training settings")
     model.add_argument("--config", metavar="FILE", help="a YAML or TOML file of config fields (and 'preset:')")
+    model.add_argument("--init-from", metavar="DIR",
+                       help="start from the weights and router biases of a model folder (a final/ of an earlier "
+                            "run, or a DeepSeek checkpoint); its config.json is the model, field=value may change "
+                            "settings that no weight depends on")
     parser.add_argument("--out", required=True, metavar="DIR", help="where metrics, checkpoints and final/ go")
     parser.add_argument("--data", nargs="+", metavar="PATH",
                         help="text files, folders (see data_glob=), .jsonl ('text' field) or .parquet files; "
@@ -25,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                  "pre-empted); --resume continues")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of initialization and data order (default 0); "
                                                               "the same seed repeats a run exactly on CPU in fp32")
+    parser.add_argument("--extend-context", type=int, metavar="LEN",
+                        help="with --init-from: a context-extension stage (DeepSeek-V3 section 4.3) that sets YaRN "
+                             "from the model's original context to LEN tokens and trains on LEN-token sequences of "
+                             "long documents at a constant lr (defaults: seq_len=LEN, lr = the final lr of a default "
+                             "pretraining run, warmup_steps=0, min_file_bytes=4*LEN; field=value overrides them)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
@@ -34,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `seekmoe train`; returns the exit status."""
     from .config import load_run_config, parse_overrides
-    from .trainer import TrainingDiverged, train
+    from .trainer import TrainingDiverged, TrainingInterrupted, train
 
     # `--data a.txt lr=1e-3`: argparse hands the override to --data; a field=value that is no path is an override.
     data = [p for p in args.data or [] if "=" not in p or Path(p).exists()] or None
@@ -42,11 +51,15 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_steps", "save_every", "eval_every", "seed"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
-    model_config, train_config = load_run_config(args.preset, args.config, overrides)
+    model_config, train_config = load_run_config(args.preset, args.config, overrides, init_from=args.init_from,
+                                                 extend_context=args.extend_context)
     try:
         train(model_config, train_config, args.out, data=data, resume=args.resume, stop_at=args.stop_at,
-              progress=not args.no_progress)
+              progress=not args.no_progress, init_from=args.init_from)
     except TrainingDiverged as e:
         print(f"seekmoe train: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"seekmoe train: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0

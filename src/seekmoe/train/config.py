@@ -127,10 +127,16 @@ _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 
 
 def load_run_config(preset: str | None = None, config_file: str | Path | None = None,
-                    overrides: list[str] | dict | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """The model and training settings of a run: `preset` (or the file's `preset:` key) as the base, then the
-    file's fields, then `overrides` (`field=value` strings, values parsed as YAML). Any ModelConfig or TrainConfig
-    field may appear at the top level of the file."""
+                    overrides: list[str] | dict | None = None, init_from: str | Path | None = None,
+                    extend_context: int | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings of a run: `preset` (or the file's `preset:` key), or the config.json of the
+    `init_from` model folder, as the base, then the file's fields, then `overrides` (`field=value` strings, values
+    parsed as YAML). Any ModelConfig or TrainConfig field may appear at the top level of the file.
+
+    Pretraining from a preset whose published config carries YaRN scaling (deepseek-v2*, deepseek-v3) at a seq_len
+    within the original context uses plain RoPE: YaRN belongs to a context-extension stage (`extend_context`, which
+    needs `init_from`), as in DeepSeek-V3 (section 4.3).
+    """
     settings: dict[str, Any] = {}
     if config_file is not None:
         settings.update(read_config_file(config_file))
@@ -139,17 +145,53 @@ def load_run_config(preset: str | None = None, config_file: str | Path | None = 
     else:
         settings.update(parse_overrides(overrides or []))
     base = settings.pop("preset", None) or preset
-    if base is None:
-        raise ValueError("no model given: pass --preset NAME or a --config file with a 'preset:' key")
+    if base is None and init_from is None:
+        raise ValueError("no model given: pass --preset NAME, --init-from DIR or a --config file with a 'preset:' "
+                         "key")
+    if extend_context is not None and init_from is None:
+        raise ValueError("--extend-context needs --init-from DIR: context extension continues a trained model")
     unknown = set(settings) - _MODEL_FIELDS - _TRAIN_FIELDS
     if unknown:
         raise ValueError(f"unknown config field(s) {sorted(unknown)}: expected ModelConfig fields "
                          f"({', '.join(sorted(_MODEL_FIELDS))}) or TrainConfig fields "
                          f"({', '.join(sorted(_TRAIN_FIELDS))})")
-    model = ModelConfig.preset(base, **{k: v for k, v in settings.items() if k in _MODEL_FIELDS})
-    train = TrainConfig(**{**PRESET_TRAINING.get(base, {}), **{k: v for k, v in settings.items()
-                                                                 if k in _TRAIN_FIELDS}})
+    model_fields = {k: v for k, v in settings.items() if k in _MODEL_FIELDS}
+    train_fields = {k: v for k, v in settings.items() if k in _TRAIN_FIELDS}
+    train_defaults = dict(PRESET_TRAINING.get(base, {})) if init_from is None else {}
+    if init_from is not None:
+        model = ModelConfig.from_json_file(init_from)
+        model = model.replace(**model_fields) if model_fields else model
+    else:
+        model = ModelConfig.preset(base, **model_fields)
+    seq_len = train_fields.get("seq_len", train_defaults.get("seq_len", TrainConfig.seq_len))
+    if init_from is None and model.rope_scaling and "rope_scaling" not in model_fields:
+        original = model.rope_scaling["original_max_position_embeddings"]
+        if seq_len <= original:
+            print(f"pretraining at seq_len={seq_len} within the preset's original context {original}: plain RoPE "
+                  f"(the preset's YaRN scaling belongs to a later --extend-context stage)")
+            model = model.replace(rope_scaling=None, max_position_embeddings=original)
+    if extend_context is not None:
+        model = extended_context_config(model, extend_context)
+        # DeepSeek-V3's extension phases: constant lr at pretraining's final lr, long sequences of long documents.
+        final_lr = TrainConfig.lr * TrainConfig.min_lr_ratio
+        train_defaults.update(seq_len=extend_context, lr=final_lr, warmup_steps=0, min_lr_ratio=1.0,
+                              min_file_bytes=4 * extend_context)
+    train = TrainConfig(**{**train_defaults, **train_fields})
     return model, train
+
+
+def extended_context_config(model: ModelConfig, length: int) -> ModelConfig:
+    """`model` with YaRN scaling from its original context to `length` tokens (DeepSeek-V3 section 4.3: beta_fast
+    32, beta_slow 1, sqrt(t) = 0.1 ln s + 1). A model that already has YaRN keeps its original context and its
+    beta/mscale settings; only the factor grows."""
+    current = dict(model.rope_scaling or {})
+    original = current.get("original_max_position_embeddings", model.max_position_embeddings)
+    if not isinstance(length, int) or length <= original:
+        raise ValueError(f"--extend-context {length} is invalid: expected more tokens than the model's original "
+                         f"context ({original})")
+    scaling = {"type": "yarn", "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, **current,
+               "factor": length / original, "original_max_position_embeddings": original}
+    return model.replace(rope_scaling=scaling, max_position_embeddings=length)
 
 
 def read_config_file(path: str | Path) -> dict:

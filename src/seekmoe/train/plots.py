@@ -55,7 +55,7 @@ def plot_run(out: Path) -> list[Path]:
         for layer, ax in enumerate(axes[:, 0]):
             grid = [[step_loads[layer][e] for step_loads in loads] for e in range(len(loads[0][layer]))]
             image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest",
-                              extent=(steps[0], steps[-1], len(grid) - 0.5, -0.5))
+                              extent=(steps[0] - 0.5, steps[-1] + 0.5, len(grid) - 0.5, -0.5))
             name = f"MoE layer {layer}" if layer < main_layers else f"MTP module {layer - main_layers}"
             ax.set_ylabel(f"{name}\nexpert")
             fig.colorbar(image, ax=ax, label="load / mean")

@@ -87,8 +87,9 @@ class StopSignals:
 
 
 class Trainer:
-    """One training run into OUT: from scratch, from OUT's newest checkpoint (`resume`), or from the weights of a
-    model folder (`init_from`). `stop_at` ends the run early after that step, with a checkpoint."""
+    """One training run into OUT: from scratch, or from the weights of a model folder (`init_from`), or (`resume`)
+    from OUT's newest checkpoint when there is one. `stop_at` ends the run early after that step, with a
+    checkpoint."""
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, out: str | Path,
                  data: list[str] | None = None, resume: bool = False, stop_at: int | None = None,
@@ -141,7 +142,7 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         """The model on the run's device, initialized or loaded from `init_from`, in training mode."""
         model = build_model(self.model_config)
-        if self.init_from is not None:
+        if self.init_from is not None and self.resume_from is None:
             from ..checkpoint import from_pretrained
 
             # The weights (and router biases) of the folder, into a model of this run's config: an extension stage
