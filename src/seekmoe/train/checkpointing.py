@@ -80,10 +80,15 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer: torch.opt
     for stale in final.parent.glob(".tmp-*"):  # left by a killed writer; never a checkpoint
         shutil.rmtree(stale, ignore_errors=True)
     write_atomically(final, write, pause_at=step)
-    complete = [d for d in _step_dirs(out) if (d / MANIFEST).is_file()]
-    for old in complete[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(out, keep, final)
     return final
+
+
+def prune_checkpoints(out: Path, keep: int, just_written: Path) -> None:
+    """Delete all but the newest `keep` verified checkpoints, never `just_written`."""
+    complete = [d for d in _step_dirs(out) if d != just_written and verify_checkpoint(d) is None]
+    for old in complete[max(keep - 1, 0):]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -65,6 +65,8 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # consecutive non-finite losses after which training stops
+    # multi-process training under torchrun (`parallel.ep=2` on the command line): see seekmoe.parallel
+    parallel: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +101,8 @@ class TrainConfig:
             raise bad("balance_scope", f"one of {BALANCE_SCOPES}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"one of {PRECISIONS}")
+        if not isinstance(self.parallel, dict):
+            raise bad("parallel", "a mapping of parallelism settings, e.g. parallel.ep=2")
         for name in ("mtp_loss_weight_schedule", "bias_update_speed_schedule"):
             phases = getattr(self, name)
             if (not isinstance(phases, list) or not phases
@@ -227,15 +231,28 @@ def parse_overrides(items: list[str]) -> dict:
     """`["lr=1e-3", "num_nextn_predict_layers=1"]` -> {"lr": 0.001, ...}; values are read as YAML scalars/lists."""
     import yaml
 
-    out = {}
+    out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ValueError(f"override {item!r} is invalid: expected field=value")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
-            out[key.strip()] = value
+            parsed = value
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; a user means the number
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        section, dot, name = key.partition(".")
+        if dot:  # `parallel.ep=2` sets field ep of the section `parallel`
+            if not name or not isinstance(out.setdefault(section, {}), dict):
+                raise ValueError(f"override {item!r} is invalid: expected section.field=value")
+            out[section][name] = parsed
+        else:
+            out[key] = parsed
     return out
 
 
