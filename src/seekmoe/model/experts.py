@@ -173,6 +173,11 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
 
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj, down_proj) of the experts this module computes; expert parallelism (parallel/) returns
+        the local shards of its distributed weights here."""
+        return self.gate_up_proj, self.down_proj
+
     def forward(self, rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Each dispatched row through its expert, scaled by its routing weight: rows [M, hidden] grouped by
         expert as `plan` says, weights [M] -> [M, hidden]."""
@@ -182,7 +187,7 @@ class RoutedExperts(nn.Module):
         # The routing weights stay fp32 until they multiply the experts' activations (DeepSeek-V3 keeps its gating
         # in fp32); only the products enter the low-precision down projection.
         rows, weights = rows.to(compute), weights.float()
-        gate_up_proj, down_proj = self.gate_up_proj.to(compute), self.down_proj.to(compute)
+        gate_up_proj, down_proj = (w.to(compute) for w in self.expert_weights())
         with torch.autocast(device_type, enabled=False):
             if resolve_backend(self.backend, rows.device, compute) == "grouped_mm":
                 y = GroupedSwiGLU.apply(rows, weights, gate_up_proj, down_proj, _RaggedGroups(plan.offsets))

@@ -1,0 +1,37 @@
+"""Fully sharded data parallelism (FSDP2, `fully_shard`) of a seekmoe model over the run's mesh: one FSDP unit per
+decoder block and MTP module, the routed experts of each MoE layer a unit of their own sharded over `dp_mod_ep`
+only, and the root (embedding, final norm, LM head) last."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import DataParallelMeshDims, MixedPrecisionPolicy, fully_shard
+
+from .mesh import ParallelConfig
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, world_size: int) -> None:
+    """Shard `model` in place. With expert parallelism the experts' weights are already DTensors sharded over the
+    mesh's `ep` dimension; FSDP shards them further over `dp_mod_ep`."""
+    mixed = torch.cuda.is_available() if config.mixed_precision is None else config.mixed_precision
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed
+              else MixedPrecisionPolicy())
+    # Every other parameter is a plain tensor, sharded over all ranks: the mesh flattened to one dimension.
+    dp_mesh = mesh._flatten("dp") if mesh.ndim > 1 else mesh
+    options = dict(mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+    if config.ep > 1:
+        for moe in model.moe_layers():
+            fully_shard(moe.experts, mesh=mesh, dp_mesh_dims=DataParallelMeshDims(shard="dp_mod_ep"), **options)
+            # Each rank's expert gradients already sum the tokens of its whole EP group (the all-to-all's backward
+            # brings them home), so the mean over ranks must divide by every rank, while FSDP averages over the
+            # dp_mod_ep ranks only: the missing 1/ep is applied in the experts' backward (a divide factor in FSDP
+            # itself needs PREMUL_SUM, which gloo lacks).
+            moe.experts.grad_scale = 1.0 / config.ep
+    for mtp in model.model.mtp:
+        # The LM-head norm of an MTP module runs outside the module's forward (CausalLM._mtp_loss): a unit of its own.
+        fully_shard(mtp.shared_head["norm"], mesh=dp_mesh, **options)
+    for block in list(model.model.layers) + list(model.model.mtp):
+        fully_shard(block, mesh=dp_mesh, **options)
+    fully_shard(model, mesh=dp_mesh, **options)
