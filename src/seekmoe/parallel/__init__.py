@@ -4,6 +4,7 @@ and FSDP2 sharding (fsdp.py)."""
 
 from torch import nn
 
+from .consolidate import consolidated_model
 from .expert_parallel import AllToAllDispatcher, apply_expert_parallel
 from .fsdp import apply_fsdp
 from .mesh import ParallelConfig, Processes, check_node_limited_routing, init_processes, launched_by_torchrun
@@ -19,5 +20,5 @@ def parallelize(model: nn.Module, processes: Processes, config: ParallelConfig) 
     return model
 
 
-__all__ = ["AllToAllDispatcher", "ParallelConfig", "Processes", "apply_expert_parallel", "apply_fsdp",
+__all__ = ["AllToAllDispatcher", "consolidated_model", "ParallelConfig", "Processes", "apply_expert_parallel", "apply_fsdp",
            "check_node_limited_routing", "init_processes", "launched_by_torchrun", "parallelize"]

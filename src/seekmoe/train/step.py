@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..model.moe import BalanceWindow
 from .balance import update_router_biases
@@ -99,7 +100,7 @@ class TrainStep:
         if counts is not None:
             counts = packed[len(LOSS_PARTS):].round().long().view_as(counts)
         result = StepResult(*losses, expert_counts=counts)
-        grad_norm = _grad_norm(self.model, self.grad_clip)
+        grad_norm = _grad_norm(self.model, self.grad_clip, self.reduce)
         result.grad_norm = grad_norm
         if not math.isfinite(result.loss):
             result.skipped = "non-finite loss"
@@ -115,15 +116,23 @@ class TrainStep:
         return result
 
 
-def _grad_norm(model: nn.Module, grad_clip: float) -> float:
-    """The global gradient norm (over every rank's shards), clipping to `grad_clip` when it is > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
+def _grad_norm(model: nn.Module, grad_clip: float, reduce: Reduce) -> float:
+    """The global gradient norm, clipping to `grad_clip` when it is > 0 and the norm is finite.
+
+    Under FSDP2 (and expert parallelism) every element of a gradient lives on exactly one rank, as a local shard of
+    a DTensor: the sum of squares over the local shards, summed over ranks, is the global norm squared. (torch's
+    clip_grad_norm_ cannot mix DTensors of different meshes, as the experts' and the rest's are.)
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    if not local:
         return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf, foreach=None)
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over all shards
-        norm = norm.full_tensor()
-    return float(norm)
+    squares = torch.stack([g.detach().float().pow(2).sum() for g in local]).sum()
+    norm = float(reduce(squares).sqrt())
+    if grad_clip > 0 and math.isfinite(norm) and norm > grad_clip:
+        scale = grad_clip / (norm + 1e-6)
+        torch._foreach_mul_(local, scale)
+    return norm
 
 
 def _moe_layers(model: nn.Module) -> list[nn.Module]:

@@ -19,8 +19,11 @@ from .. import build_model
 from ..config import ModelConfig
 from ..info import model_summary
 from ..model.moe import device_groups_for
+from ..parallel import ParallelConfig, consolidated_model, init_processes, parallelize
 from .balance import max_violation
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomically
+from .sharded_checkpoint import (is_sharded, load_full_optimizer_state, load_sharded_checkpoint,
+                                 save_sharded_checkpoint)
 from .config import TrainConfig, stepwise
 from .data import TrainData, select_corpus
 from .metrics import MetricsLog
@@ -103,7 +106,10 @@ class Trainer:
             raise ValueError(f"seq_len={config.seq_len} is too short for num_nextn_predict_layers={depth}: MTP "
                              f"depth {depth} needs sequences of at least {depth + 2} tokens (raise seq_len, or set "
                              f"num_nextn_predict_layers=0)")
-        self.rank, self.world_size, self.reduce = 0, 1, None  # parallel/ sets these under torchrun
+        self.parallel = ParallelConfig.from_dict(config.parallel)
+        self.processes = init_processes(self.parallel, model_config)  # one process unless launched by torchrun
+        self.rank, self.world_size = self.processes.rank, self.processes.world_size
+        self.reduce = self.processes.all_reduce_sum if self.processes.distributed else None
         self.resume_from = latest_checkpoint(self.out) if resume else None
         checkpoints = self.out / "checkpoints"
         if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
@@ -111,25 +117,36 @@ class Trainer:
                              f"another --out")
         if resume and self.resume_from is None:
             self.log(f"no complete checkpoint in {self.out}: starting from step 0")
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        torch.manual_seed(config.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.autocast_dtype = resolve_precision(config.precision, self.device)
+        torch.manual_seed(config.seed)  # the same on every rank: every rank builds the same initial model
+        self.device = self.processes.device
+        # FSDP2's mixed precision policy computes in bf16 under several processes on a GPU; autocast otherwise.
+        fsdp_bf16 = self.processes.distributed and (self.parallel.mixed_precision
+                                                     if self.parallel.mixed_precision is not None
+                                                     else self.device.type == "cuda")
+        self.autocast_dtype = None if fsdp_bf16 else resolve_precision(config.precision, self.device)
+        self.precision = "bf16 (FSDP2 mixed precision)" if fsdp_bf16 else (
+            "bf16 autocast" if self.autocast_dtype else "fp32")
 
         tokenizer = None
         if self.resume_from is not None:
             tokenizer = Tokenizer.from_file(str(self.resume_from / "tokenizer.json"))
         elif init_from is not None:
             tokenizer = Tokenizer.from_file(str(Path(init_from) / "tokenizer.json"))
-        self.data = TrainData(select_corpus(data, config), model_config.vocab_size, config, tokenizer,
-                              self.rank, self.world_size, progress=progress)
+        corpus = select_corpus(data, config)
+        for turn in (0, 1):  # rank 0 tokenizes into the shared cache first; the other ranks then read it
+            if (self.rank == 0) == (turn == 0):
+                self.data = TrainData(corpus, model_config.vocab_size, config, tokenizer, self.rank,
+                                      self.world_size, progress=progress and self.rank == 0)
+            self.processes.barrier()
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, config)
         self.start_step, self.bad_steps, self.train_seconds = 0, 0, 0.0
         if self.resume_from is not None:
-            state = load_checkpoint(self.resume_from, self.model, self.optimizer)
+            state = self._load_checkpoint(self.resume_from)
             self.data.load_state_dict(state["data"])
             self.start_step, self.bad_steps = state["step"], state["bad_steps"]
             self.train_seconds = state["train_seconds"]
@@ -140,21 +157,37 @@ class Trainer:
 
     # ----- setup -----
     def _build_model(self) -> torch.nn.Module:
-        """The model on the run's device, initialized or loaded from `init_from`, in training mode."""
-        model = build_model(self.model_config)
-        if self.init_from is not None and self.resume_from is None:
-            from ..checkpoint import from_pretrained
+        """The model on the run's device, initialized or loaded from `init_from` (or from a single-process
+        checkpoint being resumed by several processes), parallelized under torchrun, in training mode."""
+        from ..checkpoint import from_pretrained
 
+        model = build_model(self.model_config)
+        full_weights = None
+        if self.resume_from is not None and self.processes.distributed and not is_sharded(self.resume_from):
+            full_weights = self.resume_from
+        elif self.init_from is not None and self.resume_from is None:
+            full_weights = self.init_from
+            self.log(f"initialized from {self.init_from}")
+        if full_weights is not None:
             # The weights (and router biases) of the folder, into a model of this run's config: an extension stage
             # changes rope_scaling, which lives in no tensor.
-            model.load_state_dict(from_pretrained(self.init_from, dtype=torch.float32).state_dict())
-            self.log(f"initialized from {self.init_from}")
+            model.load_state_dict(from_pretrained(full_weights, dtype=torch.float32).state_dict())
         model = model.to(self.device)
+        model = parallelize(model, self.processes, self.parallel)
         for moe in model.moe_layers():
             device_groups_for(self.model_config, moe.device_groups)
         model.train()
         model.gradient_checkpointing = self.config.activation_checkpointing
         return model
+
+    def _load_checkpoint(self, directory: Path) -> dict:
+        """Restore the training state from a checkpoint of any number of processes; returns trainer_state."""
+        if is_sharded(directory):
+            return load_sharded_checkpoint(directory, self.model, self.optimizer)
+        if not self.processes.distributed:
+            return load_checkpoint(directory, self.model, self.optimizer)
+        load_full_optimizer_state(directory, self.model, self.optimizer)  # the weights came in _build_model
+        return json.loads((directory / "trainer_state.json").read_text())
 
     def log(self, message: str) -> None:
         """Print on the first rank only."""
@@ -170,7 +203,7 @@ class Trainer:
             if self.rank == 0 else None
         base_lambda, base_gamma = self.model_config.mtp_loss_weight, self.model_config.bias_update_speed
         self.log(f"training {model_summary(self.model_config)['total_params'] / 1e6:.2f}M parameters on "
-                 f"{self.device} ({'bf16 autocast' if self.autocast_dtype else 'fp32'}), "
+                 f"{self.device} x {self.world_size} process(es) ({self.precision}), "
                  f"{len(self.data.train):,} train sequences of {c.seq_len} tokens, "
                  f"{self.data.tokens_per_step:,} tokens per step, steps {self.start_step + 1}..{end_step} of "
                  f"{c.max_steps}")
@@ -285,14 +318,25 @@ class Trainer:
         state = {"step": step, "data": self.data.state_dict(), "bad_steps": self.bad_steps,
                  "train_seconds": self.train_seconds, "lr": lr_at(step - 1, self.config),
                  "train_config": self.config.to_dict()}
-        save_checkpoint(self.out, step, self.model, self.data.tokenizer, self.optimizer, state,
-                        self.config.keep_checkpoints)
+        if self.processes.distributed:
+            save_sharded_checkpoint(self.out, step, self.model, self.optimizer, self.data.tokenizer, state,
+                                    self.config.keep_checkpoints, self.rank, self.processes.barrier)
+        else:
+            save_checkpoint(self.out, step, self.model, self.data.tokenizer, self.optimizer, state,
+                            self.config.keep_checkpoints)
 
     def finish(self) -> dict:
-        """Write `final/` (the model folder), the summary and the plots; returns the summary."""
+        """Write `final/` (the model folder, consolidated from every rank's shards), the summary and the plots;
+        returns the summary (on rank 0; {} on the others)."""
+        model = self.model
+        if self.processes.distributed:
+            model = consolidated_model(self.model, self.model_config, self.rank)  # collective
+            self.processes.barrier()
+            if self.rank != 0:
+                return {}
 
         def write_final(tmp: Path) -> None:
-            self.model.save_pretrained(tmp)
+            model.save_pretrained(tmp)
             self.data.tokenizer.save(str(tmp / "tokenizer.json"))
 
         write_atomically(self.out / "final", write_final)
@@ -322,7 +366,7 @@ class Trainer:
             "tokens_trained": tokens,
             "train_seconds": self.train_seconds,  # optimizer steps only: no evaluation, checkpoints or data prep
             "tokens_per_s": tokens / self.train_seconds,
-            "precision": "bf16 autocast" if self.autocast_dtype else "fp32",
+            "precision": self.precision,
             "device": str(self.device),
             "processes": self.world_size,
             "final_train_loss": sum(r["lm_loss"] for r in tail) / len(tail),

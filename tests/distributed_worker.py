@@ -1,0 +1,113 @@
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU): one process of a multi-process check.
+
+    python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py grads EP
+    python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py train OUT CORPUS JSON_OVERRIDES
+
+`grads`: forward and backward of an expert-parallel + FSDP2 model on each rank's slice of a global batch equal the
+single-process model's on the whole batch (logits, loss, every gradient), for a random routing, a routing that
+leaves an expert without tokens, and one that sends every token to the same experts; also node-limited routing.
+`train`: a Trainer run; every rank then checks that the router biases are bit-identical on every rank.
+Exits non-zero with the failing check on stderr.
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+
+import seekmoe  # noqa: E402
+from seekmoe import ModelConfig  # noqa: E402
+from seekmoe.model.moe import BalanceWindow  # noqa: E402
+from seekmoe.parallel import ParallelConfig, init_processes, parallelize  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def check_grads(ep: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    config = ModelConfig.preset("tiny", aux_loss_alpha=0.01, expert_balance_alpha=0.01, n_group=4, topk_group=2)
+    parallel = ParallelConfig(ep=ep)
+    procs = init_processes(parallel, config)
+    W, r = procs.world_size, procs.rank
+    for scenario in ("random", "empty expert", "same experts"):
+        torch.manual_seed(0)
+        reference = seekmoe.build_model(config).train()
+        bias = torch.zeros(config.n_routed_experts)
+        if scenario == "empty expert":
+            bias[0] = -10.0  # expert 0 is never selected
+        elif scenario == "same experts":
+            bias[[0, 2]] = 10.0  # every token picks experts 0 and 2 (groups 0 and 1)
+        for moe in reference.moe_layers():
+            moe.gate.e_score_correction_bias.copy_(bias)
+        model = seekmoe.build_model(config).train()
+        model.load_state_dict(reference.state_dict())
+        parallelize(model, procs, parallel)
+        torch.manual_seed(1)
+        ids = torch.randint(0, config.vocab_size, (2 * W, 16))
+        ref_out = reference(ids, labels=ids)
+        ref_out.loss.backward()
+        mine = ids[2 * r:2 * (r + 1)]
+        # The expert-level loss counts f_i over the global batch, as the reference does over its whole batch.
+        out = model(mine, labels=mine, balance_window=BalanceWindow(procs.all_reduce_sum))
+        out.loss.backward()
+        counts = out.expert_counts.clone()
+        dist.all_reduce(counts)
+        assert torch.equal(counts, ref_out.expert_counts), (scenario, counts, ref_out.expert_counts)
+        if scenario == "empty expert":
+            assert (counts[:, 0] == 0).all()
+        if scenario == "same experts":
+            assert (2 * counts[:, [0, 2]] == counts.sum(dim=1, keepdim=True)).all(), counts
+        assert rel(out.logits, ref_out.logits[2 * r:2 * (r + 1)]) < 1e-5, scenario
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        assert abs(loss.item() / W - ref_out.loss.item()) <= 1e-5 * abs(ref_out.loss.item()), scenario
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            assert rel(grad, q.grad) < 1e-5, (scenario, name, rel(grad, q.grad))
+    check_node_limit(procs, ep)
+
+
+def check_node_limit(procs, ep: int) -> None:
+    """Node-limited routing: with n_group = ep and topk_group = 1 every token's experts lie on one EP rank."""
+    from seekmoe.parallel import check_node_limited_routing
+
+    config = ModelConfig.preset("tiny", n_group=ep, topk_group=1, num_experts_per_tok=2)
+    check_node_limited_routing(config, ep, 1)
+    torch.manual_seed(0)
+    model = seekmoe.build_model(config)
+    gate = model.moe_layers()[0].gate
+    x = torch.randn(256, config.hidden_size)
+    ranks = gate(x).indices // (config.n_routed_experts // ep)  # [T, top_k] EP rank of each chosen expert
+    assert (ranks == ranks[:, :1]).all()
+
+
+def run_training(out: str, corpus: str, overrides: str) -> None:
+    from seekmoe.train import load_run_config
+    from seekmoe.train.trainer import Trainer
+
+    settings = json.loads(overrides)
+    stop_at = settings.pop("stop_at", None)
+    model_config, config = load_run_config("tiny", overrides=settings)
+    trainer = Trainer(model_config, config, out, data=[corpus], resume=True, stop_at=stop_at, progress=False)
+    trainer.run()
+    biases = torch.stack([m.gate.e_score_correction_bias for m in trainer.model.moe_layers()])
+    gathered = [torch.empty_like(biases) for _ in range(trainer.world_size)]
+    dist.all_gather(gathered, biases)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "router biases differ between ranks"
+    assert gathered[0].abs().max() > 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "grads":
+        check_grads(int(sys.argv[2]))
+    else:
+        run_training(*sys.argv[2:5])
+    dist.barrier()
+    dist.destroy_process_group()
+    print("ok", flush=True)
