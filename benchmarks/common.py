@@ -27,11 +27,25 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_flags() -> str:
+    """The CPU features that decide fp32 vs bf16 speed here, and whether torch computes bf16 natively."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    present = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return f"{' '.join(present) or 'no avx2'}; bf16 {'native' if native else 'emulated'}"
+
+
 def machine() -> dict:
     """The facts a timing table needs to be read against."""
     import transformers
 
-    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             # Other jobs on a shared machine, and how idle OpenMP threads wait, move these timings a lot.
             "load_average_1min": os.getloadavg()[0], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
@@ -39,7 +53,7 @@ def machine() -> dict:
 
 def header(title: str) -> str:
     m = machine()
-    return (f"{title}\n{m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}, "
+    return (f"{title}\n{m['cpu']} ({m['cpu_flags']}), {m['torch_threads']} torch threads, torch {m['torch']}, "
             f"transformers {m['transformers']}, {m['date']}\n"
             f"load average {m['load_average_1min']:.1f} at start, OMP_WAIT_POLICY={m['omp_wait_policy']}")
 

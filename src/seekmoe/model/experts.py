@@ -71,6 +71,10 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
     """The backend to run: `requested`, else $SEEKMOE_EXPERTS_BACKEND, else the fastest this build supports."""
     name = requested or os.environ.get(BACKEND_ENV) or None
     if name is None:
+        # torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only (its CUDA kernel's constraint), so
+        # compiled code takes padded_bmm for other dtypes.
+        if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+            return "padded_bmm"
         return "grouped_mm" if grouped_mm_supported(device.type, dtype) else "padded_bmm"
     if name not in BACKENDS:
         raise ValueError(f"unknown routed-experts backend {name!r}: expected one of {BACKENDS} "

@@ -67,6 +67,7 @@ class AllToAllDispatcher:
         self.group = group
         self.ep = dist.get_world_size(group)
         self.n_local = n_experts // self.ep
+        self.bytes_sent = 0  # token rows and weights this rank sent to other ranks, dispatch and combine (a metric)
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor,
                  weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelPlan]:
@@ -83,6 +84,10 @@ class AllToAllDispatcher:
         sizes = torch.stack([routed.view(self.ep, -1).sum(1), received.view(self.ep, -1).sum(1)]).tolist()
         send_splits, recv_splits = sizes
         sent_token = order // top_k
+        rank = dist.get_rank(self.group)
+        out_rows = sum(n for i, n in enumerate(send_splits) if i != rank)  # rows leaving in dispatch (+ weights)
+        back_rows = sum(n for i, n in enumerate(recv_splits) if i != rank)  # rows this rank returns in combine
+        self.bytes_sent += (out_rows + back_rows) * x.shape[1] * x.element_size() + out_rows * 4
         rows = all_to_all(x.index_select(0, sent_token), recv_splits, send_splits, self.group)
         row_weights = all_to_all(weights.reshape(-1).float().index_select(0, order), recv_splits, send_splits,
                                  self.group)

@@ -9,8 +9,25 @@ from pathlib import Path
 from ..config import PRESETS
 
 
+EPILOG = """\
+several processes (one per GPU, or a few CPU processes) are launched by torchrun:
+  torchrun --nproc-per-node 8 -m seekmoe train --preset P --out DIR parallel.ep=8
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m seekmoe train ...
+Every process reads its own share of each global batch (batch_size x grad_accum x processes sequences); parameters
+are sharded with FSDP2 and the routed experts split over parallel.ep processes. Settings:
+  parallel.ep=E              expert-parallel size, dividing the number of processes and n_routed_experts
+  parallel.node_limit=M      check that each token's experts lie on at most M EP ranks (node-limited routing)
+  parallel.mixed_precision=  FSDP2 bf16 compute with fp32 gradient reduction (default: on CUDA)
+  parallel.reshard_after_forward=false   keep gathered parameters between forward and backward (more memory)
+Checkpoints of a multi-process run are in torch.distributed.checkpoint format and resume at any number of
+processes; final/ is always one Hugging Face model folder.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `train` command's options."""
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--preset", choices=sorted(PRESETS), help="a named model with its training settings")
     model.add_argument("--config", metavar="FILE", help="a YAML or TOML file of config fields (and 'preset:')")

@@ -151,7 +151,10 @@ class Trainer:
             self.start_step, self.bad_steps = state["step"], state["bad_steps"]
             self.train_seconds = state["train_seconds"]
             self.log(f"resuming from {self.resume_from} (step {self.start_step})")
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        if config.compile:  # per block, as torchtitan does: FSDP2's hooks stay outside the compiled graphs
+            for block in list(self.model.model.layers) + list(self.model.model.mtp):
+                block.compile()
+        self.forward = self.model
         self.step = TrainStep(self.model, self.optimizer, config.grad_clip, self.autocast_dtype, self.device,
                               self.reduce, config.balance_scope, self.forward)
 
