@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,11 +65,66 @@ def _to_disk_key(key: str, n_layers: int) -> str:
 
 
 def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
-    """Write `path/config.json` and the weights as safetensors, sharded with an index past `max_shard_bytes`."""
+    """Write `path/config.json` and the weights as safetensors, sharded with an index past `max_shard_bytes`.
+
+    Everything is written into a temporary sibling folder, together with links to the other files already in `path`
+    (a tokenizer, say), and swapped in with two renames: a crash mid-save leaves the previous model complete (in
+    `path`, or for an instant in `.NAME.old-PID` beside it). Of the old files only the previous model's own
+    (config.json, model.safetensors, the index and the shards it names) are replaced.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.saving-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_model_files(model, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    replaced = {"config.json", SINGLE_NAME, INDEX_NAME} | set(os.listdir(tmp))
+    if (path / INDEX_NAME).is_file():
+        try:
+            replaced |= set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            pass
+    for entry in path.iterdir():
+        if entry.name not in replaced and not entry.name.startswith(".tmp-"):
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name, copy_function=os.link)
+            else:
+                os.link(entry, tmp / entry.name)
+    swap_folder(tmp, path)
+
+
+def swap_folder(tmp: Path, final: Path) -> None:
+    """Put the folder `tmp` in place of `final` and delete the old `final`. On Linux the two are exchanged in one
+    atomic rename (renameat2 RENAME_EXCHANGE), so `final` is never missing; elsewhere the old one is renamed aside
+    first, and a crash between the two renames leaves it complete as `.old-NAME`."""
+    if final.exists() and _exchange(tmp, final):
+        shutil.rmtree(tmp)
+        return
+    old = final.parent / f".old-{final.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _write_model_files(model: CausalLM, path: Path, limit: int) -> None:
+    """config.json and the safetensors (one file, or shards and their index) into the empty folder `path`."""
     model.config.save(path)
-    limit = max_shard_bytes or DEFAULT_SHARD_BYTES
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for key, tensor in hf_state_items(model):
@@ -77,8 +134,6 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: i
             size = 0
         shards[-1].append((key, tensor))
         size += nbytes
-    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
-        stale.unlink(missing_ok=True)
     if len(shards) == 1:
         _write_shard(path / SINGLE_NAME, shards[0])
         return
@@ -102,7 +157,16 @@ def _write_shard(file: Path, items: list[tuple[str, torch.Tensor]]) -> None:
 def checkpoint_files(path: Path) -> dict[str, str]:
     """Map every tensor key of the checkpoint in `path` to the safetensors file holding it."""
     if (path / INDEX_NAME).is_file():
-        return json.loads((path / INDEX_NAME).read_text())["weight_map"]
+        try:
+            weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path / INDEX_NAME} is not a safetensors index (no 'weight_map')") from None
+        root = path.resolve()
+        for name in set(weight_map.values()):
+            target = (path / str(name)).resolve()
+            if Path(str(name)).is_absolute() or root not in target.parents:
+                raise ValueError(f"{path / INDEX_NAME} names shard {name!r} outside the model folder {path}")
+        return weight_map
     if (path / SINGLE_NAME).is_file():
         with safe_open(str(path / SINGLE_NAME), "pt") as f:
             return {k: SINGLE_NAME for k in f.keys()}
@@ -125,12 +189,18 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise FileNotFoundError(f"no config.json in {path}")
     config = ModelConfig.from_dict(raw)
     device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        model = CausalLM(config)
     if device.type == "meta":
+        with torch.device("meta"):
+            model = CausalLM(config)
         return model if dtype is None else model.to(dtype)
 
     files = checkpoint_files(path)
+    config = _without_absent_mtp(config, files, path)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    # Every shape and every required tensor is checked against the safetensors headers while the model is still on
+    # the meta device: a config.json that does not match its weights (or a hostile one) never allocates anything.
+    _Loader(model, path, files, (128, 128)).check()
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     if dtype is None:
         dtype = _checkpoint_dtype(path, files)
@@ -142,6 +212,22 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
     return model
+
+
+class MissingMTPWarning(UserWarning):
+    """config.json declares MTP layers whose weights the checkpoint does not hold; the model loads without them."""
+
+
+def _without_absent_mtp(config: ModelConfig, files: dict[str, str], path: Path) -> ModelConfig:
+    """`config` without MTP modules when the checkpoint holds no tensor of any declared MTP layer (transformers
+    never saves them, and many published fine-tunes drop them); a partial MTP layer stays an error later."""
+    D, L = config.num_nextn_predict_layers, config.num_hidden_layers
+    if D == 0 or any(key.startswith(f"model.layers.{L + j}.") for key in files for j in range(D)):
+        return config
+    warnings.warn(f"{path}: config.json declares {D} MTP layer(s) (num_nextn_predict_layers) but the checkpoint "
+                  f"holds no weights for them: loading without MTP (no speculative decoding)", MissingMTPWarning,
+                  stacklevel=3)
+    return config.replace(num_nextn_predict_layers=0)
 
 
 def _checkpoint_dtype(path: Path, files: dict[str, str]) -> torch.dtype:
@@ -181,10 +267,9 @@ class _Loader:
             tensor = dequantize_fp8(tensor, self._open(self.files[scale_key]).get_tensor(scale_key), self.block)
         return tensor
 
-    def load(self) -> None:
-        L = self.config.num_hidden_layers
-        D = self.config.num_nextn_predict_layers
-        I = self.config.moe_intermediate_size
+    def _targets(self):
+        """(disk key, our parameter name, expert slice index) for every tensor the model takes from the checkpoint."""
+        L, D = self.config.num_hidden_layers, self.config.num_nextn_predict_layers
         by_file: dict[str, list[str]] = {}
         for key, name in self.files.items():
             by_file.setdefault(name, []).append(key)
@@ -195,19 +280,42 @@ class _Loader:
                 target = self._target(key, L, D)
                 if target is None:
                     continue
-                name_, index = target
-                if name_ not in self.params:
-                    raise ValueError(f"checkpoint tensor {key} has no place in this model (expected {name_})")
-                param = self.params[name_]
-                tensor = self._get(key)
-                dest = param if index is None else self._expert_slice(param, index, I)
-                if tuple(dest.shape) != tuple(tensor.shape):
-                    raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, "
-                                     f"the model expects {tuple(dest.shape)} (does config.json match the weights?)")
-                with torch.no_grad():
-                    dest.copy_(tensor.to(dest.dtype))
-                self.filled.add((name_, index))
+                if target[0] not in self.params:
+                    raise ValueError(f"checkpoint tensor {key} has no place in this model (expected {target[0]})")
+                yield key, target[0], target[1]
+
+    def _destination(self, name: str, index) -> torch.Tensor:
+        param = self.params[name]
+        return param if index is None else self._expert_slice(param, index, self.config.moe_intermediate_size)
+
+    def check(self) -> None:
+        """Compare every tensor's shape in the safetensors headers with the model's (which may be on the meta
+        device), and that every tensor the model needs is there. Reads no tensor data."""
+        for key, name, index in self._targets():
+            dest = self._destination(name, index)
+            shape = tuple(self._open(self.files[key]).get_slice(key).get_shape())
+            if tuple(dest.shape) != shape:
+                raise ValueError(f"checkpoint tensor {key} has shape {shape}, the model expects "
+                                 f"{tuple(dest.shape)} (does config.json match the weights?)")
+            self.filled.add((name, index))
         self.handles.clear()
+        self._raise_if_missing()
+        self.filled.clear()
+
+    def load(self) -> None:
+        for key, name, index in self._targets():
+            dest = self._destination(name, index)
+            tensor = self._get(key)
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(dest.shape)} (does config.json match the weights?)")
+            with torch.no_grad():
+                dest.copy_(tensor.to(dest.dtype))
+            self.filled.add((name, index))
+        self.handles.clear()
+        self._raise_if_missing()
+
+    def _raise_if_missing(self) -> None:
         missing = []
         for name_, param in self.params.items():
             if (name_, None) in self.filled or name_.endswith(_IGNORED_SUFFIXES):

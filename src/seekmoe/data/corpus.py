@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Folders left out of the default corpus: the stdlib's own test suites and whatever is installed next to it.
+_CHUNK_CHARS = 16 * 1024 * 1024  # a text file larger than this becomes several documents
 _DEFAULT_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -24,6 +25,7 @@ class Corpus:
 
     files: tuple[Path, ...]
     name: str
+    skipped: int = 0  # files of a --data folder left out because they are not text
 
     def documents(self) -> Iterator[str]:
         """Every document's text, file by file, in a fixed order."""
@@ -59,6 +61,7 @@ def discover_corpus(paths: Sequence[str | Path], glob: str = "*") -> Corpus:
     for files matching `glob` (hidden files and folders skipped). Raises FileNotFoundError for a missing path and
     ValueError when nothing is found."""
     files: list[Path] = []
+    skipped = 0
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_file():
@@ -68,12 +71,34 @@ def discover_corpus(paths: Sequence[str | Path], glob: str = "*") -> Corpus:
                      and not any(part.startswith(".") for part in p.relative_to(path).parts)]
             if not found:
                 raise ValueError(f"--data {raw}: the folder holds no files matching {glob!r}")
-            files.extend(found)
+            text = [p for p in found if p.suffix.lower() in (".jsonl", ".parquet") or is_text_file(p)]
+            skipped += len(found) - len(text)
+            if not text:
+                raise ValueError(f"--data {raw}: the folder holds no text files ({len(found)} binary files)")
+            files.extend(text)
         else:
             raise FileNotFoundError(f"--data {raw}: no such file or folder")
     if not files:
         raise ValueError("no data paths given: expected at least one file or folder")
-    return Corpus(tuple(dict.fromkeys(files)), ", ".join(str(p) for p in paths))
+    name = ", ".join(str(p) for p in paths)
+    if skipped:
+        name += f" ({skipped} non-text file(s) skipped)"
+        print(f"--data: skipped {skipped} non-text file(s) (binary content)", flush=True)
+    return Corpus(tuple(dict.fromkeys(files)), name, skipped)
+
+
+def is_text_file(path: Path, probe: int = 8192) -> bool:
+    """Whether a file looks like text: no NUL byte in its first `probe` bytes, and they decode as UTF-8 (a
+    character cut at the end of the probe allowed)."""
+    with path.open("rb") as f:
+        head = f.read(probe)
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # only a multi-byte character cut by the probe's end
+    return True
 
 
 def _read_documents(path: Path) -> Iterator[str]:
@@ -102,4 +127,16 @@ def _read_documents(path: Path) -> Iterator[str]:
         for batch in table.iter_batches(columns=["text"]):
             yield from (t for t in batch.column(0).to_pylist() if t)
     else:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        # One document per file, read whole unless it is huge: then in pieces of about _CHUNK_CHARS characters
+        # ending at a line break, so memory stays bounded whatever the file's size.
+        with path.open(encoding="utf-8", errors="replace") as f:
+            piece: list[str] = []
+            size = 0
+            for line in f:
+                piece.append(line)
+                size += len(line)
+                if size >= _CHUNK_CHARS:
+                    yield "".join(piece)
+                    piece, size = [], 0
+            if piece or size == 0:
+                yield "".join(piece)

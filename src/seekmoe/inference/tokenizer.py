@@ -20,8 +20,13 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}: expected the tokenizer saved with the model")
         self._tok = HFTokenizer.from_file(str(path))
-        self.bos_token_id = bos_token_id if bos_token_id is not None else self._tok.token_to_id(BOS_TOKEN)
-        self.eos_token_id = eos_token_id if eos_token_id is not None else self._tok.token_to_id(EOS_TOKEN)
+        # The ids given (the model's config), else the folder's generation_config.json / tokenizer_config.json (a
+        # real DeepSeek folder has both), else seekmoe's own special tokens.
+        saved = _saved_special_ids(path.parent, self._tok)
+        self.bos_token_id = next((i for i in (bos_token_id, saved.get("bos"), self._tok.token_to_id(BOS_TOKEN))
+                                  if i is not None), None)
+        self.eos_token_id = next((i for i in (eos_token_id, saved.get("eos"), self._tok.token_to_id(EOS_TOKEN))
+                                  if i is not None), None)
 
     @property
     def vocab_size(self) -> int:
@@ -37,6 +42,69 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         """The text of `ids`, special tokens left out."""
         return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def _saved_special_ids(folder: Path, tok) -> dict[str, int]:
+    """bos/eos ids from a model folder's generation_config.json, else its tokenizer_config.json's tokens."""
+    import json
+
+    out: dict[str, int] = {}
+    try:
+        generation = json.loads((folder / "generation_config.json").read_text())
+        out.update({k: generation[f"{k}_token_id"] for k in ("bos", "eos")
+                    if isinstance(generation.get(f"{k}_token_id"), int)})
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        for k in ("bos", "eos"):
+            token = config.get(f"{k}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if k not in out and isinstance(token, str) and tok.token_to_id(token) is not None:
+                out[k] = tok.token_to_id(token)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return out
+
+
+# seekmoe's chat formatting (chat_template.format_chat) as the Jinja template transformers applies, after BOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if not loop.first %}{{ '\\n\\n' }}{% endif -%}"
+    "{{ {'system': 'System', 'user': 'User', 'assistant': 'Assistant'}[message['role']] + ': ' + message['content'] }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif -%}"
+)
+
+
+def write_tokenizer_files(tokenizer, folder: str | Path, model_max_length: int) -> None:
+    """Write `tokenizer.json`, `tokenizer_config.json` (special tokens, BOS added to every prompt, the chat template)
+    and `generation_config.json` (bos/eos ids) into a model folder, so that transformers' AutoTokenizer,
+    `pipeline("text-generation")` and evaluation harnesses start prompts with BOS, stop at EOS and format chats as
+    seekmoe does. `tokenizer` is a `tokenizers.Tokenizer` holding BOS_TOKEN and EOS_TOKEN."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    folder = Path(folder)
+    bos, eos = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+    if bos is None or eos is None:
+        raise ValueError(f"the tokenizer lacks {BOS_TOKEN!r} or {EOS_TOKEN!r}: train it with seekmoe's tokenizer")
+    # transformers' generic fast tokenizer adds BOS only through the tokenizer's post-processor (seekmoe itself
+    # encodes with add_special_tokens=False and adds BOS on its own, so this changes nothing for seekmoe).
+    with_bos = HFTokenizer.from_str(tokenizer.to_str())
+    with_bos.post_processor = processors.TemplateProcessing(single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B",
+                                                            special_tokens=[(BOS_TOKEN, bos)])
+    with_bos.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+              "pad_token": EOS_TOKEN, "add_bos_token": True, "add_eos_token": False,
+              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+              "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 class TextStream:

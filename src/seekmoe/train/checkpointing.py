@@ -57,9 +57,14 @@ def write_atomically(final: Path, write: Callable[[Path], None], pause_at: int |
     (tmp / MANIFEST).write_text(json.dumps({"files": files, "written_at": time.time()}, indent=2) + "\n")
     _fsync(tmp / MANIFEST)
     _fsync(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    swap_into_place(tmp, final)
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the folder `tmp` to `final` without a moment where no complete `final` exists (see swap_folder)."""
+    from ..checkpoint import swap_folder
+
+    swap_folder(tmp, final)
     _fsync(final.parent)
 
 
@@ -107,20 +112,42 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def verify_checkpoint(directory: Path) -> str | None:
-    """None if every file matches the manifest; otherwise what is wrong."""
+    """None if the manifest lists the checkpoint's files and every one matches; otherwise what is wrong."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
         return "no manifest.json (incomplete)"
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return "manifest.json is not valid JSON (corrupted)"
-    for name, expected in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("bytes"), int)
+                                              and isinstance(v.get("sha256"), str) for v in files.values()):
+        return "manifest.json is malformed (expected {'files': {name: {'bytes', 'sha256'}}})"
+    weights = {"model.safetensors", "model.safetensors.index.json", "dcp/.metadata"}
+    if "trainer_state.json" not in files or not weights & set(files):
+        return "manifest.json lists no model weights or trainer state (incomplete or corrupted)"
+    for name, expected in files.items():
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
             return f"{name} does not match its checksum (corrupted)"
     return None
+
+
+def set_aside_newer_checkpoints(out: Path, resumed: Path | None) -> list[Path]:
+    """Move checkpoints newer than the one a run resumes from (incomplete or corrupted ones, since the newest good
+    one is resumed) to `checkpoints/set-aside/`, so that pruning never weighs them against the new ones. Nothing is
+    deleted. Returns their new paths."""
+    step = int(_STEP_DIR.match(resumed.name).group(1)) if resumed is not None else 0
+    moved = []
+    for directory in _step_dirs(out):
+        if int(_STEP_DIR.match(directory.name).group(1)) > step:
+            target = directory.parent / "set-aside" / f"{directory.name}-{int(time.time())}"
+            target.parent.mkdir(exist_ok=True)
+            os.rename(directory, target)
+            moved.append(target)
+    return moved
 
 
 def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer) -> dict:

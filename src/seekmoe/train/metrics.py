@@ -4,6 +4,7 @@ TensorBoard event files under `OUT/tensorboard/`."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -18,8 +19,7 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [json.dumps(r) for r in read_metrics(out) if r["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         self._tb = _tensorboard_writer(Path(out) / "tensorboard")
@@ -44,7 +44,22 @@ def read_metrics(out: Path) -> list[dict]:
     path = Path(out) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {out}: is it a `seekmoe train --out` folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    lines = path.read_text(errors="replace").splitlines()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            # A torn last line (power loss mid-write), or a damaged one: dropped, with a warning naming it.
+            warnings.warn(f"{path}:{n}: dropping a malformed metrics line ({line[:60]!r}"
+                          f"{'...' if len(line) > 60 else ''})", stacklevel=2)
+            continue
+        records.append(record)
+    return records
 
 
 def _tensorboard_writer(directory: Path):

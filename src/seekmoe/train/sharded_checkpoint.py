@@ -11,7 +11,6 @@ A single-process checkpoint (Hugging Face layout) resumes under N processes thro
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpointing import MANIFEST, _fsync, _maybe_pause, _rng_tensors, _sha256, checkpoint_dir, prune_checkpoints
+from .checkpointing import (MANIFEST, _fsync, _maybe_pause, _rng_tensors, _sha256, checkpoint_dir, prune_checkpoints,
+                            swap_into_place)
 
 DCP_DIR = "dcp"
 
@@ -59,10 +59,7 @@ def save_sharded_checkpoint(out: Path, step: int, model, optimizer: torch.optim.
         _fsync(tmp / MANIFEST)
         _fsync(tmp / DCP_DIR)
         _fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(final.parent)
+        swap_into_place(tmp, final)
         prune_checkpoints(out, keep, final)
     barrier()
     return final

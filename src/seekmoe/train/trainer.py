@@ -17,11 +17,13 @@ from tqdm.auto import tqdm
 
 from .. import build_model
 from ..config import ModelConfig
+from ..inference.tokenizer import write_tokenizer_files
 from ..info import model_summary
 from ..model.moe import device_groups_for
 from ..parallel import ParallelConfig, consolidated_model, init_processes, parallelize
 from .balance import max_violation
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomically
+from .checkpointing import (latest_checkpoint, load_checkpoint, save_checkpoint, set_aside_newer_checkpoints,
+                            write_atomically)
 from .sharded_checkpoint import (is_sharded, load_full_optimizer_state, load_sharded_checkpoint,
                                  save_sharded_checkpoint)
 from .config import TrainConfig, stepwise
@@ -117,6 +119,9 @@ class Trainer:
                              f"another --out")
         if resume and self.resume_from is None:
             self.log(f"no complete checkpoint in {self.out}: starting from step 0")
+        if resume and self.rank == 0:
+            for moved in set_aside_newer_checkpoints(self.out, self.resume_from):
+                self.log(f"set aside {moved.name}: newer than the checkpoint resumed from, and not complete")
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         if config.num_threads:
@@ -340,7 +345,7 @@ class Trainer:
 
         def write_final(tmp: Path) -> None:
             model.save_pretrained(tmp)
-            self.data.tokenizer.save(str(tmp / "tokenizer.json"))
+            write_tokenizer_files(self.data.tokenizer, tmp, self.model_config.max_position_embeddings)
 
         write_atomically(self.out / "final", write_final)
         summary = self.summary()
