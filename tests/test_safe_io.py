@@ -1,0 +1,131 @@
+"""Nothing a crash, a corrupted file or a hostile input does loses work or allocates blindly (issue 10)."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import seekmoe
+from seekmoe import ModelConfig
+from seekmoe.data import discover_corpus
+from seekmoe.train import load_run_config, train
+from seekmoe.train.checkpointing import CheckpointWarning, latest_checkpoint, verify_checkpoint
+from seekmoe.train.metrics import read_metrics
+from test_data import stdlib_sample
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return stdlib_sample(tmp_path_factory.mktemp("corpus"))
+
+
+def tiny(cache, **overrides):
+    return load_run_config("tiny", overrides={"seq_len": 32, "batch_size": 2, "warmup_steps": 1, "eval_every": 100,
+                                              "eval_batches": 1, "cache_dir": str(cache), "precision": "fp32",
+                                              **overrides})
+
+
+def test_an_empty_manifest_next_to_garbage_does_not_verify(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "manifest.json").write_text("{}")
+    assert "no model weights" in verify_checkpoint(tmp_path) or "malformed" in verify_checkpoint(tmp_path)
+
+
+def test_a_malformed_manifest_is_skipped_with_a_warning_not_a_key_error(tmp_path):
+    folder = tmp_path / "checkpoints" / "step-00000002"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"files": {"model.safetensors": {"size": 3}}}))
+    with pytest.warns(CheckpointWarning, match="malformed"):
+        assert latest_checkpoint(tmp_path) is None
+
+
+def test_resume_sets_aside_a_corrupt_newer_checkpoint_and_keeps_the_one_it_writes(corpus, tmp_path):
+    model_config, config = tiny(tmp_path / "cache", max_steps=4, save_every=2, keep_checkpoints=1)
+    train(model_config, config, tmp_path / "run", data=[str(corpus)], progress=False, stop_at=4)
+    # keep_checkpoints=1 left step 4 alone; make it corrupt and bring back a good step 2 by training it again
+    run = tmp_path / "run"
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert steps == ["step-00000004"]
+    model_config, config = tiny(tmp_path / "cache", max_steps=6, save_every=2, keep_checkpoints=1)
+    train(model_config, config, tmp_path / "run2", data=[str(corpus)], progress=False, stop_at=2)
+    good = tmp_path / "run2" / "checkpoints" / "step-00000002"
+    good.rename(run / "checkpoints" / "step-00000002")
+    weights = run / "checkpoints" / "step-00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.warns(CheckpointWarning):
+        train(model_config, config, run, data=[str(corpus)], progress=False, resume=True, stop_at=4)
+    # the resumed run wrote a good step 4 and kept it; the corrupt one was moved aside, not deleted
+    assert verify_checkpoint(run / "checkpoints" / "step-00000004") is None
+    assert len(list((run / "checkpoints" / "set-aside").iterdir())) == 1
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(corpus, tmp_path):
+    model_config, config = tiny(tmp_path / "cache", max_steps=4, save_every=2)
+    train(model_config, config, tmp_path, data=[str(corpus)], progress=False, stop_at=2)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 5.1')  # power lost mid-write
+    with pytest.warns(UserWarning, match="metrics.jsonl:3"):
+        train(model_config, config, tmp_path, data=[str(corpus)], progress=False, resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_crash_while_saving_keeps_the_previous_model_and_other_files(tmp_path, monkeypatch):
+    import seekmoe.checkpoint as checkpoint
+
+    torch.manual_seed(0)
+    model = seekmoe.build_model(ModelConfig.preset("tiny"))
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_write_shard", crash)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    seekmoe.from_pretrained(tmp_path / "m")
+    monkeypatch.undo()
+    model.save_pretrained(tmp_path / "m", max_shard_bytes=200_000)  # now sharded: the single file goes
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    assert (tmp_path / "m" / "tokenizer.json").read_text() == "{}"
+    assert torch.equal(seekmoe.from_pretrained(tmp_path / "m").lm_head.weight, model.lm_head.weight)
+
+
+def test_binary_files_in_a_data_folder_are_skipped_and_counted(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("def f():\n    return 1\n")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    corpus = discover_corpus([tmp_path])
+    assert [p.name for p in corpus.files] == ["a.txt"] and corpus.skipped == 2
+    assert "2 non-text file(s) skipped" in corpus.name
+    assert "skipped 2 non-text" in capsys.readouterr().out
+
+
+def test_a_hostile_config_is_refused_before_any_allocation(tmp_path, monkeypatch):
+    seekmoe.build_model(ModelConfig.preset("tiny")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vocab_size"] = 300_000_000
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the model was allocated before its shapes were checked")
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", no_allocation)
+    with pytest.raises(ValueError, match="shape .*300000000"):
+        seekmoe.from_pretrained(tmp_path)
+
+
+def test_shard_names_in_an_index_must_stay_inside_the_model_folder(tmp_path):
+    seekmoe.build_model(ModelConfig.preset("tiny")).save_pretrained(tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = "../../etc/passwd"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside the model folder"):
+        seekmoe.from_pretrained(tmp_path)
