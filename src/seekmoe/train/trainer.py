@@ -119,6 +119,7 @@ class Trainer:
                              f"another --out")
         if resume and self.resume_from is None:
             self.log(f"no complete checkpoint in {self.out}: starting from step 0")
+        self.processes.barrier()  # every rank has chosen the checkpoint before rank 0 moves the newer ones aside
         if resume and self.rank == 0:
             for moved in set_aside_newer_checkpoints(self.out, self.resume_from):
                 self.log(f"set aside {moved.name}: newer than the checkpoint resumed from, and not complete")
@@ -129,9 +130,10 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same on every rank: every rank builds the same initial model
         self.device = self.processes.device
         # FSDP2's mixed precision policy computes in bf16 under several processes on a GPU; autocast otherwise.
-        fsdp_bf16 = self.processes.distributed and (self.parallel.mixed_precision
-                                                     if self.parallel.mixed_precision is not None
-                                                     else self.device.type == "cuda")
+        fsdp_bf16 = self.processes.distributed and (
+            self.parallel.mixed_precision if self.parallel.mixed_precision is not None
+            else self.device.type == "cuda" and config.precision != "fp32")
+        self.parallel.mixed_precision = fsdp_bf16
         self.autocast_dtype = None if fsdp_bf16 else resolve_precision(config.precision, self.device)
         self.precision = "bf16 (FSDP2 mixed precision)" if fsdp_bf16 else (
             "bf16 autocast" if self.autocast_dtype else "fp32")
