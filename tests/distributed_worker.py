@@ -87,6 +87,30 @@ def check_node_limit(procs, ep: int) -> None:
     assert (ranks == ranks[:, :1]).all()
 
 
+def check_mixed_precision(ep: int) -> None:
+    """Under FSDP2's bf16 mixed precision the blocks compute in bf16 while every router gathers and computes fp32."""
+    config = ModelConfig.preset("tiny")
+    parallel = ParallelConfig(ep=ep, mixed_precision=True)
+    procs = init_processes(parallel, config)
+    torch.manual_seed(0)
+    model = parallelize(seekmoe.build_model(config).train(), procs, parallel)
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = module.weight.dtype
+        return hook
+
+    moe = model.moe_layers()[0]
+    moe.gate.register_forward_pre_hook(record("router"))
+    model.model.layers[0].self_attn.kv_b_proj.register_forward_pre_hook(record("attention"))
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert seen == {"router": torch.float32, "attention": torch.bfloat16}, seen
+    assert torch.isfinite(out.loss)
+
+
 def run_training(out: str, corpus: str, overrides: str) -> None:
     from seekmoe.train import load_run_config
     from seekmoe.train.trainer import Trainer
@@ -106,6 +130,8 @@ def run_training(out: str, corpus: str, overrides: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "grads":
         check_grads(int(sys.argv[2]))
+    elif sys.argv[1] == "mixed":
+        check_mixed_precision(int(sys.argv[2]))
     else:
         run_training(*sys.argv[2:5])
     dist.barrier()

@@ -77,6 +77,10 @@ def test_expert_parallel_forward_and_backward_equal_one_process(nproc, ep):
     torchrun(nproc, WORKER, "grads", str(ep))
 
 
+def test_routers_stay_fp32_under_fsdp_bf16_mixed_precision():
+    torchrun(2, WORKER, "mixed", "2")
+
+
 @pytest.mark.parametrize("nproc,ep", [(2, 1), (4, 2)])
 def test_sharded_training_reproduces_one_process_losses_and_identical_biases(corpus, cache, reference, tmp_path,
                                                                              nproc, ep):

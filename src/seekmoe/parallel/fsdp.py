@@ -16,11 +16,17 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, world
     """Shard `model` in place. With expert parallelism the experts' weights are already DTensors sharded over the
     mesh's `ep` dimension; FSDP shards them further over `dp_mod_ep`."""
     mixed = torch.cuda.is_available() if config.mixed_precision is None else config.mixed_precision
+    # Every parameter but the routed experts' is a plain tensor, sharded over all ranks: the mesh flattened.
+    dp_mesh = mesh._flatten("dp") if mesh.ndim > 1 else mesh
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed
               else MixedPrecisionPolicy())
-    # Every other parameter is a plain tensor, sharded over all ranks: the mesh flattened to one dimension.
-    dp_mesh = mesh._flatten("dp") if mesh.ndim > 1 else mesh
     options = dict(mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+    if mixed:
+        # Routing stays fp32 (DeepSeek-V3; issue 16): each router is its own unit, gathered and computed in fp32
+        # while the rest of the block runs in bf16.
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for moe in model.moe_layers():
+            fully_shard(moe.gate, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=config.reshard_after_forward)
     if config.ep > 1:
         for moe in model.moe_layers():
             fully_shard(moe.experts, mesh=mesh, dp_mesh_dims=DataParallelMeshDims(shard="dp_mod_ep"), **options)
