@@ -122,7 +122,7 @@ def test_concurrent_requests_share_decode_steps(client, server):
 
 @pytest.mark.parametrize("path, body, status, param", [
     ("/v1/completions", b"{not json", 400, None),
-    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 400, "model"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),  # OpenAI: an unknown model is 404
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "x " * 5000}, 400, "prompt"),
