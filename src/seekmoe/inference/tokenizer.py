@@ -45,10 +45,17 @@ class Tokenizer:
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
 
     def token_text(self, token_id: int) -> str:
-        """One token on its own as text: a special token's name, else its bytes (a split character as U+FFFD)."""
+        """One token on its own as text, distinct for distinct tokens: a special token's name, its text, or for a
+        token holding part of a character, "bytes:" and its bytes escaped (OpenAI's and vLLM's form)."""
         if token_id in self._special:
             return self._tok.id_to_token(token_id)
-        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+        if not 0 <= token_id < len(self._bytes):  # the model's vocabulary may be larger than the tokenizer's
+            return f"<|unknown token {token_id}|>"
+        data = self.token_bytes(token_id)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
     def pieces(self, ids: list[int]) -> list[str]:
         """The text each token adds to the decoded sequence: "".join(pieces(ids)) == decode(ids) for byte-level
