@@ -95,8 +95,8 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopped:
                     return
-                admitted = []
-                while self._waiting and self.engine.has_capacity:
+                admitted, free = [], len(self.engine.free_slots)
+                while self._waiting and len(admitted) < free:
                     admitted.append(self._waiting.popleft())
                 depth = len(self._waiting)
             events = []
@@ -106,6 +106,7 @@ class Scheduler:
                 try:
                     self.engine.add(r)
                 except Exception as e:  # the handler checks prompts first; this is a safety net
+                    traceback.print_exc()
                     r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
                     events.append(Event(r, [], "", True))
                     continue
@@ -115,16 +116,17 @@ class Scheduler:
             self._step_started = time.monotonic()
             try:
                 events += self.engine.step()
-                self._failures = 0
             except Exception as e:  # a bug outside the engine's own guards: fail what it held, free every slot
                 traceback.print_exc()
-                self._failures += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                events += self.engine.fail_all(self.last_error)
+                events += self.engine.fail_all(f"{type(e).__name__}: {e}")
             finally:
                 self._step_started = None
-            if any(e.request.finish_reason == "error" for e in events):
-                self.last_error = next(e.request.error for e in events if e.request.finish_reason == "error")
+            errors = [e.request.error for e in events if e.request.finish_reason == "error"]
+            if errors and len(errors) == len(events):  # nothing in this step succeeded
+                self._failures += 1
+                self.last_error = errors[0]
+            elif events:
+                self._failures = 0
             if batch:
                 self.metrics.step(batch, depth, self.engine.active)
             for event in events:
