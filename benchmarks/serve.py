@@ -17,7 +17,6 @@ import inspect
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, header, table, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+REQUEST_TIMEOUT_S = 120  # a server whose decode loop has died never answers: count such requests as errors
 
 
 def make_model_dir(path: Path, preset: str, max_len: int) -> Path:
@@ -81,7 +81,7 @@ def stream_one(port: int, prompt: str, max_tokens: int) -> tuple[float, list[flo
     """(TTFT, gaps between later text events, total seconds) of one streamed completion."""
     body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
     start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     response = conn.getresponse()
     if response.status != 200:

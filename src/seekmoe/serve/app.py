@@ -127,14 +127,21 @@ def validation_error_body(errors) -> APIError:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = loc[0] if loc else None
-    messages = []
+    path = _field_path(first.get("loc", ()))
+    param = path[0] if path else None
+    messages = []  # a union (the prompt's four forms) fails once per form: say each once
     for e in errors:
-        if [str(x) for x in e.get("loc", ()) if x != "body"][:1] == loc[:1] and e["msg"] not in messages:
+        if _field_path(e.get("loc", ()))[:1] == path[:1] and e["msg"] not in messages:
             messages.append(e["msg"])
-    where = ".".join(x for x in loc if not x.startswith(("list[", "constrained", "str", "int")) or x == loc[0])
-    return APIError(400, f"{where or 'the body'} is invalid: " + "; or ".join(messages[:4]), param)
+    where = ".".join(path) or "the body"
+    return APIError(400, f"{where} is invalid: " + "; or ".join(messages[:4]), param)
+
+
+def _field_path(loc) -> list[str]:
+    """A validation error's location as field names and indices, without "body" and pydantic's union-member tags
+    ("list[str]", "constrained-str", ...)."""
+    return [str(x) for x in loc if x != "body" and not (isinstance(x, str) and
+                                                         (x in ("str", "int", "float", "bool") or "[" in x or "-" in x))]
 
 
 class Guard:

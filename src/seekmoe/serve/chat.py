@@ -12,8 +12,7 @@ from ..inference.chat_template import CHAT_STOP, format_chat
 from ..inference.engine import Request
 from ..inference.sampling import TokenLogprob
 from ..inference.tokenizer import Tokenizer
-from .generation import (ClientGone, EventStream, Generation, check_model, max_new_tokens, raise_if_failed,
-                         sampling_params, tokenize)
+from .generation import EventStream, Generation, check_model, max_new_tokens, sampling_params, tokenize
 from .protocol import (APIError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, DeltaMessage,
                        TopLogprob, new_id, sse, usage)
@@ -39,13 +38,8 @@ async def create_chat_completion(body: ChatCompletionRequest, http: HTTPRequest,
     rid = new_id(chat=True)
     if body.stream:
         return EventStream(_stream(body, rid, state, generation), generation.cancel)
-    try:
-        async for _ in generation.events(http):
-            pass
-    except ClientGone:
-        generation.cancel()
-        return Response(status_code=499)
-    raise_if_failed([request])
+    if not await generation.collect(http):
+        return Response(status_code=499)  # the client went away
     state.completed(generation)
     choice = ChatChoice(index=0, message=ChatResponseMessage(content=request.text.lstrip()),
                         finish_reason=request.finish_reason,

@@ -14,8 +14,7 @@ from starlette.responses import JSONResponse, Response
 from ..inference.engine import Request
 from ..inference.sampling import TokenLogprob
 from ..inference.tokenizer import Tokenizer
-from .generation import (ClientGone, EventStream, Generation, check_model, max_new_tokens, raise_if_failed,
-                         sampling_params, tokenize)
+from .generation import EventStream, Generation, check_model, max_new_tokens, sampling_params, tokenize
 from .protocol import (APIError, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, new_id,
                        sse, usage)
 
@@ -42,13 +41,8 @@ async def create_completion(body: CompletionRequest, http: HTTPRequest, state: S
     rid = new_id(chat=False)
     if body.stream:
         return EventStream(_stream(body, rid, state, generation), generation.cancel)
-    try:
-        async for _ in generation.events(http):
-            pass
-    except ClientGone:
-        generation.cancel()
-        return Response(status_code=499)
-    raise_if_failed(requests)
+    if not await generation.collect(http):
+        return Response(status_code=499)  # the client went away
     state.completed(generation)
     tok = engine.tokenizer
     choices = []

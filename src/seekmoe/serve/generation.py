@@ -117,6 +117,18 @@ class Generation:
             if watcher is not None:
                 watcher.cancel()
 
+    async def collect(self, client: HTTPRequest) -> bool:
+        """Wait until every request has finished; False, with their slots freed, if the client went away first.
+        Raises APIError(500) if the engine failed any of them."""
+        try:
+            async for _ in self.events(client):
+                pass
+        except ClientGone:
+            self.cancel()
+            return False
+        raise_if_failed(self.requests)
+        return True
+
     def cancel(self) -> None:
         """Free the slots of whatever has not finished (the client went away)."""
         for r in self.requests:

@@ -7,6 +7,7 @@ vLLM does. Integers are strict (`max_tokens: true` is not 1) and every list has 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Literal, Union
@@ -46,7 +47,6 @@ class ErrorResponse(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------------ requests
-Probability = Annotated[float, Field(ge=0, le=1, strict=False)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Stop = Union[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)],
              Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
@@ -225,13 +225,7 @@ def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def sse(model: BaseModel | dict) -> str:
+def sse(obj: BaseModel | dict) -> str:
     """One server-sent event carrying a JSON object."""
-    data = model.model_dump_json(exclude_unset=False) if isinstance(model, BaseModel) else _json(model)
+    data = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj)
     return f"data: {data}\n\n"
-
-
-def _json(obj: dict) -> str:
-    import json
-
-    return json.dumps(obj)
