@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -29,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for a slot before the server answers 503 (default 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=64, metavar="T",
                    help="prompt tokens prefilled per engine step, so long prompts do not stall running streams "
-                        "(default 64: on 2 CPU cores that keeps streams within 3x their quiet p99 inter-token "
-                        "latency while long prompts arrive, see benchmarks/serve.py)")
+                        "(default 64: on 2 CPU cores, smaller chunks keep running streams' inter-token latency "
+                        "lower while long prompts arrive; see benchmarks/serve.py)")
     p.add_argument("--max-connections", type=int, default=256, metavar="C",
                    help="concurrent connections before the server answers 503 (default 256)")
     p.add_argument("--timeout-keep-alive", type=int, default=5, metavar="S",
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
                          graceful_shutdown_s=args.graceful_shutdown)
     print(f"serving {name!r} at {server.url}/v1 (Ctrl-C or SIGTERM stops, draining requests for up to "
           f"{args.graceful_shutdown} s)", file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM, then re-raises the signal to the previous handler: make that one a no-op so that
+    # a drained shutdown exits 0 instead of dying by the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
