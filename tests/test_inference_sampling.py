@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from seekmoe.inference.sampling import SamplingParams, next_token_probs, sample
+from seekmoe.inference.sampling import SamplingParams, next_token_probs, sample, token_logprobs
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
 
@@ -46,3 +46,41 @@ def test_a_seed_makes_sampling_reproducible():
 def test_invalid_sampling_parameters_name_the_value(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
         SamplingParams(**{field: value})
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    for t in (1e-45, 1e-30, 1e-6):
+        probs = next_token_probs(LOGITS, SamplingParams(temperature=t), [])
+        assert probs.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_the_top_token_survives_any_top_p():
+    for p in (1e-300, 1e-45, 1e-8):
+        probs = next_token_probs(LOGITS, SamplingParams(top_p=p), [])
+        assert probs.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_extreme_logits_and_penalties_never_give_nan():
+    huge = torch.tensor([3e38, -3e38, float("inf"), 1.0])
+    for params in (SamplingParams(repetition_penalty=0.01), SamplingParams(temperature=1e-4, top_k=2),
+                   SamplingParams(frequency_penalty=2.0, presence_penalty=-2.0)):
+        probs = next_token_probs(huge, params, [0, 1, 2], [2, 2])
+        assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0)
+        sample(probs, torch.Generator())
+    with pytest.raises(ValueError, match="repetition_penalty=1e-300"):
+        SamplingParams(repetition_penalty=1e-300)
+    with pytest.raises(ValueError, match="seed="):
+        SamplingParams(seed=2**64)
+
+
+def test_frequency_and_presence_penalties_follow_openai():
+    params = SamplingParams(temperature=0, frequency_penalty=0.6, presence_penalty=0.0)
+    assert next_token_probs(LOGITS, params, [0, 0], [0, 0]).argmax().item() == 1  # 2.0 - 2 * 0.6 < 1.0
+
+
+def test_token_logprobs_are_the_log_softmax_of_the_raw_logits():
+    logits = torch.stack([LOGITS, LOGITS.flip(0)])
+    (a, b) = token_logprobs(logits, [1, 4], 2)
+    expected = LOGITS.log_softmax(0)
+    assert a.logprob == pytest.approx(expected[1].item()) and b.logprob == pytest.approx(expected[0].item())
+    assert [t for t, _ in a.top] == [0, 1] and [t for t, _ in b.top] == [4, 3]

@@ -122,7 +122,7 @@ def test_concurrent_requests_share_decode_steps(client, server):
 
 @pytest.mark.parametrize("path, body, status, param", [
     ("/v1/completions", b"{not json", 400, None),
-    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 400, "model"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),  # OpenAI: an unknown model is 404
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "x " * 5000}, 400, "prompt"),
@@ -198,3 +198,38 @@ def test_a_full_queue_answers_503_and_recovers(model_dir):
         assert raw(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "q", "max_tokens": 1})[0] == 200
     finally:
         stop(server, thread)
+
+
+def test_the_serve_command_reads_the_key_from_the_environment_and_stops_on_sigterm(model_dir):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SEEKMOE_API_KEY="env-key")
+    launch = "import sys; from seekmoe.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", launch, "serve", "--model", str(model_dir), "--port", "0",
+                             "--model-name", "tiny"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        host, port = re.search(r"http://([\d.]+):(\d+)", line).groups()
+
+        class Address:
+            server_address = (host, int(port))
+
+        assert raw(Address, "GET", "/v1/models", key=None)[0] == 401
+        assert raw(Address, "GET", "/v1/models", key="env-key")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def test_openapi_describes_the_request_schemas(server):
+    status, spec = raw(server, "GET", "/openapi.json", key=None)
+    assert status == 200
+    schemas = spec["components"]["schemas"]
+    assert {"prompt", "logprobs", "echo", "max_tokens"} <= set(schemas["CompletionRequest"]["properties"])
+    assert "top_logprobs" in schemas["ChatCompletionRequest"]["properties"]
+    assert "/v1/chat/completions" in spec["paths"]

@@ -4,11 +4,17 @@ Every `step()` decodes all running requests in one forward and prefills the ones
 request that arrives mid-generation joins the next step instead of waiting for the batch to finish (continuous
 batching). Prompts of different lengths share a forward: each slot keeps its own length and positions, and
 padding never enters another token's attention.
+
+Prefill is chunked: a step prefills at most `max_prefill_tokens` prompt tokens (in arrival order), so a long prompt
+takes several steps while the running requests keep decoding, and no forward scores more than that many queries
+against the cache. A forward or sampling that raises fails only the requests it was computing (finish_reason
+"error", `Request.error` says why) and frees their slots; everything else keeps going.
 """
 
 from __future__ import annotations
 
 import itertools
+import traceback
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,12 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LatentCache
-from .sampling import SamplingParams, next_token_probs, sample
+from .sampling import SamplingParams, TokenLogprob, next_token_probs, sample, token_logprobs
 from .speculative import MTPDrafter, verify
 from .tokenizer import TextStream, Tokenizer
 
 SPECULATIVE_METHODS = ("mtp",)
 DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_MAX_PREFILL_TOKENS = 2048
 _ids = itertools.count()
 
 
@@ -34,7 +41,11 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # the completion's text (with a tokenizer), cut before any stop string
-    finish_reason: str | None = None  # "stop" (end-of-text or a stop string) or "length"
+    finish_reason: str | None = None  # "stop" (end-of-text or a stop string), "length", or "error"
+    error: str | None = None  # why it failed, when finish_reason is "error"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token (first: None)
+    prefilled: int = 0  # prompt tokens already in the cache
     cancelled: bool = False  # set from any thread; the engine frees the slot at its next step
     forwards: int = 0  # main-model forwards this request took part in
     drafted: int = 0  # MTP drafts verified
@@ -58,6 +69,7 @@ class Event:
     token_ids: list[int]
     text: str
     finished: bool
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of token_ids, when the request asked for them
 
 
 class Engine:
@@ -68,9 +80,13 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer: Tokenizer | None = None, max_batch_size: int = 8,
-                 max_seq_len: int | None = None, speculative: str | None = None):
+                 max_seq_len: int | None = None, speculative: str | None = None,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         if speculative not in (None, *SPECULATIVE_METHODS):
             raise ValueError(f"speculative={speculative!r} is invalid: expected None or one of {SPECULATIVE_METHODS}")
+        if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
+            raise ValueError(f"max_prefill_tokens={max_prefill_tokens!r} is invalid: expected an integer >= 1")
+        self.max_prefill_tokens = max_prefill_tokens
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
@@ -119,7 +135,7 @@ class Engine:
         request._generator = request.params.generator()
         if self.tokenizer is not None:
             request._stream = TextStream(self.tokenizer, request.params.stop)
-        if request.params.max_new_tokens == 0:
+        if request.params.max_new_tokens == 0 and request.params.prompt_logprobs is None:
             request.finish_reason = "length"
             return request
         if not self.free_slots:
@@ -134,17 +150,46 @@ class Engine:
     # ------------------------------------------------------------------------------------------------- stepping
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Decode every running request by one forward and prefill the new ones; returns what each produced."""
+        """Decode every running request by one forward and prefill up to `max_prefill_tokens` prompt tokens of the
+        new ones; returns what each produced."""
         self._release([r for r in self.running + self._new if r.cancelled])
-        decoding, self._new, prefilling = self.running, [], self._new
+        decoding = self.running
+        chunks, budget = [], self.max_prefill_tokens
+        for r in self._new:
+            if budget <= 0:
+                break
+            n = min(len(r.prompt_ids) - r.prefilled, budget)
+            chunks.append((r, n))
+            budget -= n
         events: list[Event] = []
         if decoding:
-            events += self._decode_speculative(decoding) if self.drafter else self._decode(decoding)
-        if prefilling:
-            events += self._prefill(prefilling)
-        self.running = [r for r in decoding + prefilling if not r.done]
-        self._release([r for r in decoding + prefilling if r.done])
+            events += self._guarded(decoding, self._decode_speculative if self.drafter else self._decode)
+        if chunks:
+            events += self._guarded([r for r, _ in chunks], lambda _: self._prefill(chunks))
+        prefilled = [r for r, _ in chunks if r.prefilled == len(r.prompt_ids)]
+        self.running = [r for r in decoding + prefilled if not r.done]
+        self._new = [r for r in self._new if r not in prefilled and not r.done]
+        self._release([r for r in decoding + [r for r, _ in chunks] if r.done])
         return events
+
+    def fail_all(self, error: str) -> list[Event]:
+        """End every request holding a slot with finish_reason "error" and free the slots (after a failed step)."""
+        requests = self.requests
+        events = [self._fail(r, error) for r in requests if not r.done]
+        self._release(requests)
+        return events
+
+    def _guarded(self, requests: list[Request], run) -> list[Event]:
+        """run(requests); when it raises, only these requests fail (their slots are freed by `step`)."""
+        try:
+            return run(requests)
+        except Exception as e:  # an OOM or a bug costs the requests of this forward, not the engine
+            traceback.print_exc()
+            return [self._fail(r, f"{type(e).__name__}: {e}") for r in requests]
+
+    def _fail(self, r: Request, error: str) -> Event:
+        r.finish_reason, r.error = "error", error
+        return Event(r, [], "", True)
 
     def _release(self, requests: list[Request]) -> None:
         for r in requests:
@@ -165,25 +210,60 @@ class Engine:
             r.forwards += 1
         return self.model(tokens, position_ids=step.positions, attn_mask=step.attn_mask, cache=step.layers)
 
-    def _prefill(self, requests: list[Request]) -> list[Event]:
-        out = self._forward(requests, [r.prompt_ids for r in requests])
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> list[Event]:
+        """Prefill the next n prompt tokens of each (request, n); a request whose prompt is then complete samples
+        its first token (or, asked for prompt log-probabilities only, finishes)."""
+        requests = [r for r, _ in chunks]
+        out = self._forward(requests, [r.prompt_ids[r.prefilled: r.prefilled + n] for r, n in chunks])
         events, draft_rows = [], []
-        for i, r in enumerate(requests):
-            n = len(r.prompt_ids)
+        for i, (r, n) in enumerate(chunks):
+            start, end = r.prefilled, r.prefilled + n
             self.cache.commit(r.slot, n)
-            token = sample(next_token_probs(out.logits[i, n - 1], r.params, r.prompt_ids), r._generator)
-            events.append(self._emit(r, [token]))
-            draft_rows.append((i, r, r.prompt_ids[1:] + [token]))
+            r.prefilled = end
+            if r.params.prompt_logprobs is not None:
+                if start == 0:
+                    r.prompt_logprobs.append(None)
+                targets = r.prompt_ids[start + 1: end + 1]  # what each position predicts, inside the prompt
+                r.prompt_logprobs += token_logprobs(out.logits[i, : len(targets)], targets, r.params.prompt_logprobs)
+            if end < len(r.prompt_ids):
+                draft_rows.append((i, r, r.prompt_ids[start + 1: end + 1]))
+                continue
+            if r.params.max_new_tokens == 0:  # scoring only
+                r.finish_reason = "length"
+                events.append(Event(r, [], "", True))
+                continue
+            try:
+                logits = out.logits[i, n - 1]
+                token = sample(next_token_probs(logits, r.params, r.prompt_ids), r._generator)
+                events.append(self._emit(r, [token], self._logprobs(r, logits[None], [token])))
+            except Exception as e:  # this request's sampling only
+                traceback.print_exc()
+                events.append(self._fail(r, f"{type(e).__name__}: {e}"))
+                continue
+            draft_rows.append((i, r, r.prompt_ids[start + 1:] + [token]))
         self._draft(out.hidden_states, draft_rows)
         return events
+
+    @staticmethod
+    def _logprobs(r: Request, logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob]:
+        """Log-probabilities of `tokens` under logits [len(tokens), vocab], if the request asked for them."""
+        if r.params.logprobs is None:
+            return []
+        return token_logprobs(logits, tokens, r.params.logprobs)
 
     def _decode(self, requests: list[Request]) -> list[Event]:
         out = self._forward(requests, [[r._last] for r in requests])
         events = []
         for i, r in enumerate(requests):
             self.cache.commit(r.slot, 1)
-            token = sample(next_token_probs(out.logits[i, 0], r.params, r.prompt_ids + r.output_ids), r._generator)
-            events.append(self._emit(r, [token]))
+            try:
+                logits = out.logits[i, 0]
+                probs = next_token_probs(logits, r.params, r.prompt_ids + r.output_ids, r.output_ids)
+                token = sample(probs, r._generator)
+                events.append(self._emit(r, [token], self._logprobs(r, logits[None], [token])))
+            except Exception as e:  # this request's sampling only
+                traceback.print_exc()
+                events.append(self._fail(r, f"{type(e).__name__}: {e}"))
         return events
 
     def _decode_speculative(self, requests: list[Request]) -> list[Event]:
@@ -191,15 +271,22 @@ class Engine:
         events, draft_rows = [], []
         for i, r in enumerate(requests):
             context = r.prompt_ids + r.output_ids
-            accepted, token = verify(next_token_probs(out.logits[i, 0], r.params, context), r._draft, r._generator)
-            r.drafted += 1
-            r.accepted += accepted
-            tokens = [token]
-            if accepted:  # the forward also scored the position after the draft: a second token for free
-                probs = next_token_probs(out.logits[i, 1], r.params, context + [token])
-                tokens.append(sample(probs, r._generator))
+            try:
+                probs = next_token_probs(out.logits[i, 0], r.params, context, r.output_ids)
+                accepted, token = verify(probs, r._draft, r._generator)
+                r.drafted += 1
+                r.accepted += accepted
+                tokens = [token]
+                if accepted:  # the forward also scored the position after the draft: a second token for free
+                    probs = next_token_probs(out.logits[i, 1], r.params, context + [token], r.output_ids + [token])
+                    tokens.append(sample(probs, r._generator))
+                logprobs = self._logprobs(r, out.logits[i, : len(tokens)], tokens)
+            except Exception as e:  # this request's sampling only
+                traceback.print_exc()
+                events.append(self._fail(r, f"{type(e).__name__}: {e}"))
+                continue
             self.cache.commit(r.slot, len(tokens))
-            events.append(self._emit(r, tokens))
+            events.append(self._emit(r, tokens, logprobs))
             draft_rows.append((i, r, tokens))
         self._draft(out.hidden_states, draft_rows)
         return events
@@ -216,14 +303,17 @@ class Engine:
         for (_, r, _), d in zip(rows, drafts):
             r._draft = d
 
-    def _emit(self, r: Request, tokens: list[int]) -> Event:
-        """Append sampled tokens to a request until one of them ends it; returns the step's event for it."""
-        kept, text = [], ""
-        for token in tokens:
+    def _emit(self, r: Request, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> Event:
+        """Append sampled tokens (and their log-probabilities, if any) to a request until one of them ends it;
+        returns the step's event for it."""
+        kept, text, kept_logprobs = [], "", []
+        for j, token in enumerate(tokens):
             if token == self.eos_token_id and not r.params.ignore_eos:
                 r.finish_reason = "stop"
                 break
             kept.append(token)
+            if logprobs:
+                kept_logprobs.append(logprobs[j])
             r.output_ids.append(token)
             r._last = token
             if r._stream is not None:
@@ -237,7 +327,8 @@ class Engine:
         if r.finish_reason is not None and r._stream is not None:
             text += r._stream.finish()
         r.text += text
-        return Event(r, kept, text, r.finish_reason is not None)
+        r.logprobs += kept_logprobs
+        return Event(r, kept, text, r.finish_reason is not None, kept_logprobs)
 
     # ----------------------------------------------------------------------------------------- conveniences
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+from functools import cached_property
 from pathlib import Path
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -42,6 +44,76 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         """The text of `ids`, special tokens left out."""
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes token `token_id` stands for (b"" for special tokens): what incremental decoding adds."""
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    def token_text(self, token_id: int) -> str:
+        """One token on its own as text, distinct for distinct tokens: a special token's name, its text, or for a
+        token holding part of a character, "bytes:" and its bytes escaped (OpenAI's and vLLM's form)."""
+        if token_id in self._special:
+            return self._tok.id_to_token(token_id)
+        if not 0 <= token_id < len(self._bytes):  # the model's vocabulary may be larger than the tokenizer's
+            return f"<|unknown token {token_id}|>"
+        data = self.token_bytes(token_id)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The text each token adds to the decoded sequence: "".join(pieces(ids)) == decode(ids) for byte-level
+        BPE, and a character split across tokens belongs to the token that completes it."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out = [decoder.decode(self.token_bytes(t)) for t in ids]
+        if out:
+            out[-1] += decoder.decode(b"", final=True)
+        return out
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The longest token in bytes: a text of more than n * this many bytes has more than n tokens."""
+        return max(1, max(len(b) for b in self._bytes))
+
+    @cached_property
+    def _special(self) -> set[int]:
+        added = self._tok.get_added_tokens_decoder()
+        return {i for i, t in added.items() if t.special}
+
+    @cached_property
+    def _bytes(self) -> list[bytes]:
+        """Each token id's bytes: read off the byte-level alphabet when the decoder is byte-level (GPT-2's, which
+        DeepSeek's tokenizers use), else by decoding the token alone."""
+        from tokenizers import decoders
+
+        n = self._tok.get_vocab_size()
+        special = self._special
+        if isinstance(self._tok.decoder, decoders.ByteLevel):
+            table = {c: b for b, c in _byte_level_alphabet().items()}
+            out = []
+            for i in range(n):
+                token = self._tok.id_to_token(i)
+                if i in special or token is None or any(c not in table for c in token):
+                    out.append(b"" if i in special or token is None else self._tok.decode([i]).encode())
+                else:
+                    out.append(bytes(table[c] for c in token))
+            return out
+        return [b"" if i in special else self._tok.decode([i]).encode() for i in range(n)]
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character that stands for it in a byte-level vocabulary."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def _saved_special_ids(folder: Path, tok) -> dict[str, int]:
@@ -111,13 +183,15 @@ class TextStream:
     """Turns a growing list of token ids into text deltas that are safe to show.
 
     A delta never ends inside a multi-byte character (byte-level BPE splits them across tokens) nor inside what
-    could still become a stop string; once a stop string appears, the text ends right before it.
+    could still become a stop string; once a stop string appears, the text ends right before it. Each token costs
+    the decoding of its own bytes only (an incremental UTF-8 decoder), not of the whole text so far.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
         self.tokenizer = tokenizer
         self.stop = list(stop or [])
         self.ids: list[int] = []
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # everything decoded so far (cut at a stop string once one appears)
         self.emitted = 0  # characters of `text` already handed out
         self.stopped = False
@@ -127,13 +201,13 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids)
+        self.text += self._utf8.decode(self.tokenizer.token_bytes(token_id))
         hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True
             return self._emit(len(self.text))
-        safe = len(self.text.rstrip("\ufffd"))
+        safe = len(self.text)  # a character still missing bytes waits in the UTF-8 decoder, not in text
         for s in self.stop:  # hold back a tail that is the start of a stop string
             for k in range(min(len(s) - 1, safe), 0, -1):
                 if self.text[safe - k: safe] == s[:k]:
@@ -143,6 +217,8 @@ class TextStream:
 
     def finish(self) -> str:
         """The text held back so far, once generation has ended without a stop string."""
+        if not self.stopped:
+            self.text += self._utf8.decode(b"", final=True)
         return self._emit(len(self.text))
 
     def _emit(self, end: int) -> str:

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server over the inference engine (standard library only)."""
+"""An OpenAI-compatible HTTP server over the inference engine: an ASGI app (FastAPI) served by uvicorn."""
 
 from .server import make_server
 

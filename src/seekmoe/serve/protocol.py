@@ -1,13 +1,25 @@
-"""The OpenAI API's shapes: request bodies validated into engine inputs, and the answer and chunk objects."""
+"""The OpenAI API's shapes as pydantic models: request bodies (validated, so that a bad field is a 400 naming it)
+and the answer and chunk objects, plus the error body. `/openapi.json` is generated from these.
+
+Only the fields seekmoe acts on are declared; other OpenAI fields (`user`, `logit_bias`, ...) are ignored, as
+vLLM does. Integers are strict (`max_tokens: true` is not 1) and every list has a bound.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from dataclasses import dataclass
+from typing import Annotated, Literal, Union
 
-from ..inference.chat_template import CHAT_STOP, format_chat
-from ..inference.sampling import SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from ..inference.sampling import MAX_LOGPROBS, MAX_SEED, REPETITION_PENALTY_RANGE
+
+MAX_STOP = 16  # stop strings a request may give: each is searched for at every token (OpenAI allows 4)
+MAX_STOP_CHARS = 256
+MAX_PROMPTS = 64  # prompts in one batched /v1/completions request
+MAX_MESSAGES = 1024
 
 
 class APIError(Exception):
@@ -19,105 +31,201 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).model_dump()
 
 
-@dataclass
-class ParsedRequest:
-    """A validated completion or chat request."""
-
-    chat: bool
-    prompt: str
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
 
-def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
-    """Validate a /v1/completions (chat=False) or /v1/chat/completions body; raises APIError(400) naming the field."""
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    model = body.get("model")
-    if model != model_name:
-        raise APIError(400, f"model={model!r} is not served here: expected {model_name!r}", "model", "model_not_found")
-    if chat:
-        try:
-            prompt = format_chat(body.get("messages"))
-        except ValueError as e:
-            raise APIError(400, str(e), "messages") from None
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, f"prompt={_short(prompt)} is invalid: expected a non-empty string", "prompt")
-    n = body.get("n", 1)
-    if n not in (1, None):
-        raise APIError(400, f"n={n!r} is not supported: expected 1", "n")
-    max_key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    max_tokens = body.get(max_key)
-    if max_tokens is None:
-        max_tokens = 256 if chat else 16  # OpenAI's completions default is 16
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    fields = dict(max_new_tokens=(max_key, max_tokens), temperature=("temperature", _default(body, "temperature", 1.0)),
-                  top_p=("top_p", _default(body, "top_p", 1.0)), top_k=("top_k", _default(body, "top_k", 0)),
-                  repetition_penalty=("repetition_penalty", _default(body, "repetition_penalty", 1.0)),
-                  seed=("seed", body.get("seed")), stop=("stop", stop))
-    try:
-        params = SamplingParams(**{k: v for k, (_, v) in fields.items()})
-    except ValueError as e:
-        name = str(e).split("=", 1)[0]
-        api_name = fields.get(name, (name,))[0]
-        raise APIError(400, str(e).replace(f"{name}=", f"{api_name}=", 1), api_name) from None
-    if chat:
-        params.stop = params.stop + CHAT_STOP
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, f"stream={stream!r} is invalid: expected true or false", "stream")
-    options = body.get("stream_options") or {}
-    return ParsedRequest(chat, prompt, params, stream, bool(isinstance(options, dict) and options.get("include_usage")))
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
 
 
-def _default(body: dict, key: str, value):
-    return value if body.get(key) is None else body[key]
+# ------------------------------------------------------------------------------------------------------ requests
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Stop = Union[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)],
+             Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                       Field(max_length=MAX_STOP)]]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, lt=2**31)]], Field(min_length=1)]
 
 
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) < 80 else text[:77] + "..."
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(BaseModel):
+    """What /v1/completions and /v1/chat/completions share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = None  # vLLM's extension; 0 (or -1): no cut
+    repetition_penalty: Annotated[float, Field(ge=REPETITION_PENALTY_RANGE[0],
+                                               le=REPETITION_PENALTY_RANGE[1])] | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=MAX_SEED)] | None = None
+    stop: Stop | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = False
+
+    @field_validator("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                     mode="before")
+    @classmethod
+    def _not_a_bool(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("expected a number, not a boolean")
+        return value
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions. `prompt`: a string, strings, token ids, or lists of token ids (one choice each)."""
+
+    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: StrictBool = False
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------- responses
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions form: parallel lists, one entry per token (the first echoed prompt token's
+    logprob and alternatives are null)."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "seekmoe"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def answer(chat: bool, rid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
-    """The whole (non-streamed) completion object."""
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": use}
-
-
-def chunk(chat: bool, rid: str, model: str, text: str | None, finish_reason: str | None, use: dict | None = None,
-          first: bool = False) -> dict:
-    """One server-sent event of a streamed completion (text None: a usage-only chunk with no choices)."""
-    if chat:
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-           "model": model, "choices": [] if text is None and finish_reason is None else [choice]}
-    if use is not None:
-        out["usage"] = use
-    return out
+def sse(obj: BaseModel | dict) -> str:
+    """One server-sent event carrying a JSON object."""
+    data = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
