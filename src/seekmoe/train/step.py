@@ -90,15 +90,16 @@ class TrainStep:
             sums, counts = self.forward_backward(micro_batches)
         finally:
             config.mtp_loss_weight = base_lambda
-        # One reduction carries the losses (averaged over ranks below) and, when there are MoE layers, the counts.
-        ranks = self.reduce(torch.ones((), device=self.device))
-        packed = torch.stack([sums[k] for k in LOSS_PARTS])
+        # One reduction carries the losses, the number of ranks and, when there are MoE layers, the counts.
+        # float64: token counts stay exact integers far beyond fp32's 2**24
+        packed = torch.stack([sums[k] for k in LOSS_PARTS] + [torch.ones((), device=self.device)]).double()
         if counts is not None:
-            packed = torch.cat([packed, counts.reshape(-1).to(packed.dtype)])
+            packed = torch.cat([packed, counts.reshape(-1).double()])
         packed = self.reduce(packed)
-        losses = (packed[:len(LOSS_PARTS)] / ranks).tolist()
+        n = len(LOSS_PARTS)
+        losses = (packed[:n] / packed[n]).tolist()  # the mean over ranks
         if counts is not None:
-            counts = packed[len(LOSS_PARTS):].round().long().view_as(counts)
+            counts = packed[n + 1:].round().long().view_as(counts)
         result = StepResult(*losses, expert_counts=counts)
         grad_norm = _grad_norm(self.model, self.grad_clip, self.reduce)
         result.grad_norm = grad_norm
