@@ -256,7 +256,7 @@ FIELDS = {"prompt": st.text(max_size=30) | st.lists(st.integers(-2, 600), max_si
                                                       "content": st.text(max_size=10)}), max_size=2) | JSON}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(chat=st.booleans(), body=st.fixed_dictionaries({"model": st.just("tiny")},
                                                       optional=FIELDS))
 def test_fuzzed_requests_never_get_a_5xx(server, chat, body):
