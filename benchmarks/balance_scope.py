@@ -7,6 +7,10 @@ specialises in a "domain" (a package of the Python standard library) on held-out
     python benchmarks/balance_scope.py --steps 3000     # longer runs
     python benchmarks/balance_scope.py --quick          # smoke run
 
+On a shared machine run single-threaded (`OMP_NUM_THREADS=1`): with other jobs on the cores, two OpenMP threads
+made these runs about 10x slower here (see README.md). Wall times in the comments are single-threaded,
+on a loaded 2-core machine.
+
 The expert-level balance loss (`expert_balance_alpha`) is the only balancing: the sequence-wise loss
 (`aux_loss_alpha`) and the auxiliary-loss-free bias (`bias_update_speed`) are off, so that what the scope changes
 is all that differs. Micro-batches are small (2 sequences) so that one micro-batch holds one or two documents and the
@@ -84,23 +88,28 @@ def route_domains(model_dir: Path, held: dict[str, list[Path]], seq_len: int, ma
 
 
 def specialisation(routed: dict) -> dict:
-    """How far each domain's expert-load distribution is from the all-domain one: total-variation distance per
-    (layer, domain), and the share of (layer, expert) pairs that some domain routes >= SPECIALIST x its fair
-    share."""
+    """How far each domain's expert-load distribution p_d is from the all-domain one p (both over a layer's
+    experts): total-variation distance per (layer, domain), and the share of (layer, expert) pairs for which some
+    domain's share of the expert's tokens is >= SPECIALIST x its share of all tokens (p_d[i] >= SPECIALIST * p[i]).
+    Both compare with the all-domain load, so an expert every domain overloads counts as imbalance (MaxVio), not
+    as specialisation."""
     counts = torch.stack([r["counts"] for r in routed.values()])  # [domains, layers, E]
     p_domain = counts / counts.sum(-1, keepdim=True)
     pooled = counts.sum(0)
     p_all = pooled / pooled.sum(-1, keepdim=True)  # [layers, E]
     tv = 0.5 * (p_domain - p_all).abs().sum(-1)  # [domains, layers]
-    n_experts = counts.shape[-1]
-    specialists = (p_domain.max(0).values >= SPECIALIST / n_experts).double()  # [layers, E]
+    ratio = p_domain / p_all.clamp_min(1e-12)  # [domains, layers, E]
+    specialists = (ratio.max(0).values >= SPECIALIST).double()  # [layers, E]
     return {"tv_mean": float(tv.mean()), "tv_by_domain": {d: float(tv[i].mean()) for i, d in enumerate(routed)},
             "specialist_share": float(specialists.mean()),
-            "domain_load": (p_domain * n_experts).tolist()}  # [domains, layers, E], 1.0 = fair share
+            "domain_vs_all": ratio.tolist(),  # [domains, layers, E]: 1.0 = the expert's all-domain load
+            "all_domain_load": (p_all * counts.shape[-1]).tolist(),  # [layers, E]: 1.0 = fair share 1/E
+            "counts": counts.tolist()}
 
 
 def plot(results: dict, path: Path) -> Path | None:
-    """Heatmaps of each domain's load per expert (last MoE layer, 1 = fair share), one per scope."""
+    """Per scope, heatmaps of the last MoE layer: each domain's load per expert relative to the expert's
+    all-domain load (specialisation, 1 = none), above the all-domain load relative to 1/E (imbalance)."""
     try:
         import matplotlib
 
@@ -109,17 +118,23 @@ def plot(results: dict, path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return None
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3.2), squeeze=False)
-    vmax = max(max(max(layers[-1]) for layers in r["specialisation"]["domain_load"]) for r in results.values())
-    for ax, (scope, r) in zip(axes[0], results.items()):
-        load = torch.tensor([layers[-1] for layers in r["specialisation"]["domain_load"]])  # [domains, E]
-        image = ax.imshow(load, cmap="magma", vmin=0, vmax=vmax, aspect="auto")
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 4.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [len(DOMAINS), 1.3]})
+    for col, (scope, r) in enumerate(results.items()):
+        s = r["specialisation"]
+        ratio = torch.tensor([layers[-1] for layers in s["domain_vs_all"]])  # [domains, E]
+        ax = axes[0][col]
+        image = ax.imshow(ratio, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
         ax.set_yticks(range(len(DOMAINS)), [f"{d}/" for d in DOMAINS])
+        ax.set_xticks([])
+        ax.set_title(f"balance_scope={scope}: domain TV {s['tv_mean']:.3f}, val {r['val_loss']:.3f}", fontsize=10)
+        fig.colorbar(image, ax=ax, label="domain / all-domain load")
+        ax = axes[1][col]
+        image = ax.imshow(torch.tensor([s["all_domain_load"][-1]]), cmap="magma", vmin=0, vmax=2, aspect="auto")
+        ax.set_yticks([0], ["all"])
         ax.set_xlabel("expert")
-        ax.set_title(f"balance_scope={scope}: TV {r['specialisation']['tv_mean']:.3f}, "
-                     f"val {r['val_loss']:.3f}", fontsize=10)
-        fig.colorbar(image, ax=ax, label="load / fair share")
-    fig.suptitle("held-out domain load per expert, last MoE layer", fontsize=11)
+        fig.colorbar(image, ax=ax, label="load / (1/E)")
+    fig.suptitle("held-out text routed by the last MoE layer", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -136,6 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--alpha", type=float, default=0.02, help="expert_balance_alpha")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--seed", type=int, default=0, help="initialization and data order (both runs alike)")
     parser.add_argument("--tail", type=int, default=50, help="last steps whose MaxVio is averaged")
     parser.add_argument("--domain-seqs", type=int, default=48, help="held-out sequences routed per domain (at most)")
     parser.add_argument("--holdout-every", type=int, default=4, help="hold out every N-th file of each domain")
@@ -149,12 +165,12 @@ def main(argv=None) -> None:
     train_files, held = split_domains(args.holdout_every)
     overrides = dict(seq_len=args.seq_len, batch_size=args.batch, grad_accum=args.grad_accum, max_steps=args.steps,
                      precision=args.precision, eval_every=args.steps, eval_batches=32, save_every=args.steps,
-                     warmup_steps=min(20, args.steps // 10), seed=0,
+                     warmup_steps=min(20, args.steps // 10), seed=args.seed,
                      expert_balance_alpha=args.alpha, aux_loss_alpha=0.0, bias_update_speed=0.0,
                      num_nextn_predict_layers=0)
     print(header(f"balance_scope micro vs global: preset {args.preset!r}, {args.steps} steps of {args.grad_accum} "
                  f"micro-batches x {args.batch} x {args.seq_len} tokens, expert_balance_alpha={args.alpha} "
-                 f"(aux_loss_alpha=0, bias_update_speed=0)"), flush=True)
+                 f"(aux_loss_alpha=0, bias_update_speed=0), seed {args.seed}"), flush=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     held_names = {d: [str(p.relative_to(stdlib / d)) for p in files] for d, files in held.items()}
     print(f"held out of training (routed at the end): {held_names}", flush=True)
@@ -182,7 +198,7 @@ def main(argv=None) -> None:
 
     print(f"\nprecision: {precision}\n")
     rows = [["balance_scope", "val loss", "held-out domain loss", f"MaxVio (last {args.tail} steps)",
-             "domain TV distance", f"experts with a >= {SPECIALIST:g}x domain"]]
+             "domain TV distance", f"experts a domain uses >= {SPECIALIST:g}x"]]
     for scope, r in results.items():
         s = r["specialisation"]
         rows.append([scope, f"{r['val_loss']:.4f}", f"{r['heldout_loss']:.4f}", f"{r['max_vio_tail']:.3f}",
@@ -200,6 +216,7 @@ def main(argv=None) -> None:
         print(f"\nwrote {png}")
     write_json(args.out, {"preset": args.preset, "steps": args.steps, "batch": args.batch,
                           "grad_accum": args.grad_accum, "seq_len": args.seq_len, "expert_balance_alpha": args.alpha,
+                          "seed": args.seed,
                           "precision": precision, "held_out": held_names, "results": results})
 
 

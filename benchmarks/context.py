@@ -7,8 +7,14 @@ library, which are held out of both stages.
     python benchmarks/context.py --seq-len 256 --pretrain-steps 1500 --extend-steps 200   # longer
     python benchmarks/context.py --quick                           # smoke run
 
+On a shared machine run single-threaded (`OMP_NUM_THREADS=1`): with other jobs on the cores, two OpenMP threads
+made these runs about 10x slower here (see README.md). Wall times in the comments are single-threaded,
+on a loaded 2-core machine.
+
 Rows: the pretrained model as is (plain RoPE, read beyond the context it was trained at), the same weights with
-the extension's YaRN config but no extension training (what the config alone does), and the extended model.
+the extension's YaRN config but no extension training (what the config alone does), a control that trains the
+pretrained model as many more steps at S with plain RoPE (the extension's lr, tokens per step and long documents:
+what the extra training alone does), and the extended model.
 """
 
 from __future__ import annotations
@@ -79,17 +85,17 @@ def plot(curves: dict[str, torch.Tensor], seq_len: int, path: Path) -> Path | No
     except ImportError:
         print("matplotlib is not installed: no plot")
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.2))
     width = 16
     for name, curve in curves.items():
         smooth = curve[:len(curve) // width * width].view(-1, width).mean(1)
         ax.plot([(i + 0.5) * width for i in range(len(smooth))], smooth.tolist(), label=name)
     ax.axvline(seq_len, color="grey", linestyle="--", linewidth=1)
-    ax.text(seq_len, ax.get_ylim()[1], " pretraining context", va="top", fontsize=8, color="grey")
+    ax.text(seq_len, ax.get_ylim()[0], " pretraining context", va="bottom", fontsize=8, color="grey")
     ax.set_xlabel("position (tokens)")
     ax.set_ylabel(f"next-token loss (mean over {width} positions)")
     ax.set_title("held-out longest stdlib modules: loss by position")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -140,6 +146,13 @@ def main(argv=None) -> None:
               f"min_file_bytes {ext_train_config.min_file_bytes}", flush=True)
         ext = train(ext_model_config, ext_train_config, base / "extend", data=train_files, progress=False,
                     init_from=base / "pretrain" / "final")
+        control_model_config, control_train_config = load_run_config(None, overrides={
+            **common, "max_steps": args.extend_steps, "batch_size": args.batch, "seq_len": s,
+            "lr": ext_train_config.lr, "warmup_steps": 0, "min_lr_ratio": 1.0,
+            "min_file_bytes": ext_train_config.min_file_bytes, "eval_every": args.extend_steps,
+            "save_every": args.extend_steps}, init_from=base / "pretrain" / "final")
+        train(control_model_config, control_train_config, base / "control", data=train_files, progress=False,
+              init_from=base / "pretrain" / "final")
 
         from tokenizers import Tokenizer
 
@@ -148,8 +161,10 @@ def main(argv=None) -> None:
         pretrained = seekmoe.from_pretrained(base / "pretrain" / "final", dtype=torch.float32)
         yarn_only = seekmoe.build_model(ext_model_config)
         yarn_only.load_state_dict(pretrained.state_dict())
+        control = seekmoe.from_pretrained(base / "control" / "final", dtype=torch.float32)
         extended = seekmoe.from_pretrained(base / "extend" / "final", dtype=torch.float32)
         models = {"pretrained (plain RoPE)": pretrained, "pretrained + YaRN config, no extension training": yarn_only,
+                  f"control: {args.extend_steps} more steps at {s} (plain RoPE)": control,
                   f"extended (YaRN, {args.extend_steps} steps at {long})": extended}
         curves = {name: loss_by_position(model, windows) for name, model in models.items()}
 
