@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, header, table, write_json  # noqa: E402
+from common import RESULTS, header, pyplot, save_figure, table, write_json  # noqa: E402
 
 import seekmoe  # noqa: E402
 from seekmoe.data import default_corpus  # noqa: E402
@@ -111,13 +111,8 @@ def specialisation(routed: dict, threshold: float = SPECIALIST) -> dict:
 def plot(results: dict, path: Path) -> Path | None:
     """Per scope, heatmaps of the last MoE layer: each domain's load per expert relative to the expert's
     all-domain load (specialisation, 1 = none), above the all-domain load relative to 1/E (imbalance)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 4.4), squeeze=False,
                              gridspec_kw={"height_ratios": [len(DOMAINS), 1.3]})
@@ -136,11 +131,7 @@ def plot(results: dict, path: Path) -> Path | None:
         ax.set_xlabel("expert")
         fig.colorbar(image, ax=ax, label="load / (1/E)")
     fig.suptitle("held-out text routed by the last MoE layer", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> None:

@@ -3,9 +3,9 @@ pretrained with plain RoPE at seq_len S (max_position_embeddings = S), then exte
 run; validation loss by position bucket (0-S, S-2S, ... tokens) on the longest modules of the Python standard
 library, which are held out of both stages.
 
-    python benchmarks/context.py                                   # S=128: 800 pretraining + 100 extension steps, fp32: ~5 min
+    python benchmarks/context.py                # S=128: 800 pretraining + 100 extension steps, fp32: ~5 min
     python benchmarks/context.py --seq-len 256 --pretrain-steps 1500 --extend-steps 200   # longer
-    python benchmarks/context.py --quick                           # smoke run
+    python benchmarks/context.py --quick        # smoke run
 
 On a shared machine run single-threaded (`OMP_NUM_THREADS=1`): with other jobs on the cores, two OpenMP threads
 made these runs about 10x slower here (see README.md). Wall times in the comments are single-threaded,
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, header, table, write_json  # noqa: E402
+from common import RESULTS, header, pyplot, save_figure, table, write_json  # noqa: E402
 
 import seekmoe  # noqa: E402
 from seekmoe.data import BOS_TOKEN, EOS_TOKEN, default_corpus  # noqa: E402
@@ -77,13 +77,8 @@ def buckets(per_position: torch.Tensor, size: int) -> list[float]:
 
 def plot(curves: dict[str, torch.Tensor], seq_len: int, path: Path) -> Path | None:
     """Loss against position (smoothed over 16 positions), one line per model, the pretraining context marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 5.2))
     width = 16
@@ -96,11 +91,7 @@ def plot(curves: dict[str, torch.Tensor], seq_len: int, path: Path) -> Path | No
     ax.set_ylabel(f"next-token loss (mean over {width} positions)")
     ax.set_title("held-out longest stdlib modules: loss by position")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> None:
