@@ -27,34 +27,51 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def cpu_flags() -> str:
-    """The CPU features that decide fp32 vs bf16 speed here, and whether torch computes bf16 natively."""
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of the instruction sets that decide fp32 and bf16 speed on a CPU this one has (all False where
+    /proc/cpuinfo is missing)."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        flags = set()
-    present = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+        return {flag: False for flag in CPU_FLAGS}
+    present = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            present.update(line.split(":", 1)[1].split())
+            break
+    return {flag: flag in present for flag in CPU_FLAGS}
+
+
+def mkldnn_bf16_native() -> bool:
+    """Whether torch's oneDNN computes bf16 natively here (AVX-512 bf16 or AMX) rather than emulating it; what
+    `precision=auto` decides by on a CPU."""
     try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        native = False
-    return f"{' '.join(present) or 'no avx2'}; bf16 {'native' if native else 'emulated'}"
+        return False
 
 
 def machine() -> dict:
     """The facts a timing table needs to be read against."""
     import transformers
 
-    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "mkldnn_bf16_native": mkldnn_bf16_native(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             # Other jobs on a shared machine, and how idle OpenMP threads wait, move these timings a lot.
             "load_average_1min": os.getloadavg()[0], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
 
 def header(title: str) -> str:
+    """The title, then the machine: CPU, its bf16-relevant flags, threads, versions, date and load."""
     m = machine()
-    return (f"{title}\n{m['cpu']} ({m['cpu_flags']}), {m['torch_threads']} torch threads, torch {m['torch']}, "
+    flags = " ".join(f"{name}={'yes' if on else 'no'}" for name, on in m["cpu_flags"].items())
+    return (f"{title}\n{m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}, "
             f"transformers {m['transformers']}, {m['date']}\n"
+            f"CPU flags: {flags}; torch mkldnn bf16 native: {'yes' if m['mkldnn_bf16_native'] else 'no'}\n"
             f"load average {m['load_average_1min']:.1f} at start, OMP_WAIT_POLICY={m['omp_wait_policy']}")
 
 
@@ -85,3 +102,27 @@ def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` as a PNG to `path` (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,106 +1,184 @@
-"""Context extension as its own stage (issue 16, DeepSeek-V3 section 4.3): validation loss by position before and
-after `seekmoe train --init-from DIR --extend-context LEN`.
+"""Context extension as its own stage (`seekmoe train --init-from DIR --extend-context LEN`): a small model
+pretrained with plain RoPE at seq_len S (max_position_embeddings = S), then extended with YaRN to 4S in a short
+run; validation loss by position bucket (0-S, S-2S, ... tokens) on the longest modules of the Python standard
+library, which are held out of both stages.
 
-    python benchmarks/context.py                 # small preset: pretrain at 128 tokens, extend to 512; minutes
-    python benchmarks/context.py --quick         # tiny preset, a few steps
+    python benchmarks/context.py                # S=128: 800 pretraining + 100 extension steps, fp32: ~5 min
+    python benchmarks/context.py --seq-len 256 --pretrain-steps 1500 --extend-steps 200   # longer
+    python benchmarks/context.py --quick        # smoke run
 
-A model pretrained with plain RoPE at --seq-len S (max_position_embeddings = S) is extended with YaRN to 4S. Both
-are scored on the longest modules of the Python standard library (documents nobody chose for the purpose): mean
-cross-entropy of the tokens at positions 0-S, S-2S, ... of 4S-token windows, as a table and a plot.
+On a shared machine run single-threaded (`OMP_NUM_THREADS=1`): with other jobs on the cores, two OpenMP threads
+made these runs about 10x slower here (see README.md). Wall times in the comments are single-threaded,
+on a loaded 2-core machine.
+
+Rows: the pretrained model as is (plain RoPE, read beyond the context it was trained at), the same weights with
+the extension's YaRN config but no extension training (what the config alone does), a control that trains the
+pretrained model as many more steps at S with plain RoPE (the extension's lr, tokens per step and long documents:
+what the extra training alone does), and the extended model.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, header, table, write_json  # noqa: E402
+from common import RESULTS, header, pyplot, save_figure, table, write_json  # noqa: E402
 
 import seekmoe  # noqa: E402
-from seekmoe.data import default_corpus  # noqa: E402
+from seekmoe.data import BOS_TOKEN, EOS_TOKEN, default_corpus  # noqa: E402
 from seekmoe.train import load_run_config, train  # noqa: E402
 
 
+def longest_modules(n: int) -> tuple[list[str], list[Path]]:
+    """The default corpus without its `n` largest files, and those files (largest first)."""
+    files = [Path(f) for f in default_corpus().files]
+    longest = sorted(files, key=lambda f: -f.stat().st_size)[:n]
+    return [str(f) for f in files if f not in set(longest)], longest
+
+
+def eval_windows(files: list[Path], tokenizer, length: int, per_file: int) -> torch.Tensor:
+    """Up to `per_file` non-overlapping windows [length] from the start of each document (<|begin_of_text|> text
+    <|end_of_text|>, as training packs them), so that position p of a window is position p of a real text."""
+    bos, eos = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+    windows = []
+    for f in files:
+        ids = [bos] + tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")).ids + [eos]
+        for w in range(min(per_file, len(ids) // length)):
+            windows.append(torch.tensor(ids[w * length:(w + 1) * length]))
+    if not windows:
+        raise SystemExit(f"no evaluation document has {length} tokens")
+    return torch.stack(windows)
+
+
 @torch.no_grad()
-def loss_by_position(model_dir: Path, files: list[Path], length: int, bucket: int) -> list[float]:
-    """Mean next-token cross-entropy per position bucket over `length`-token windows of `files`."""
-    from tokenizers import Tokenizer
-
-    model = seekmoe.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    sums = torch.zeros(length - 1, dtype=torch.float64)
-    count = 0
-    for path in files:
-        ids = torch.tensor(tok.encode(path.read_text(errors="replace")).ids)
-        for start in range(0, len(ids) - length + 1, length):
-            window = ids[start:start + length].unsqueeze(0)
-            logits = model(window).logits[0, :-1].float()
-            sums += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="none").double()
-            count += 1
-    per_token = sums / max(count, 1)
-    return [per_token[i:i + bucket].mean().item() for i in range(0, length - 1, bucket)]
+def loss_by_position(model, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    """Mean next-token loss at each position [length - 1] over the windows."""
+    model.eval()
+    total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
+    for start in range(0, len(windows), batch):
+        ids = windows[start:start + batch]
+        logits = model(ids).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [b, length - 1]
+        total += loss.double().sum(0)
+    return total / len(windows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def buckets(per_position: torch.Tensor, size: int) -> list[float]:
+    """Mean loss over each bucket of `size` positions (the loss at position p predicts token p + 1)."""
+    return [float(per_position[i:i + size].mean()) for i in range(0, len(per_position), size)]
+
+
+def plot(curves: dict[str, torch.Tensor], seq_len: int, path: Path) -> Path | None:
+    """Loss against position (smoothed over 16 positions), one line per model, the pretraining context marked."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    width = 16
+    for name, curve in curves.items():
+        smooth = curve[:len(curve) // width * width].view(-1, width).mean(1)
+        ax.plot([(i + 0.5) * width for i in range(len(smooth))], smooth.tolist(), label=name)
+    ax.axvline(seq_len, color="grey", linestyle="--", linewidth=1)
+    ax.text(seq_len, ax.get_ylim()[0], " pretraining context", va="bottom", fontsize=8, color="grey")
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel(f"next-token loss (mean over {width} positions)")
+    ax.set_title("held-out longest stdlib modules: loss by position")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    return save_figure(fig, path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--seq-len", type=int, default=128, help="pretraining context S (extension to 4S)")
-    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--seq-len", type=int, default=128, help="S: pretraining seq_len and max_position_embeddings")
+    parser.add_argument("--factor", type=int, default=4, help="extend to factor x S tokens")
+    parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--extend-steps", type=int, default=100)
-    parser.add_argument("--documents", type=int, default=6, help="longest stdlib modules scored")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=int, default=16, help="pretraining sequences per step (the extension "
+                        "keeps the tokens per step: batch / factor sequences)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--eval-docs", type=int, default=12, help="longest stdlib modules held out and evaluated")
+    parser.add_argument("--windows-per-doc", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 10 + 4 steps, 3 documents")
+    parser.add_argument("--keep", type=Path, help="keep the two stages' folders here (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "context.json")
+    args = parser.parse_args(argv)
     if args.quick:
-        args.preset, args.seq_len, args.pretrain_steps, args.extend_steps, args.documents = "tiny", 32, 20, 5, 2
-    S, L = args.seq_len, 4 * args.seq_len
-    print(header(f"context extension ({args.preset}: {args.pretrain_steps} steps at {S} tokens, plain RoPE, then "
-                 f"{args.extend_steps} steps at {L} with YaRN; fp32)"))
-    files = sorted(default_corpus().files, key=lambda f: f.stat().st_size)[-args.documents:]
-    common = {"precision": "fp32", "batch_size": 8, "eval_every": 10**6, "save_every": 10**6}
+        args.pretrain_steps, args.extend_steps, args.eval_docs, args.windows_per_doc = 10, 4, 3, 1
+    s, long = args.seq_len, args.factor * args.seq_len
+
+    train_files, eval_files = longest_modules(args.eval_docs)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    print(header(f"Context extension: preset {args.preset!r} pretrained {args.pretrain_steps} steps at {s} tokens "
+                 f"(plain RoPE), extended {args.extend_steps} steps at {long} tokens (YaRN factor {args.factor})"),
+          flush=True)
+    print(f"evaluated on (held out of both stages): {[str(f.relative_to(stdlib)) for f in eval_files]}", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
-        pre, ext = Path(tmp) / "pre", Path(tmp) / "ext"
-        model_config, config = load_run_config(args.preset, overrides={
-            **common, "seq_len": S, "max_position_embeddings": S, "max_steps": args.pretrain_steps})
-        train(model_config, config, pre, progress=False)
-        model_config, config = load_run_config(None, overrides={
-            **common, "batch_size": 2, "max_steps": args.extend_steps}, init_from=pre / "final", extend_context=L)
-        train(model_config, config, ext, progress=False, init_from=pre / "final")
-        before = loss_by_position(pre / "final", files, L, S)
-        after = loss_by_position(ext / "final", files, L, S)
-    rows = [["positions", "pretrained (RoPE, S)", "extended (YaRN, 4S)"]]
-    for i, (b, a) in enumerate(zip(before, after)):
-        rows.append([f"{i * S}-{(i + 1) * S}", f"{b:.3f}", f"{a:.3f}"])
+        base = args.keep or Path(tmp)
+        common = dict(precision=args.precision, eval_batches=8)
+        model_config, train_config = load_run_config(args.preset, overrides={
+            **common, "seq_len": s, "max_position_embeddings": s, "max_steps": args.pretrain_steps,
+            "batch_size": args.batch, "eval_every": args.pretrain_steps, "save_every": args.pretrain_steps,
+            "warmup_steps": min(20, args.pretrain_steps // 10)})
+        pre = train(model_config, train_config, base / "pretrain", data=train_files, progress=False)
+        ext_batch = max(1, args.batch // args.factor)
+        ext_model_config, ext_train_config = load_run_config(None, overrides={
+            **common, "max_steps": args.extend_steps, "batch_size": ext_batch, "eval_every": args.extend_steps,
+            "save_every": args.extend_steps}, init_from=base / "pretrain" / "final", extend_context=long)
+        print(f"extension stage: rope_scaling {ext_model_config.rope_scaling}, lr {ext_train_config.lr:g}, "
+              f"min_file_bytes {ext_train_config.min_file_bytes}", flush=True)
+        ext = train(ext_model_config, ext_train_config, base / "extend", data=train_files, progress=False,
+                    init_from=base / "pretrain" / "final")
+        control_model_config, control_train_config = load_run_config(None, overrides={
+            **common, "max_steps": args.extend_steps, "batch_size": args.batch, "seq_len": s,
+            "lr": ext_train_config.lr, "warmup_steps": 0, "min_lr_ratio": 1.0,
+            "min_file_bytes": ext_train_config.min_file_bytes, "eval_every": args.extend_steps,
+            "save_every": args.extend_steps}, init_from=base / "pretrain" / "final")
+        train(control_model_config, control_train_config, base / "control", data=train_files, progress=False,
+              init_from=base / "pretrain" / "final")
+
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(base / "pretrain" / "final" / "tokenizer.json"))
+        windows = eval_windows(eval_files, tokenizer, long, args.windows_per_doc)
+        pretrained = seekmoe.from_pretrained(base / "pretrain" / "final", dtype=torch.float32)
+        yarn_only = seekmoe.build_model(ext_model_config)
+        yarn_only.load_state_dict(pretrained.state_dict())
+        control = seekmoe.from_pretrained(base / "control" / "final", dtype=torch.float32)
+        extended = seekmoe.from_pretrained(base / "extend" / "final", dtype=torch.float32)
+        models = {"pretrained (plain RoPE)": pretrained, "pretrained + YaRN config, no extension training": yarn_only,
+                  f"control: {args.extend_steps} more steps at {s} (plain RoPE)": control,
+                  f"extended (YaRN, {args.extend_steps} steps at {long})": extended}
+        curves = {name: loss_by_position(model, windows) for name, model in models.items()}
+
+    print(f"\nprecision: pretraining {pre['precision']}, extension {ext['precision']}; {len(windows)} windows of "
+          f"{long} tokens from {len(eval_files)} documents; pretraining val loss {pre['final_val_loss']:.4f}, "
+          f"extension val loss {ext['final_val_loss']:.4f} (at {long} tokens, long documents)\n")
+    edges = list(range(0, long, s))
+    rows = [["model"] + [f"{a}-{a + s}" for a in edges]]
+    for name, curve in curves.items():
+        rows.append([name] + [f"{v:.3f}" for v in buckets(curve, s)])
     print(table(rows))
-    print("documents: " + ", ".join(f.name for f in files))
-    payload = {"preset": args.preset, "seq_len": S, "extended_to": L, "pretrain_steps": args.pretrain_steps,
-               "extend_steps": args.extend_steps, "documents": [f.name for f in files], "bucket": S,
-               "loss_before": before, "loss_after": after}
-    write_json(RESULTS / "context.json", payload)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        x = [(i + 0.5) * S for i in range(len(before))]
-        plt.figure(figsize=(6, 4))
-        plt.plot(x, before, "o-", label=f"pretrained at {S} (plain RoPE)")
-        plt.plot(x, after, "o-", label=f"extended to {L} (YaRN)")
-        plt.axvline(S, color="gray", linestyle=":")
-        plt.xlabel("position in the window (tokens)")
-        plt.ylabel("cross-entropy (nats/token)")
-        plt.legend()
-        plt.title("validation loss by position, longest stdlib modules")
-        plt.tight_layout()
-        plt.savefig(RESULTS / "context.png", dpi=100)
-        print(f"wrote {RESULTS / 'context.png'}")
-    except ImportError:
-        pass
+    png = plot(curves, s, args.out.with_suffix(".png"))
+    if png:
+        print(f"\nwrote {png}")
+    write_json(args.out, {
+        "preset": args.preset, "seq_len": s, "extended_to": long, "pretrain_steps": args.pretrain_steps,
+        "extend_steps": args.extend_steps, "precision": {"pretrain": pre["precision"], "extend": ext["precision"]},
+        "rope_scaling": ext_model_config.rope_scaling, "extend_lr": ext_train_config.lr,
+        "eval_documents": [str(f.relative_to(stdlib)) for f in eval_files], "windows": len(windows),
+        "val_loss": {"pretrain": pre["final_val_loss"], "extend": ext["final_val_loss"]},
+        "buckets": [[a, a + s] for a in edges],
+        "loss_by_bucket": {name: buckets(curve, s) for name, curve in curves.items()},
+        "loss_by_position": {name: [round(v, 4) for v in curve.tolist()] for name, curve in curves.items()}})
 
 
 if __name__ == "__main__":
