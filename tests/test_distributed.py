@@ -17,7 +17,6 @@ from seekmoe.train import load_run_config
 from seekmoe.train.checkpointing import latest_checkpoint
 from seekmoe.train.metrics import read_metrics
 from seekmoe.train.trainer import Trainer
-from test_data import stdlib_sample
 
 WORKER = str(Path(__file__).parent / "distributed_worker.py")
 STEPS = 20
@@ -32,14 +31,6 @@ def torchrun(nproc: int, *args: str, timeout: float = 180, check: bool = True) -
     return done
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return stdlib_sample(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
 
 
 def settings(cache: str, per_rank_batch: int, **extra) -> dict:

@@ -1,8 +1,6 @@
 """Nothing a crash, a corrupted file or a hostile input does loses work or allocates blindly (issue 10)."""
 
 import json
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +11,7 @@ from seekmoe.data import discover_corpus
 from seekmoe.train import load_run_config, train
 from seekmoe.train.checkpointing import CheckpointWarning, latest_checkpoint, verify_checkpoint
 from seekmoe.train.metrics import read_metrics
-from test_data import stdlib_sample
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return stdlib_sample(tmp_path_factory.mktemp("corpus"))
 
 
 def tiny(cache, **overrides):

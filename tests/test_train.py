@@ -19,17 +19,8 @@ from seekmoe.train.checkpointing import CheckpointWarning, latest_checkpoint, lo
 from seekmoe.train.config import TrainConfig, stepwise
 from seekmoe.train.metrics import read_metrics
 from seekmoe.train.optim import build_optimizer, lr_at
-from test_data import stdlib_sample
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return stdlib_sample(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
 
 
 def tiny_run(cache: str, **overrides):

@@ -18,12 +18,7 @@ from seekmoe.train.config import TrainConfig
 from seekmoe.train.metrics import read_metrics
 from seekmoe.train.optim import build_optimizer
 from seekmoe.train.step import TrainStep
-from test_data import stdlib_sample
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return stdlib_sample(tmp_path_factory.mktemp("corpus"))
 
 
 def _start(corpus: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen:

@@ -3,8 +3,6 @@ of eq. 17-20 on the plain top-k of unbiased affinities, global-batch balance sta
 a selection bias that no cast moves, sequence lengths the MTP depth cannot use, and YaRN as its own stage."""
 
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -72,7 +70,6 @@ def test_sequence_wise_balance_loss_counts_the_plain_top_k_of_unbiased_scores():
 
 def test_expert_and_device_losses_count_the_whole_step_with_a_window():
     moe, config = _moe(expert_balance_alpha=0.1, device_balance_alpha=0.05)
-    model_config = config
     E, K, G = config.n_routed_experts, config.num_experts_per_tok, config.n_group
     window = BalanceWindow()
     xs = [torch.randn(2, 8, config.hidden_size) for _ in range(2)]
@@ -81,7 +78,7 @@ def test_expert_and_device_losses_count_the_whole_step_with_a_window():
     got = []
     for x in xs:
         _, stats = moe(x)
-        got.append(batch_balance_loss([stats], model_config, 16, window).item())
+        got.append(batch_balance_loss([stats], config, 16, window).item())
     # micro-batch 2 counts f over micro-batches 1 and 2; P over its own tokens only
     scores = [_scores64(moe, x) for x in xs]
     f_all, _ = _f_and_p64(torch.cat(scores), K, E)
@@ -139,10 +136,7 @@ def test_preset_pretraining_within_the_original_context_uses_plain_rope():
     assert model.rope_scaling["factor"] == 40
 
 
-def test_metrics_report_mtp_layers_apart_from_the_main_model(tmp_path):
-    from test_data import stdlib_sample
-
-    corpus = stdlib_sample(tmp_path / "corpus")
+def test_metrics_report_mtp_layers_apart_from_the_main_model(corpus, tmp_path):
     model_config, config = load_run_config("tiny", overrides={
         "seq_len": 32, "batch_size": 2, "max_steps": 2, "eval_every": 2, "save_every": 2, "eval_batches": 1,
         "cache_dir": str(tmp_path / "cache"), "precision": "fp32", "grad_accum": 2, "expert_balance_alpha": 0.01})
@@ -153,11 +147,9 @@ def test_metrics_report_mtp_layers_apart_from_the_main_model(tmp_path):
     assert "max_vio_mtp" in record and "max_vio" in record
 
 
-def test_context_extension_stage_sets_yarn_keeps_weights_and_loads_in_transformers(tmp_path):
-    from test_data import stdlib_sample
+def test_context_extension_stage_sets_yarn_keeps_weights_and_loads_in_transformers(corpus, tmp_path):
     from hf_oracle import rel_error
 
-    corpus = stdlib_sample(tmp_path / "corpus")
     common = {"batch_size": 2, "eval_every": 50, "eval_batches": 1, "cache_dir": str(tmp_path / "cache"),
               "precision": "fp32"}
     model_config, config = load_run_config("tiny", overrides={**common, "seq_len": 32, "max_steps": 3,

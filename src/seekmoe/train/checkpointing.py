@@ -50,14 +50,22 @@ def write_atomically(final: Path, write: Callable[[Path], None], pause_at: int |
     tmp.mkdir()
     write(tmp)
     _maybe_pause(pause_at)
-    files = {}
-    for path in sorted(tmp.iterdir()):
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        _fsync(path)
-    (tmp / MANIFEST).write_text(json.dumps({"files": files, "written_at": time.time()}, indent=2) + "\n")
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    write_manifest(tmp)
     swap_into_place(tmp, final)
+
+
+def write_manifest(folder: Path) -> None:
+    """Write `folder/manifest.json` (every file's size and SHA-256, subfolders included), fsyncing each file, the
+    manifest and the folders, so that a verified manifest means a complete folder."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        _fsync(path)
+    (folder / MANIFEST).write_text(json.dumps({"files": files, "written_at": time.time()}, indent=2) + "\n")
+    _fsync(folder / MANIFEST)
+    for sub in sorted(p for p in folder.rglob("*") if p.is_dir()):
+        _fsync(sub)
+    _fsync(folder)
 
 
 def swap_into_place(tmp: Path, final: Path) -> None:

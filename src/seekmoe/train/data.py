@@ -21,7 +21,7 @@ def select_corpus(data: list[str] | None, config: TrainConfig) -> Corpus:
     if not files:
         raise ValueError(f"no file of {corpus.name} has min_file_bytes={config.min_file_bytes} bytes or more: "
                          f"lower min_file_bytes or add longer documents")
-    return Corpus(files, f"{corpus.name}, files of >= {config.min_file_bytes} bytes")
+    return Corpus(files, f"{corpus.name}, files of >= {config.min_file_bytes} bytes", corpus.skipped)
 
 
 class TrainData:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpointing import (MANIFEST, _fsync, _maybe_pause, _rng_tensors, _sha256, checkpoint_dir, prune_checkpoints,
-                            swap_into_place)
+from .checkpointing import (_maybe_pause, _rng_tensors, checkpoint_dir, prune_checkpoints, swap_into_place,
+                            write_manifest)
 
 DCP_DIR = "dcp"
 
@@ -51,14 +50,7 @@ def save_sharded_checkpoint(out: Path, step: int, model, optimizer: torch.optim.
         save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
         _maybe_pause(step)
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-            _fsync(path)
-        (tmp / MANIFEST).write_text(json.dumps({"files": files, "written_at": time.time()}, indent=2) + "\n")
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp / DCP_DIR)
-        _fsync(tmp)
+        write_manifest(tmp)
         swap_into_place(tmp, final)
         prune_checkpoints(out, keep, final)
     barrier()

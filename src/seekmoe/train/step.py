@@ -47,16 +47,15 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
                  autocast_dtype: torch.dtype | None, device: torch.device, reduce: Reduce | None = None,
-                 balance_scope: str = "global", forward: Callable | None = None):
+                 balance_scope: str = "global"):
         self.model = model
-        self.forward = forward or model
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.autocast_dtype = autocast_dtype
         self.device = device
         self.reduce = reduce or (lambda t: t)
         self.window = BalanceWindow(reduce) if balance_scope == "global" else None
-        self.moe_layers = _moe_layers(model)
+        self.moe_layers = model.moe_layers()
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Accumulate the gradients of the mean loss over `micro_batches`; returns (summed loss parts as tensors,
@@ -68,7 +67,7 @@ class TrainStep:
         for ids in micro_batches:
             ids = ids.to(self.device, non_blocking=True)
             with autocast_context(self.device, self.autocast_dtype):
-                out = self.forward(ids, labels=ids, balance_window=self.window)
+                out = self.model(ids, labels=ids, balance_window=self.window)
             (out.loss / len(micro_batches)).backward()
             for key in LOSS_PARTS:
                 value = getattr(out, key)
@@ -134,9 +133,3 @@ def _grad_norm(model: nn.Module, grad_clip: float, reduce: Reduce) -> float:
         scale = grad_clip / (norm + 1e-6)
         torch._foreach_mul_(local, scale)
     return norm
-
-
-def _moe_layers(model: nn.Module) -> list[nn.Module]:
-    """The MoE layers in `expert_counts` row order, through wrappers (torch.compile) if any."""
-    inner = getattr(model, "_orig_mod", model)
-    return inner.moe_layers()

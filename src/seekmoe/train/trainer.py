@@ -161,9 +161,8 @@ class Trainer:
         if config.compile:  # per block, as torchtitan does: FSDP2's hooks stay outside the compiled graphs
             for block in list(self.model.model.layers) + list(self.model.model.mtp):
                 block.compile()
-        self.forward = self.model
         self.step = TrainStep(self.model, self.optimizer, config.grad_clip, self.autocast_dtype, self.device,
-                              self.reduce, config.balance_scope, self.forward)
+                              self.reduce, config.balance_scope)
 
     # ----- setup -----
     def _build_model(self) -> torch.nn.Module:
@@ -314,7 +313,7 @@ class Trainer:
         total = torch.zeros(2, device=self.device)  # [sum of batch losses, batches]
         for ids, counts in batches:
             with autocast_context(self.device, self.autocast_dtype):
-                loss = self.forward(ids.to(self.device), labels=ids.to(self.device)).lm_loss
+                loss = self.model(ids.to(self.device), labels=ids.to(self.device)).lm_loss
             if counts:
                 total += torch.stack([loss.float(), torch.ones((), device=self.device)])
         self.model.train()
