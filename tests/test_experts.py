@@ -127,3 +127,22 @@ def test_model_logits_match_transformers_with_each_backend(backend, monkeypatch,
     ids = torch.randint(0, ref_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert rel_error(ours(ids).logits, ref_model(ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize("load", ["random", "some_experts_empty", "every_token_on_one_expert"])
+def test_gathered_backend_equals_the_reference_without_autograd(load):
+    g, x, gate_up_proj, down_proj = _leaves(seed=11)
+    indices, weights = _routing(load, g)
+    with torch.no_grad():
+        _, got = _routed_experts("gathered", gate_up_proj, down_proj, x, indices, weights)
+        want = reference_experts(x, indices, weights, gate_up_proj, down_proj)
+    assert rel_error(got, want) < 1e-5
+
+
+def test_decoding_takes_the_gathered_backend_and_training_never_does(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        assert resolve_backend(None, cpu, torch.float32, rows=8, n_experts=64) == "gathered"
+        assert resolve_backend(None, cpu, torch.float32, rows=512, n_experts=64) != "gathered"
+    assert resolve_backend("gathered", cpu, torch.float32, rows=8, n_experts=64) != "gathered"  # autograd on

@@ -40,7 +40,7 @@ def test_cached_decoding_matches_recomputing_the_whole_sequence_at_every_step(wh
     rows = [torch.randint(2, config.vocab_size, (n,)).tolist() for n in (9, 4)]
     step = cache.step([0, 1], [9, 4], 9)
     tokens = torch.tensor([rows[0], rows[1] + [0] * 5])
-    logits = model(tokens, position_ids=step.positions, attn_mask=step.attn_mask, cache=step.layers).logits
+    logits = model(tokens, position_ids=step.positions, attn_mask=step.attn_mask, cache=cache.layers(step)).logits
     for i, n in enumerate((9, 4)):
         cache.commit(i, n)
         ref = model(torch.tensor([rows[i]])).logits[0]
@@ -51,7 +51,7 @@ def test_cached_decoding_matches_recomputing_the_whole_sequence_at_every_step(wh
             rows[i].append(nxt[i])
         step = cache.step([0, 1], [1, 1], 1)
         logits = model(torch.tensor(nxt)[:, None], position_ids=step.positions, attn_mask=step.attn_mask,
-                       cache=step.layers).logits
+                       cache=cache.layers(step)).logits
         for i in range(2):
             cache.commit(i, 1)
             ref = model(torch.tensor([rows[i]])).logits[0, -1]

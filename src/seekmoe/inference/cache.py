@@ -9,12 +9,15 @@ import torch
 
 @dataclass
 class CacheStep:
-    """Where one forward's new tokens go: positions [B, S] (also their RoPE positions) and the mask
-    attn_mask [B, 1, S, T] (True = may attend) over the T cached tokens the step reads."""
+    """Where one forward's new tokens go: positions [B, S] (also their RoPE positions), the cache row of each batch
+    row `slots` [B], the column each new token is written to `write_at` [B, S], and the mask attn_mask [B, 1, S, T]
+    (True = may attend) over the T cached tokens the step reads. `rows` is `slots` as a slice when consecutive."""
 
     positions: torch.Tensor
     attn_mask: torch.Tensor
-    layers: list["LatentCacheLayer"]
+    slots: torch.Tensor
+    write_at: torch.Tensor
+    rows: slice | None = None
 
 
 class LatentCache:
@@ -58,31 +61,51 @@ class LatentCache:
         """Keep the first `n_tokens` that the last step wrote to `slot`."""
         self.lengths[slot] += n_tokens
 
-    def step(self, slots: list[int], n_new: list[int], width: int) -> CacheStep:
-        """Plan a forward of `width` tokens per slot, of which the first `n_new[i]` are real (the rest padding)."""
+    def step(self, slots: list[int], n_new: list[int], width: int, batch: int | None = None,
+             full_length: bool = False) -> CacheStep:
+        """Plan a forward of `width` tokens per slot, of which the first `n_new[i]` are real (the rest padding).
+
+        For shapes that do not change from step to step (CUDA graphs): `batch` pads the batch with rows that write
+        only to the spare column, and `full_length` makes the step read every column of the cache (T = max_len + 1,
+        the mask hiding what is not there yet) instead of the longest slot's tokens."""
         device = self.c_kv.device
-        start = torch.tensor([self.lengths[s] for s in slots], device=device)
         for s, n in zip(slots, n_new):
             if self.lengths[s] + n > self.max_len:
                 raise ValueError(f"slot {s} would hold {self.lengths[s] + n} tokens: expected at most the cache's "
                                  f"max_len={self.max_len}")
+        pad = (batch or len(slots)) - len(slots)
+        if pad < 0:
+            raise ValueError(f"batch={batch} is smaller than the {len(slots)} slots of the step")
+        lengths, n_new = [self.lengths[s] for s in slots] + [0] * pad, list(n_new) + [0] * pad
+        start = torch.tensor(lengths, device=device)
         positions = start[:, None] + torch.arange(width, device=device)  # [B, S]
         real = torch.arange(width, device=device) < torch.tensor(n_new, device=device)[:, None]
         write_at = torch.where(real, positions, self.max_len)  # padding goes to the spare column
-        T = max(self.lengths[s] + n for s, n in zip(slots, n_new))
+        T = self.max_len + 1 if full_length else max(n + m for n, m in zip(lengths, n_new))
         attn_mask = (torch.arange(T, device=device) <= positions[..., None]).unsqueeze(1)  # [B, 1, S, T]
-        rows = _as_slice(slots)
-        layers = [LatentCacheLayer(self, i, rows, torch.tensor(slots, device=device), write_at, T)
-                  for i in range(self.c_kv.shape[0])]
-        return CacheStep(positions, attn_mask, layers)
+        # Padding rows attend to column 0 of their (borrowed) slot: a harmless, finite row.
+        attn_mask[len(slots):, ..., 0] = True
+        rows = _as_slice(slots) if not pad else None
+        return CacheStep(positions, attn_mask, torch.tensor(slots + slots[:1] * pad, device=device), write_at, rows)
+
+    def layers(self, step: CacheStep) -> list["LatentCacheLayer"]:
+        """The per-layer views of this cache that the model's attention reads and writes during `step`."""
+        return cache_layers(self.c_kv, self.k_pe, step)
+
+
+def cache_layers(c_kv: torch.Tensor, k_pe: torch.Tensor, step: CacheStep) -> list["LatentCacheLayer"]:
+    """Per-layer views of the cache tensors c_kv [layers, batch, max_len + 1, rank] and k_pe for `step` (a plain
+    function of tensors, so that a compiled forward can build them itself)."""
+    T = step.attn_mask.shape[-1]
+    return [LatentCacheLayer(c_kv[i], k_pe[i], step.rows, step.slots, step.write_at, T) for i in range(c_kv.shape[0])]
 
 
 class LatentCacheLayer:
     """One layer of a `LatentCache` during one step: what `MultiHeadLatentAttention` calls `update` on."""
 
-    def __init__(self, cache: LatentCache, layer: int, rows: slice | None, slots: torch.Tensor,
+    def __init__(self, c_kv: torch.Tensor, k_pe: torch.Tensor, rows: slice | None, slots: torch.Tensor,
                  write_at: torch.Tensor, kv_len: int):
-        self.c_kv, self.k_pe = cache.c_kv[layer], cache.k_pe[layer]
+        self.c_kv, self.k_pe = c_kv, k_pe  # [batch, max_len + 1, kv_lora_rank], [batch, max_len + 1, rope_dim]
         self.rows, self.slots, self.write_at, self.kv_len = rows, slots, write_at, kv_len
 
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +115,8 @@ class LatentCacheLayer:
         self.k_pe.index_put_(index, k_pe.to(self.k_pe.dtype))
         if self.rows is not None:  # contiguous slots: a view, no copy
             return self.c_kv[self.rows, : self.kv_len], self.k_pe[self.rows, : self.kv_len]
-        return self.c_kv[self.slots, : self.kv_len], self.k_pe[self.slots, : self.kv_len]
+        return (self.c_kv[:, : self.kv_len].index_select(0, self.slots),
+                self.k_pe[:, : self.kv_len].index_select(0, self.slots))
 
 
 def _as_slice(slots: list[int]) -> slice | None:

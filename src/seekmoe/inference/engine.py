@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LatentCache
+from .compiled import DecodeForwards, should_compile
 from .sampling import SamplingParams, TokenLogprob, next_token_probs, sample, token_logprobs
 from .speculative import MTPDrafter, verify
 from .tokenizer import TextStream, Tokenizer
@@ -54,7 +55,7 @@ class Request:
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
     _last: int | None = None  # the newest token: sampled, not yet in the cache
-    _draft: int | None = None  # the MTP module's guess at the token after _last
+    _drafts: list[int] = field(default_factory=list)  # the MTP modules' guesses at the tokens after _last
 
     @property
     def done(self) -> bool:
@@ -75,13 +76,15 @@ class Event:
 class Engine:
     """Batched generation with MLA's latent cache, for up to `max_batch_size` concurrent requests.
 
-    `speculative='mtp'` drafts one token per step with the model's first MTP module and verifies it in the same
-    forward as the newest token (see `speculative.py`).
+    `speculative='mtp'` drafts `num_speculative_tokens` tokens per step (default: one per MTP module of the model)
+    and verifies them in the same forward as the newest token (see `speculative.py`). `compile` runs the decoding
+    forwards through torch.compile (see `compiled.py`): True, False, or None = on for CUDA only.
     """
 
     def __init__(self, model, tokenizer: Tokenizer | None = None, max_batch_size: int = 8,
                  max_seq_len: int | None = None, speculative: str | None = None,
-                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, num_speculative_tokens: int | None = None,
+                 compile: bool | str | None = None):
         if speculative not in (None, *SPECULATIVE_METHODS):
             raise ValueError(f"speculative={speculative!r} is invalid: expected None or one of {SPECULATIVE_METHODS}")
         if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
@@ -95,10 +98,16 @@ class Engine:
         if not 1 < self.max_seq_len <= self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len={self.max_seq_len} is invalid: expected 2 to the model's "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
+        if num_speculative_tokens is not None and not speculative:
+            raise ValueError("num_speculative_tokens is set but speculative is off: expected speculative='mtp'")
         param = next(model.parameters())
+        self.forwards = DecodeForwards(param.device, should_compile(compile, param.device))
+        self.drafter = (MTPDrafter(model, max_batch_size, self.max_seq_len, num_speculative_tokens, self.forwards)
+                        if speculative else None)
+        # A verifying forward writes the drafts after the newest token: room for them past max_seq_len.
+        room = self.drafter.depth if self.drafter else 0
         self.cache = LatentCache.for_model(self.config, self.config.num_hidden_layers, max_batch_size,
-                                           self.max_seq_len, param.dtype, param.device)
-        self.drafter = MTPDrafter(model, max_batch_size, self.max_seq_len) if speculative else None
+                                           self.max_seq_len + room, param.dtype, param.device)
         self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else self.config.eos_token_id
         self.free_slots = list(range(max_batch_size))[::-1]
         self.running: list[Request] = []
@@ -199,22 +208,34 @@ class Engine:
         self.running = [r for r in self.running if r.slot is not None]
         self._new = [r for r in self._new if r.slot is not None]
 
-    def _forward(self, requests: list[Request], ids: list[list[int]]):
-        """One main-model forward of each request's new tokens ids[i] (right-padded) over its cached ones."""
+    def _forward(self, requests: list[Request], ids: list[list[int]],
+                 decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One main-model forward of each request's new tokens ids[i] (right-padded) over its cached ones:
+        (logits [B, S, vocab], final hidden states [B, S, hidden]). Decoding forwards (a fixed, small number of
+        tokens a request) go through `self.forwards`, compiled when the engine compiles; prefill runs eagerly."""
         n_new = [len(x) for x in ids]
         width = max(n_new)
         device = self.cache.c_kv.device
-        tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
-        step = self.cache.step([r.slot for r in requests], n_new, width)
         for r in requests:
             r.forwards += 1
-        return self.model(tokens, position_ids=step.positions, attn_mask=step.attn_mask, cache=step.layers)
+        if not decoding:
+            tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
+            step = self.cache.step([r.slot for r in requests], n_new, width)
+            out = self.model(tokens, position_ids=step.positions, attn_mask=step.attn_mask,
+                             cache=self.cache.layers(step))
+            return out.logits, out.hidden_states
+        batch = self.forwards.batch(len(requests))
+        pad = (batch or len(requests)) - len(requests)
+        tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids] + [[0] * width] * pad, device=device)
+        step = self.cache.step([r.slot for r in requests], n_new, width, batch=batch, full_length=self.forwards.static)
+        logits, hidden = self.forwards.main(self.model, tokens, step, self.cache.c_kv, self.cache.k_pe)
+        return logits[: len(requests)], hidden[: len(requests)]
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> list[Event]:
         """Prefill the next n prompt tokens of each (request, n); a request whose prompt is then complete samples
         its first token (or, asked for prompt log-probabilities only, finishes)."""
         requests = [r for r, _ in chunks]
-        out = self._forward(requests, [r.prompt_ids[r.prefilled: r.prefilled + n] for r, n in chunks])
+        logits_all, hidden = self._forward(requests, [r.prompt_ids[r.prefilled: r.prefilled + n] for r, n in chunks])
         events, draft_rows = [], []
         for i, (r, n) in enumerate(chunks):
             start, end = r.prefilled, r.prefilled + n
@@ -224,24 +245,24 @@ class Engine:
                 if start == 0:
                     r.prompt_logprobs.append(None)
                 targets = r.prompt_ids[start + 1: end + 1]  # what each position predicts, inside the prompt
-                r.prompt_logprobs += token_logprobs(out.logits[i, : len(targets)], targets, r.params.prompt_logprobs)
+                r.prompt_logprobs += token_logprobs(logits_all[i, : len(targets)], targets, r.params.prompt_logprobs)
             if end < len(r.prompt_ids):
-                draft_rows.append((i, r, r.prompt_ids[start + 1: end + 1]))
+                draft_rows.append((i, r, n))
                 continue
             if r.params.max_new_tokens == 0:  # scoring only
                 r.finish_reason = "length"
                 events.append(Event(r, [], "", True))
                 continue
             try:
-                logits = out.logits[i, n - 1]
+                logits = logits_all[i, n - 1]
                 token = sample(next_token_probs(logits, r.params, r.prompt_ids), r._generator)
                 events.append(self._emit(r, [token], self._logprobs(r, logits[None], [token])))
             except Exception as e:  # this request's sampling only
                 traceback.print_exc()
                 events.append(self._fail(r, f"{type(e).__name__}: {e}"))
                 continue
-            draft_rows.append((i, r, r.prompt_ids[start + 1:] + [token]))
-        self._draft(out.hidden_states, draft_rows)
+            draft_rows.append((i, r, n))
+        self._draft(hidden, draft_rows)
         return events
 
     @staticmethod
@@ -252,12 +273,12 @@ class Engine:
         return token_logprobs(logits, tokens, r.params.logprobs)
 
     def _decode(self, requests: list[Request]) -> list[Event]:
-        out = self._forward(requests, [[r._last] for r in requests])
+        logits_all, _ = self._forward(requests, [[r._last] for r in requests], decoding=True)
         events = []
         for i, r in enumerate(requests):
             self.cache.commit(r.slot, 1)
             try:
-                logits = out.logits[i, 0]
+                logits = logits_all[i, 0]
                 probs = next_token_probs(logits, r.params, r.prompt_ids + r.output_ids, r.output_ids)
                 token = sample(probs, r._generator)
                 events.append(self._emit(r, [token], self._logprobs(r, logits[None], [token])))
@@ -267,41 +288,48 @@ class Engine:
         return events
 
     def _decode_speculative(self, requests: list[Request]) -> list[Event]:
-        out = self._forward(requests, [[r._last, r._draft] for r in requests])
+        logits_all, hidden = self._forward(requests, [[r._last] + r._drafts for r in requests], decoding=True)
         events, draft_rows = [], []
         for i, r in enumerate(requests):
             context = r.prompt_ids + r.output_ids
+            tokens: list[int] = []
             try:
-                probs = next_token_probs(out.logits[i, 0], r.params, context, r.output_ids)
-                accepted, token = verify(probs, r._draft, r._generator)
-                r.drafted += 1
-                r.accepted += accepted
-                tokens = [token]
-                if accepted:  # the forward also scored the position after the draft: a second token for free
-                    probs = next_token_probs(out.logits[i, 1], r.params, context + [token], r.output_ids + [token])
-                    tokens.append(sample(probs, r._generator))
-                logprobs = self._logprobs(r, out.logits[i, : len(tokens)], tokens)
+                # Accept drafts while they pass; the main model's prediction after the last accepted one (or in
+                # place of the first rejected one) is one more token.
+                for j, draft in enumerate(r._drafts + [None]):
+                    probs = next_token_probs(logits_all[i, j], r.params, context + tokens, r.output_ids + tokens)
+                    if draft is None:
+                        tokens.append(sample(probs, r._generator))
+                        break
+                    accepted, token = verify(probs, draft, r._generator)
+                    r.drafted += 1
+                    r.accepted += accepted
+                    tokens.append(token)
+                    if not accepted:
+                        break
+                logprobs = self._logprobs(r, logits_all[i, : len(tokens)], tokens)
             except Exception as e:  # this request's sampling only
                 traceback.print_exc()
                 events.append(self._fail(r, f"{type(e).__name__}: {e}"))
                 continue
             self.cache.commit(r.slot, len(tokens))
             events.append(self._emit(r, tokens, logprobs))
-            draft_rows.append((i, r, tokens))
-        self._draft(out.hidden_states, draft_rows)
+            draft_rows.append((i, r, len(tokens)))
+        self._draft(hidden, draft_rows)
         return events
 
-    def _draft(self, hidden: torch.Tensor, rows: list[tuple[int, Request, list[int]]]) -> None:
-        """Let the MTP module draft the next token for each still-running request (speculative mode only).
+    def _draft(self, hidden: torch.Tensor, rows: list[tuple[int, Request, int]]) -> None:
+        """Let the MTP modules draft the next tokens for each still-running request (speculative mode only).
 
-        rows: (batch row, request, the tokens following each position the forward kept)."""
-        rows = [(i, r, nxt) for i, r, nxt in rows if not r.done]
+        rows: (batch row, request, how many positions of that row the forward kept)."""
+        rows = [(i, r, n) for i, r, n in rows if not r.done]
         if self.drafter is None or not rows:
             return
         index = torch.tensor([i for i, _, _ in rows], device=hidden.device)
-        drafts = self.drafter.draft([r.slot for _, r, _ in rows], hidden[index], [nxt for _, _, nxt in rows])
+        known = [r.prompt_ids + r.output_ids for _, r, _ in rows]
+        drafts = self.drafter.draft([r.slot for _, r, _ in rows], hidden[index], [n for _, _, n in rows], known)
         for (_, r, _), d in zip(rows, drafts):
-            r._draft = d
+            r._drafts = d
 
     def _emit(self, r: Request, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> Event:
         """Append sampled tokens (and their log-probabilities, if any) to a request until one of them ends it;

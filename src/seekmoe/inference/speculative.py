@@ -1,9 +1,16 @@
-"""Self-speculative decoding with MTP: the first MTP module drafts the next token, the main model verifies it.
+"""Self-speculative decoding with MTP: the model's MTP modules draft the next tokens, the main model verifies them.
 
-At position i the depth-1 MTP module combines the main model's final hidden state h_i with Emb(t_{i+1}) and
-predicts t_{i+2}, so after each verifying forward it drafts the token after the one just sampled. The main model
-then scores [t_n, draft] in one forward: its prediction at t_n decides whether the draft is accepted, and if so its
-prediction at the draft is a second new token for the same forward.
+MTP module k combines h^{k-1}_j (the main model's final hidden state for k = 1, module k-1's output otherwise) with
+Emb(t_{j+k}) and predicts t_{j+k+1}. After a verifying forward has kept the main model's states up to position P
+and sampled t_{P+1}, module 1 at P drafts d_1 (for t_{P+2}), module 2 at P, fed d_1, drafts d_2, and so on: D
+modules draft D tokens. The main model then scores [t_{P+1}, d_1, ..., d_D] in one forward: its prediction at each
+position decides whether the next draft is accepted, and the prediction after the last accepted one is one more new
+token, so a forward yields 1 to D + 1 tokens.
+
+Each module keeps its own one-layer latent cache. Module k may only keep (commit) a position j once its input token
+t_{j+k} is verified, so it trails the main cache by k - 1 positions; the positions after those are recomputed in
+every step with the newest drafts (their cache columns are simply overwritten), and module k + 1 needs module k's
+state at its last kept position, which `carry` remembers.
 """
 
 from __future__ import annotations
@@ -11,41 +18,79 @@ from __future__ import annotations
 import torch
 
 from .cache import LatentCache
+from .compiled import DecodeForwards
 
 
 class MTPDrafter:
-    """Runs the depth-1 MTP module over its own latent cache (one layer) and proposes one draft token a slot."""
+    """Drafts `depth` tokens per slot with the model's first `depth` MTP modules (greedy drafts)."""
 
-    def __init__(self, model, batch_size: int, max_len: int):
-        if not model.model.mtp:
+    def __init__(self, model, batch_size: int, max_len: int, depth: int | None = None,
+                 forwards: DecodeForwards | None = None):
+        available = len(model.model.mtp)
+        if not available:
             raise ValueError("speculative decoding with MTP needs a model with num_nextn_predict_layers >= 1, "
                              "got a model without MTP modules")
-        self.model = model
-        self.mtp = model.model.mtp[0]
+        depth = available if depth is None else depth
+        if not 1 <= depth <= available:
+            raise ValueError(f"num_speculative_tokens={depth} is invalid: this model has {available} MTP module(s), "
+                             f"expected 1 to {available}")
+        self.model, self.depth = model, depth
+        self.forwards = forwards or DecodeForwards(next(model.parameters()).device, compile=False)
         param = next(model.parameters())
-        self.cache = LatentCache.for_model(model.config, 1, batch_size, max_len, param.dtype, param.device)
+        self.caches = [LatentCache.for_model(model.config, 1, batch_size, max_len, param.dtype, param.device)
+                       for _ in range(depth)]
+        # carry[k - 1][slot]: module k's output at its last kept position, the state module k + 1 starts from.
+        self.carry = torch.zeros(depth, batch_size, model.config.hidden_size, dtype=param.dtype, device=param.device)
 
     def reset(self, slot: int) -> None:
-        self.cache.reset(slot)
+        """Empty a slot for a new sequence."""
+        for cache in self.caches:
+            cache.reset(slot)
 
-    def draft(self, slots: list[int], hidden: torch.Tensor, next_ids: list[list[int]]) -> list[int]:
-        """Extend each slot's MTP cache by len(next_ids[i]) positions and return the greedy draft at the last one.
+    def draft(self, slots: list[int], hidden: torch.Tensor, kept: list[int], known: list[list[int]]) -> list[list[int]]:
+        """Bring every module up to date for each slot and return its `depth` greedy drafts.
 
-        hidden [B, S, hidden] holds the main model's final-normed states at those positions; next_ids[i] the
-        tokens that follow them (the token after position j is the MTP module's input at j).
+        hidden [B, S, hidden] holds the main model's final-normed states at the positions its last forward kept (the
+        first kept[i] columns of row i, ending at position P_i); known[i] is every verified token of the slot's
+        sequence, at least through t_{P_i + 1} (more when the rest of a prompt is already known).
         """
-        body = self.model.model
-        n_new = [len(ids) for ids in next_ids]
-        width = max(n_new)
-        padded = torch.tensor([ids + [0] * (width - len(ids)) for ids in next_ids], device=hidden.device)
-        step = self.cache.step(slots, n_new, width)
-        cos, sin = body.rotary_emb(step.positions)
-        h, _ = self.mtp(hidden[:, :width], body.embed_tokens(padded), cos, sin, step.attn_mask, step.layers[0])
-        last = h[torch.arange(len(slots)), torch.tensor(n_new) - 1]  # [B, hidden]
-        logits = self.model.lm_head(self.mtp.shared_head["norm"](last))
-        for s, n in zip(slots, n_new):
-            self.cache.commit(s, n)
-        return logits.argmax(dim=-1).tolist()
+        device = hidden.device
+        last_pos = [self.caches[0].lengths[s] + n - 1 for s, n in zip(slots, kept)]  # P_i
+        rows = range(len(slots))
+        drafts: list[list[int]] = [[] for _ in rows]
+        h_prev = [hidden[i, :n] for i, n in enumerate(kept)]  # module k-1's states from its first new position
+        prev_start = [self.caches[0].lengths[s] for s in slots]
+        carry = self.carry.clone()  # as the previous step left it: the loop below overwrites self.carry
+        for k, cache in enumerate(self.caches, start=1):
+            start = [cache.lengths[s] for s in slots]
+            inputs, tokens = [], []
+            for i, s in enumerate(slots):
+                # Positions start..prev_start-1 (none or one) were module k-1's last kept ones: their states carry.
+                carried = carry[k - 2, s, None].expand(prev_start[i] - start[i], -1) if k > 1 else h_prev[i][:0]
+                inputs.append(torch.cat([carried, h_prev[i]]))
+                ahead = [j + k for j in range(start[i], last_pos[i] + 1)]  # the index of each position's input token
+                # t_{P+1+m} is known, or else drafted by module m (drafts[i][m - 1]).
+                tokens.append([known[i][t] if t < len(known[i]) else drafts[i][t - last_pos[i] - 2] for t in ahead])
+            n_new = [len(t) for t in tokens]
+            width = max(n_new)
+            step = cache.step(slots, n_new, width, batch=self.forwards.batch(len(slots)))
+            pad_rows = step.slots.shape[0] - len(slots)
+            h_in = torch.stack([torch.cat([x, x.new_zeros(width - len(x), x.shape[-1])]) for x in inputs]
+                               + [hidden.new_zeros(width, hidden.shape[-1])] * pad_rows)
+            ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens] + [[0] * width] * pad_rows, device=device)
+            last = torch.tensor([n - 1 for n in n_new] + [0] * pad_rows, device=device)
+            h, logits = self.forwards.mtp(self.model, k, h_in, ids, step, cache.c_kv, cache.k_pe, last)
+            guesses = logits[: len(slots)].argmax(dim=-1).tolist()
+            for i, s in enumerate(slots):
+                # Keep the positions whose input token is verified; the rest are redone next step.
+                keep = max(0, min(n_new[i], len(known[i]) - k - start[i]))
+                cache.commit(s, keep)
+                if keep and k < self.depth:
+                    self.carry[k - 1, s] = h[i, keep - 1]
+                drafts[i].append(guesses[i])
+            h_prev = [h[i, : n_new[i]] for i in rows]
+            prev_start = start
+        return drafts
 
 
 def verify(probs: torch.Tensor, draft: int, generator: torch.Generator) -> tuple[bool, int]:

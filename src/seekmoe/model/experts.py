@@ -7,10 +7,14 @@ matrix products. Two backends compute them:
 
 - "grouped_mm": torch._grouped_mm on the ragged groups (CPU in fp32/bf16, and CUDA);
 - "padded_bmm": the groups padded to the largest one and multiplied by torch.bmm (any build; costs one host
-  synchronization to learn the padded size).
+  synchronization to learn the padded size);
+- "gathered": each row multiplied by its own expert's weights, gathered per row (inference only). It reads one
+  expert's weights per row, so it pays when there are fewer rows than experts: decoding, where it also has static
+  shapes (no ragged groups, no host synchronization) and so compiles into one graph.
 
-The default is "grouped_mm" where this build runs it for the device and dtype, else "padded_bmm". Override it per
-module (`RoutedExperts.backend`) or for the process (`SEEKMOE_EXPERTS_BACKEND`).
+The default is "gathered" without autograd for fewer rows than experts, else "grouped_mm" where this build runs it
+for the device and dtype, else "padded_bmm". Override it per module (`RoutedExperts.backend`) or for the process
+(`SEEKMOE_EXPERTS_BACKEND`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 
 from .dispatch import DispatchPlan
 
-BACKENDS = ("grouped_mm", "padded_bmm")
+BACKENDS = ("grouped_mm", "padded_bmm", "gathered")
 BACKEND_ENV = "SEEKMOE_EXPERTS_BACKEND"
 
 
@@ -67,10 +71,16 @@ def gemm_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend to run: `requested`, else $SEEKMOE_EXPERTS_BACKEND, else the fastest this build supports."""
+def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype, rows: int = 0,
+                    n_experts: int = 0) -> str:
+    """The backend to run for `rows` dispatched rows over `n_experts` local experts: `requested`, else
+    $SEEKMOE_EXPERTS_BACKEND, else the fastest this build supports."""
     name = requested or os.environ.get(BACKEND_ENV) or None
+    if name == "gathered" and torch.is_grad_enabled():
+        name = None  # it has no backward: training takes the automatic choice
     if name is None:
+        if not torch.is_grad_enabled() and rows < n_experts:
+            return "gathered"
         # torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only (its CUDA kernel's constraint), so
         # compiled code takes padded_bmm for other dtypes.
         if torch.compiler.is_compiling() and dtype != torch.bfloat16:
@@ -165,6 +175,16 @@ def _pad_groups(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan):
     return padded_rows.view(E, capacity, -1), padded_weights.view(E, capacity), slot
 
 
+def _gathered_swiglu(rows: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                     expert: torch.Tensor) -> torch.Tensor:
+    """GroupedSwiGLU's forward with each row's expert weights gathered: rows [M, hidden], weights [M], expert [M]
+    -> [M, hidden]. No ragged groups and no host synchronization, so its shapes depend on M alone."""
+    h = torch.bmm(gate_up_proj.index_select(0, expert), rows.unsqueeze(-1)).squeeze(-1)  # [M, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    a = F.silu(gate) * (up * weights.unsqueeze(-1))  # [M, I]
+    return torch.bmm(down_proj.index_select(0, expert), a.to(rows.dtype).unsqueeze(-1)).squeeze(-1)
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts. gate_up_proj [E, 2*moe_intermediate_size, hidden] holds each expert's gate rows then its
     up rows; down_proj [E, hidden, moe_intermediate_size]. `backend` (None = automatic) picks the grouped GEMM."""
@@ -192,8 +212,11 @@ class RoutedExperts(nn.Module):
         # in fp32); only the products enter the low-precision down projection.
         rows, weights = rows.to(compute), weights.float()
         gate_up_proj, down_proj = (w.to(compute) for w in self.expert_weights())
+        backend = resolve_backend(self.backend, rows.device, compute, rows.shape[0], gate_up_proj.shape[0])
         with torch.autocast(device_type, enabled=False):
-            if resolve_backend(self.backend, rows.device, compute) == "grouped_mm":
+            if backend == "gathered":
+                y = _gathered_swiglu(rows, weights, gate_up_proj, down_proj, plan.expert)
+            elif backend == "grouped_mm":
                 y = GroupedSwiGLU.apply(rows, weights, gate_up_proj, down_proj, _RaggedGroups(plan.offsets))
             else:
                 padded_rows, padded_weights, slot = _pad_groups(rows, weights, plan)
