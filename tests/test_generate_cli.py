@@ -52,3 +52,21 @@ def test_chat_answers_each_line_through_the_chat_template(model_dir, capsys, mon
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nHow are you?\n"))
     assert main(["chat", "--model", str(model_dir), "--max-new-tokens", "5", "--temperature", "0"]) == 0
     assert len(capsys.readouterr().out.splitlines()) >= 2
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(model_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("x\n")
+    args = ["generate", "--model", str(model_dir), "--prompts-file", str(tmp_path / "p.txt"), "--max-new-tokens",
+            "40", "--temperature", "1", "--seed", "3", "--ignore-eos", "--stats"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["finish_reason"] == "length" and err.startswith("40 tokens")
+
+
+def test_speculative_flags_are_checked(model_dir, capsys):
+    base = ["generate", "--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "2"]
+    assert main(base + ["--num-speculative-tokens", "1"]) == 2
+    assert "expected --speculative mtp" in capsys.readouterr().err
+    assert main(base + ["--speculative", "mtp", "--num-speculative-tokens", "9"]) == 2
+    assert "num_speculative_tokens=9" in capsys.readouterr().err
+    assert main(base + ["--speculative", "mtp", "--num-speculative-tokens", "1"]) == 0

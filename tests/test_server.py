@@ -210,7 +210,7 @@ def test_the_serve_command_reads_the_key_from_the_environment_and_stops_on_sigte
     env = dict(os.environ, SEEKMOE_API_KEY="env-key")
     launch = "import sys; from seekmoe.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", launch, "serve", "--model", str(model_dir), "--port", "0",
-                             "--model-name", "tiny"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--model-name", "tiny", "--compile", "off"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         host, port = re.search(r"http://([\d.]+):(\d+)", line).groups()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .compiled import COMPILE_CHOICES, should_compile
 from .engine import SPECULATIVE_METHODS, Engine, Request
 from .sampling import SamplingParams
 
@@ -26,7 +27,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="context length: prompt plus completion, in tokens; the cache is preallocated for it "
                         "(default: the model's maximum, at most 4096)")
     p.add_argument("--speculative", choices=SPECULATIVE_METHODS, default=None,
-                   help="speculative decoding: 'mtp' drafts with the model's MTP module (default off)")
+                   help="speculative decoding: 'mtp' drafts with the model's MTP modules (default off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="N",
+                   help="with --speculative mtp: tokens drafted per step, 1 to the number of MTP modules; the "
+                        "first module drafts the first, each further module drafts one more (default: all modules)")
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help="torch.compile the decode step (prefill stays eager): same tokens, several times fewer "
+                        "operator launches; compiling takes seconds to a minute once. 'auto' (default) compiles "
+                        "on CUDA and in the server, not for a one-off CPU generation")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -43,20 +51,24 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float) -> No
                    help="end the completion before TEXT (repeatable)")
 
 
-def load_engine(args: argparse.Namespace, max_batch_size: int) -> Engine:
-    """The engine for --model/--dtype/--device/--max-seq-len/--speculative."""
+def load_engine(args: argparse.Namespace, max_batch_size: int, long_running: bool = False) -> Engine:
+    """The engine for the model flags; `long_running` (the server) lets --compile auto compile on a CPU too."""
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such directory")
+    if args.num_speculative_tokens is not None and args.speculative is None:
+        raise ValueError(f"--num-speculative-tokens={args.num_speculative_tokens}: expected --speculative mtp too")
+    compile = should_compile(args.compile, torch.device(args.device), long_running)
     return Engine.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
                                   max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
-                                  speculative=args.speculative)
+                                  speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                                  compile=compile)
 
 
 def sampling_params(args: argparse.Namespace, stop: list[str] | None = None) -> SamplingParams:
     """SamplingParams from the sampling flags (ValueError names a flag's bad value)."""
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=list(args.stop) + list(stop or []))
+                          stop=list(args.stop) + list(stop or []), ignore_eos=getattr(args, "ignore_eos", False))
 
 
 def report(requests: list[Request], seconds: float) -> str:
@@ -79,8 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "{prompt, completion, finish_reason}")
     add_model_arguments(p)
     add_sampling_arguments(p, temperature=0.0)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past the end-of-text token, so exactly --max-new-tokens come out (benchmarks)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default 8)")
-    p.add_argument("--stats", action="store_true", help="print tokens/s and the MTP acceptance rate to stderr")
+    p.add_argument("--stats", action="store_true",
+                   help="print tokens/s, the MTP acceptance rate and the compile time to stderr")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,4 +127,6 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"prompt": prompt, "completion": r.text, "finish_reason": r.finish_reason}))
     if args.stats:
         print(report(requests, time.perf_counter() - start), file=sys.stderr)
+        if engine.forwards.compiled:
+            print(f"(including {engine.forwards.compile_seconds:.1f}s compiling the decode step)", file=sys.stderr)
     return 0

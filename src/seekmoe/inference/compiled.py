@@ -23,6 +23,7 @@ import torch
 from .cache import CacheStep, cache_layers
 
 COMPILE_CHOICES = ("auto", "on", "off")
+BACKEND = "inductor"  # torch.compile's backend (tests swap in "aot_eager", which captures the same graphs faster)
 
 
 def should_compile(choice: str | bool | None, device: torch.device, long_running: bool = False) -> bool:
@@ -71,8 +72,10 @@ class DecodeForwards:
             # depth and width: more than torch's default limit of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = "reduce-overhead" if self.static else None
-            self._main = torch.compile(main_forward, mode=mode, dynamic=None if self.static else True)
-            self._mtp = torch.compile(mtp_forward, mode=mode, dynamic=None if self.static else True)
+            options = dict(backend=BACKEND, mode=mode if BACKEND == "inductor" else None,
+                           dynamic=None if self.static else True)
+            self._main = torch.compile(main_forward, **options)
+            self._mtp = torch.compile(mtp_forward, **options)
         else:
             self._main, self._mtp = main_forward, mtp_forward
 

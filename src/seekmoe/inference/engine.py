@@ -14,6 +14,7 @@ against the cache. A forward or sampling that raises fails only the requests it 
 from __future__ import annotations
 
 import itertools
+import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -78,7 +79,7 @@ class Engine:
 
     `speculative='mtp'` drafts `num_speculative_tokens` tokens per step (default: one per MTP module of the model)
     and verifies them in the same forward as the newest token (see `speculative.py`). `compile` runs the decoding
-    forwards through torch.compile (see `compiled.py`): True, False, or None = on for CUDA only.
+    forwards through torch.compile (see `compiled.py`): True, False, or 'auto'/None = on for CUDA only.
     """
 
     def __init__(self, model, tokenizer: Tokenizer | None = None, max_batch_size: int = 8,
@@ -373,6 +374,18 @@ class Engine:
                 self.add(waiting.popleft())
             self.step()
         return requests
+
+    def warm_up(self) -> float:
+        """Run the decoding forwards once at batch 1 and at the largest batch, so that a compiled engine compiles
+        its graphs now rather than during the first requests; returns the seconds it took (0 when not compiled)."""
+        if not self.forwards.compiled:
+            return 0.0
+        start = time.perf_counter()
+        params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+        prompt = [self.config.bos_token_id or 0] * 3
+        for batch in sorted({1, len(self.free_slots)}):
+            self.generate([prompt] * batch, params)
+        return time.perf_counter() - start
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[Event]:
         """Complete one prompt, yielding each step's event as it is produced."""

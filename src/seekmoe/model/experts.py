@@ -12,7 +12,7 @@ matrix products. Two backends compute them:
   expert's weights per row, so it pays when there are fewer rows than experts: decoding, where it also has static
   shapes (no ragged groups, no host synchronization) and so compiles into one graph.
 
-The default is "gathered" without autograd for fewer rows than experts, else "grouped_mm" where this build runs it
+The default is "gathered" without autograd for fewer rows than experts (or inside torch.compile), else "grouped_mm" where this build runs it
 for the device and dtype, else "padded_bmm". Override it per module (`RoutedExperts.backend`) or for the process
 (`SEEKMOE_EXPERTS_BACKEND`).
 """
@@ -79,7 +79,8 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
     if name == "gathered" and torch.is_grad_enabled():
         name = None  # it has no backward: training takes the automatic choice
     if name is None:
-        if not torch.is_grad_enabled() and rows < n_experts:
+        # Compiled inference takes it at every size: its shapes are static, where the others need a host sync.
+        if not torch.is_grad_enabled() and (rows < n_experts or torch.compiler.is_compiling()):
             return "gathered"
         # torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only (its CUDA kernel's constraint), so
         # compiled code takes padded_bmm for other dtypes.

@@ -47,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: expected at least 1")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port={args.port}: expected 0 to 65535")
-    engine = load_engine(args, max_batch_size=args.max_batch_size)
+    engine = load_engine(args, max_batch_size=args.max_batch_size, long_running=True)
     engine.max_prefill_tokens = args.max_prefill_tokens
+    if engine.forwards.compiled:
+        print("compiling the decode step (--compile off skips this)...", file=sys.stderr, flush=True)
+        print(f"compiled in {engine.warm_up():.1f}s", file=sys.stderr, flush=True)
     name = args.model_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     server = make_server(engine, name, args.host, args.port, api_key, args.max_queue,
