@@ -82,10 +82,9 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
         # Compiled inference takes it at every size: its shapes are static, where the others need a host sync.
         if not torch.is_grad_enabled() and (rows < n_experts or torch.compiler.is_compiling()):
             return "gathered"
-        # torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only (its CUDA kernel's constraint), so
-        # compiled code takes padded_bmm for other dtypes.
-        if torch.compiler.is_compiling() and dtype != torch.bfloat16:
-            return "padded_bmm"
+        # Compiled training runs the experts as one opaque operator (see grouped_swiglu).
+        if torch.compiler.is_compiling():
+            return "compiled_op"
         return "grouped_mm" if grouped_mm_supported(device.type, dtype) else "padded_bmm"
     if name not in BACKENDS:
         raise ValueError(f"unknown routed-experts backend {name!r}: expected one of {BACKENDS} "
@@ -125,6 +124,36 @@ class _PaddedGroups:
         return torch.bmm(g.transpose(1, 2), a)
 
 
+def _swiglu_forward(rows, weights, gate_up_proj, down_proj, groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """down( w * silu(gate) * up ) on rows grouped as `groups` lays them out: (y [..., hidden], the gate/up
+    pre-activations h [..., 2I] that the backward needs). rows [..., hidden], weights [...]."""
+    h = groups.linear(rows, gate_up_proj)  # [..., 2I]: each expert's gate columns, then its up columns
+    gate, up = h.chunk(2, dim=-1)
+    a = F.silu(gate).mul_(up * weights.unsqueeze(-1))  # [..., I]: the product in fp32, stored as rows' dtype
+    return groups.linear(a, down_proj), h  # [..., hidden]
+
+
+def _swiglu_backward(dy, rows, weights, gate_up_proj, down_proj, h, groups):
+    """Gradients of _swiglu_forward's y for rows, weights, gate_up_proj and down_proj, recomputing the activation
+    from h instead of having saved it."""
+    dy = dy.contiguous()
+    gate, up = h.chunk(2, dim=-1)
+    silu_gate = F.silu(gate)
+    act = silu_gate * up  # [..., I] the activation before the routing weight
+    w = weights.unsqueeze(-1)
+    d_down = groups.linear_grad_weight(dy, (act * w).to(dy.dtype))
+    d_weighted = groups.linear_grad_input(dy, down_proj)  # [..., I] gradient of w * act
+    d_weights = (d_weighted.float() * act.float()).sum(-1)  # fp32, as the weights are
+    d_act = d_weighted.mul_(w)
+    dh = torch.empty_like(h)
+    d_gate, d_up = dh.chunk(2, dim=-1)
+    torch.mul(d_act, silu_gate, out=d_up)
+    torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_gate)
+    d_gate_up = groups.linear_grad_weight(dh, rows)
+    d_rows = groups.linear_grad_input(dh, gate_up_proj)
+    return d_rows, d_weights, d_gate_up, d_down
+
+
 class GroupedSwiGLU(torch.autograd.Function):
     """The experts' math on rows grouped by expert: down( w * silu(gate) * up ), with a hand-written backward.
 
@@ -135,34 +164,79 @@ class GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weights, gate_up_proj, down_proj, groups):
-        # rows [..., hidden], weights [...] (rows and weights share their leading dims), gate_up_proj [E, 2I, hidden]
-        h = groups.linear(rows, gate_up_proj)  # [..., 2I]: each expert's gate columns, then its up columns
-        gate, up = h.chunk(2, dim=-1)
-        a = F.silu(gate).mul_(up * weights.unsqueeze(-1))  # [..., I]: the product in fp32, stored as rows' dtype
+        y, h = _swiglu_forward(rows, weights, gate_up_proj, down_proj, groups)
         ctx.save_for_backward(rows, weights, gate_up_proj, down_proj, h)
         ctx.groups = groups
-        return groups.linear(a, down_proj)  # [..., hidden]
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        rows, weights, gate_up_proj, down_proj, h = ctx.saved_tensors
-        groups = ctx.groups
-        dy = dy.contiguous()
-        gate, up = h.chunk(2, dim=-1)
-        silu_gate = F.silu(gate)
-        act = silu_gate * up  # [..., I] the activation before the routing weight
-        w = weights.unsqueeze(-1)
-        d_down = groups.linear_grad_weight(dy, (act * w).to(dy.dtype))
-        d_weighted = groups.linear_grad_input(dy, down_proj)  # [..., I] gradient of w * act
-        d_weights = (d_weighted.float() * act.float()).sum(-1)  # fp32, as the weights are
-        d_act = d_weighted.mul_(w)
-        dh = torch.empty_like(h)
-        d_gate, d_up = dh.chunk(2, dim=-1)
-        torch.mul(d_act, silu_gate, out=d_up)
-        torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_gate)
-        d_gate_up = groups.linear_grad_weight(dh, rows)
-        d_rows = groups.linear_grad_input(dh, gate_up_proj)
-        return d_rows, d_weights, d_gate_up, d_down, None
+        return *_swiglu_backward(dy, *ctx.saved_tensors, ctx.groups), None
+
+
+# Inside torch.compile the experts run as one opaque operator: the ragged groups' sizes are data, which a traced
+# graph cannot hold (padded_bmm would break the graph at its host synchronization), and the fake-tensor rule of
+# torch._grouped_mm accepts bf16 only. The operator runs the same grouped GEMMs eagerly, with the same backward.
+def _ragged_or_padded(rows, weights, offsets):
+    """The groups to run `offsets`' rows in: ragged where _grouped_mm runs, else padded (with the index mapping
+    padded rows back)."""
+    if grouped_mm_supported(rows.device.type, rows.dtype):
+        return rows, weights, _RaggedGroups(offsets), None
+    counts = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long())
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), counts)
+    plan = DispatchPlan(token=expert, expert=expert, counts=counts, offsets=offsets, n_tokens=rows.shape[0])
+    padded_rows, padded_weights, slot = _pad_groups(rows, weights, plan)
+    return padded_rows, padded_weights, _PaddedGroups(), slot
+
+
+@torch.library.custom_op("seekmoe::grouped_swiglu", mutates_args=())
+def grouped_swiglu(rows: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                   offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_swiglu_forward for rows [M, hidden] grouped by expert with group ends `offsets` [E]: (y, h)."""
+    rows_, weights_, groups, slot = _ragged_or_padded(rows, weights, offsets)
+    y, h = _swiglu_forward(rows_, weights_, gate_up_proj, down_proj, groups)
+    if slot is not None:
+        y, h = (t.reshape(-1, t.shape[-1]).index_select(0, slot) for t in (y, h))
+    return y, h
+
+
+@grouped_swiglu.register_fake
+def _(rows, weights, gate_up_proj, down_proj, offsets):
+    return rows.new_empty(rows.shape[0], down_proj.shape[1]), rows.new_empty(rows.shape[0], gate_up_proj.shape[1])
+
+
+@torch.library.custom_op("seekmoe::grouped_swiglu_backward", mutates_args=())
+def grouped_swiglu_backward(dy: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
+                            down_proj: torch.Tensor, h: torch.Tensor, offsets: torch.Tensor,
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_swiglu_backward for grouped_swiglu."""
+    rows_, weights_, groups, slot = _ragged_or_padded(rows, weights, offsets)
+    if slot is None:
+        return _swiglu_backward(dy, rows, weights, gate_up_proj, down_proj, h, groups)
+    E = gate_up_proj.shape[0]
+    pad = lambda t: t.new_zeros(rows_.shape[0] * rows_.shape[1], t.shape[-1]).index_copy(0, slot, t).view(  # noqa
+        E, -1, t.shape[-1])
+    d_rows, d_weights, d_gate_up, d_down = _swiglu_backward(pad(dy), rows_, weights_, gate_up_proj, down_proj,
+                                                            pad(h), groups)
+    return (d_rows.reshape(-1, rows.shape[1]).index_select(0, slot), d_weights.reshape(-1).index_select(0, slot),
+            d_gate_up, d_down)
+
+
+@grouped_swiglu_backward.register_fake
+def _(dy, rows, weights, gate_up_proj, down_proj, h, offsets):
+    return torch.empty_like(rows), torch.empty_like(weights), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
+
+
+def _setup_context(ctx, inputs, output):
+    rows, weights, gate_up_proj, down_proj, offsets = inputs
+    ctx.save_for_backward(rows, weights, gate_up_proj, down_proj, output[1], offsets)
+
+
+def _backward(ctx, dy, dh):
+    return *grouped_swiglu_backward(dy, *ctx.saved_tensors), None
+
+
+grouped_swiglu.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _pad_groups(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan):
@@ -217,6 +291,8 @@ class RoutedExperts(nn.Module):
         with torch.autocast(device_type, enabled=False):
             if backend == "gathered":
                 y = _gathered_swiglu(rows, weights, gate_up_proj, down_proj, plan.expert)
+            elif backend == "compiled_op":
+                y = grouped_swiglu(rows, weights, gate_up_proj, down_proj, plan.offsets)[0]
             elif backend == "grouped_mm":
                 y = GroupedSwiGLU.apply(rows, weights, gate_up_proj, down_proj, _RaggedGroups(plan.offsets))
             else:

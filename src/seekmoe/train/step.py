@@ -32,6 +32,14 @@ class StepResult:
     skipped: str | None = None  # why the optimizer step was skipped (non-finite loss or gradients), else None
 
 
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each decoder block and MTP module in place, as torchtitan does: FSDP2's hooks stay outside
+    the compiled graphs, and one graph per block shape is compiled once however deep the model is. The routed
+    experts run as one opaque operator inside each graph (see model/experts.py), so a block is a single graph."""
+    for block in list(model.model.layers) + list(model.model.mtp):
+        block.compile(backend=backend)
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """bf16 autocast on `device` when dtype says so, else nothing."""
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()

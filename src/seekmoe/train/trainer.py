@@ -31,7 +31,7 @@ from .data import TrainData, select_corpus
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
 from .plots import plot_run
-from .step import StepResult, TrainStep, autocast_context
+from .step import StepResult, TrainStep, autocast_context, compile_blocks
 
 SUMMARY_FILE = "summary.json"
 
@@ -158,9 +158,8 @@ class Trainer:
             self.start_step, self.bad_steps = state["step"], state["bad_steps"]
             self.train_seconds = state["train_seconds"]
             self.log(f"resuming from {self.resume_from} (step {self.start_step})")
-        if config.compile:  # per block, as torchtitan does: FSDP2's hooks stay outside the compiled graphs
-            for block in list(self.model.model.layers) + list(self.model.model.mtp):
-                block.compile()
+        if config.compile:
+            compile_blocks(self.model)
         self.step = TrainStep(self.model, self.optimizer, config.grad_clip, self.autocast_dtype, self.device,
                               self.reduce, config.balance_scope)
 
