@@ -5,6 +5,9 @@ end-of-text ignored, so all engines produce the same number of tokens; tokens/s 
 (prefill included). The engines run interleaved (median of --repeats rounds after a warmup) so that load from other
 processes falls on all of them alike. "same tokens" checks the output against plain seekmoe's.
 
+Each seekmoe engine runs eager and torch.compile'd (`--compile`): compiling happens in the warmup round, and its
+time is reported apart. With MTP modules, speculative rows draft 1..D tokens a step (D = the model's MTP depth).
+
     python benchmarks/decode.py                                 # a random `small` model
     python benchmarks/decode.py --model runs/x/final            # a trained one (MTP acceptance is meaningful)
 """
@@ -47,11 +50,12 @@ def make_prompts(model_dir: Path, config: ModelConfig, batch: int, length: int) 
 class SeekmoeRun:
     """One seekmoe engine generating for fixed prompts; calling it runs the whole batch once."""
 
-    def __init__(self, model, prompts, new_tokens: int, speculative: str | None):
+    def __init__(self, model, prompts, new_tokens: int, speculative: str | None, compile: bool = False,
+                 drafts: int | None = None):
         self.prompts = prompts
         self.params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         self.engine = Engine(model, max_batch_size=len(prompts), max_seq_len=len(prompts[0]) + new_tokens + 1,
-                             speculative=speculative)
+                             speculative=speculative, compile=compile, num_speculative_tokens=drafts)
         self.requests = []
 
     def __call__(self) -> None:
@@ -62,7 +66,8 @@ class SeekmoeRun:
         drafted = sum(x.drafted for x in r)
         return {"tokens_per_forward": sum(len(x.output_ids) for x in r) / sum(x.forwards for x in r),
                 "acceptance": sum(x.accepted for x in r) / drafted if drafted else None,
-                "cache_bytes_per_token": self.engine.cache.bytes_per_token(), "outputs": [x.output_ids for x in r]}
+                "cache_bytes_per_token": self.engine.cache.bytes_per_token(), "outputs": [x.output_ids for x in r],
+                "compile_s": self.engine.forwards.compile_seconds}
 
 
 class TransformersRun:
@@ -82,7 +87,7 @@ class TransformersRun:
         cache = self.out.past_key_values
         tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         cached_tokens = self.ids.shape[0] * tensors[0].shape[-2]
-        return {"tokens_per_forward": 1.0, "acceptance": None,
+        return {"tokens_per_forward": 1.0, "acceptance": None, "compile_s": 0.0,
                 "cache_bytes_per_token": sum(t.numel() * t.element_size() for t in tensors) // cached_tokens,
                 "outputs": self.out.sequences[:, self.ids.shape[1]:].tolist()}
 
@@ -108,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds, after one warmup (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--compile", choices=["both", "on", "off"], default="both",
+                   help="seekmoe engines eager ('off'), compiled ('on') or both (default)")
     p.add_argument("--out", type=Path, default=RESULTS / "decode.json", help="where the JSON results go")
     args = p.parse_args(argv)
     if args.threads:
@@ -133,27 +140,34 @@ def main(argv: list[str] | None = None) -> int:
             runs = {}
             if hf_model is not None:
                 runs["transformers generate"] = TransformersRun(hf_model, prompts, args.new_tokens)
-            runs["seekmoe"] = SeekmoeRun(model, prompts, args.new_tokens, None)
-            if c.num_nextn_predict_layers:
-                runs["seekmoe + MTP speculative"] = SeekmoeRun(model, prompts, args.new_tokens, "mtp")
+            for compiled in {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]:
+                name = "seekmoe compiled" if compiled else "seekmoe"
+                runs[name] = SeekmoeRun(model, prompts, args.new_tokens, None, compiled)
+                for drafts in range(1, c.num_nextn_predict_layers + 1):
+                    runs[f"{name} + MTP {drafts} draft{'s' if drafts > 1 else ''}"] = SeekmoeRun(
+                        model, prompts, args.new_tokens, "mtp", compiled, drafts)
             seconds = median_times(runs, args.repeats)
-            plain = runs["seekmoe"].stats()["outputs"]
+            baseline = "seekmoe" if "seekmoe" in runs else "seekmoe compiled"
+            plain = runs[baseline].stats()["outputs"]
             for name, run in runs.items():
                 stats = run.stats()
                 same = stats.pop("outputs") == plain
                 results.append({"engine": name, "batch": batch, "seconds": seconds[name],
                                 "tokens_per_s": batch * args.new_tokens / seconds[name], "same_tokens": same, **stats})
     rate = {(r["engine"], r["batch"]): r["tokens_per_s"] for r in results}
-    rows = [["engine", "batch", "tokens/s", "vs transformers", "vs seekmoe", "tokens/forward", "MTP acceptance",
-             "cache bytes/token", "same tokens"]]
+    rows = [["engine", "batch", "tokens/s", "vs transformers", f"vs {baseline}", "tokens/forward", "MTP acceptance",
+             "compile s", "cache bytes/token", "same tokens"]]
     for r in results:
         hf = rate.get(("transformers generate", r["batch"]))
         rows.append([r["engine"], str(r["batch"]), f"{r['tokens_per_s']:.1f}",
                      f"{r['tokens_per_s'] / hf:.2f}x" if hf else "-",
-                     f"{r['tokens_per_s'] / rate[('seekmoe', r['batch'])]:.2f}x", f"{r['tokens_per_forward']:.2f}",
+                     f"{r['tokens_per_s'] / rate[(baseline, r['batch'])]:.2f}x", f"{r['tokens_per_forward']:.2f}",
                      f"{r['acceptance']:.1%}" if r["acceptance"] is not None else "-",
+                     f"{r['compile_s']:.1f}" if r["compile_s"] else "-",
                      str(r["cache_bytes_per_token"]), "yes" if r["same_tokens"] else "no"])
     print(table(rows))
+    print("\ncompile s: seconds the warmup round spent compiling graphs (once per process and shape class; the "
+          "timed rounds reuse them). tokens/s include prefill, which runs eagerly.")
     size = torch.tensor([], dtype=dtype).element_size()
     print(f"\n(kv_lora_rank + qk_rope_head_dim) x layers x dtype size = ({c.kv_lora_rank} + {c.qk_rope_head_dim}) x "
           f"{c.num_hidden_layers} x {size} = {(c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * size} bytes")

@@ -9,6 +9,11 @@ dense MLP, with the ratio dense_time / moe_time (1.0 = dense speed).
     python benchmarks/moe_layer.py            # small (fp32, bf16), v2-lite-8of64 and v3-8of256 (fp32): a few minutes
     python benchmarks/moe_layer.py --quick    # smoke run
     python benchmarks/moe_layer.py --shapes small,v2-lite-8of64 --dtypes fp32,bf16 --repeats 9
+    python benchmarks/moe_layer.py --expert-sweep   # time vs routed experts 8 .. 256 at fixed top-k and width, plot
+
+The sweep holds top-k, expert width, shared experts, hidden size and tokens fixed and multiplies the routed experts:
+the activated arithmetic per token is the same in every row, so an MoE layer whose time stays flat keeps the MoE
+promise (parameters grow, cost does not).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, header, median_times, table, write_json  # noqa: E402
+from common import RESULTS, header, median_times, pyplot, save_figure, table, write_json  # noqa: E402
 
 from seekmoe import ModelConfig  # noqa: E402
 from seekmoe.model.experts import BACKENDS  # noqa: E402
@@ -144,6 +149,51 @@ def measure(shape: Shape, dtype_name: str, repeats: int) -> dict:
             "dense_over_moe": {k: times["dense"] / t for k, t in times.items() if k != "dense"}}
 
 
+SWEEP_EXPERTS = (8, 16, 32, 64, 128, 256)
+
+
+def expert_sweep(base: Shape, counts: tuple[int, ...], repeats: int, out: Path) -> None:
+    """Forward + backward time of the MoE layer (seekmoe's automatic backend, transformers' grouped_mm) against
+    the number of routed experts, the dense SwiGLU of the same activated width as the yardstick."""
+    print(header(f"MoE layer forward + backward vs routed experts: top-{base.top_k}, hidden {base.hidden}, "
+                 f"expert width {base.width}, {base.n_shared} shared, {base.tokens} tokens, fp32"))
+    results = []
+    for n in counts:
+        shape = Shape(f"E={n}", n, base.top_k, base.hidden, base.width, base.n_shared, base.tokens)
+        torch.manual_seed(0)
+        ours, theirs, dense = build_layers(shape)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(1, shape.tokens, shape.hidden, generator=g).requires_grad_()
+        dy = torch.randn(1, shape.tokens, shape.hidden, generator=g)
+        times = median_times({"dense": train_step(dense, x, dy, None), "seekmoe": train_step(ours, x, dy, None),
+                              "transformers grouped_mm": train_step(theirs, x, dy, None)}, repeats)
+        results.append({"n_experts": n, "seconds": times})
+        print(f"  done E={n}", flush=True)
+    first = results[0]["seconds"]
+    rows = [["routed experts", "dense ms", "seekmoe ms", f"seekmoe vs E={counts[0]}", "dense / seekmoe",
+             "transformers grouped_mm ms", f"transformers vs E={counts[0]}"]]
+    for r in results:
+        t = r["seconds"]
+        rows.append([str(r["n_experts"]), f"{1e3 * t['dense']:.1f}", f"{1e3 * t['seekmoe']:.1f}",
+                     f"{t['seekmoe'] / first['seekmoe']:.2f}x", f"{t['dense'] / t['seekmoe']:.2f}",
+                     f"{1e3 * t['transformers grouped_mm']:.1f}",
+                     f"{t['transformers grouped_mm'] / first['transformers grouped_mm']:.2f}x"])
+    print()
+    print(table(rows))
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in ("seekmoe", "transformers grouped_mm", "dense"):
+            ax.plot(counts, [1e3 * r["seconds"][name] for r in results], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("routed experts (top-k and expert width fixed)")
+        ax.set_ylabel("forward + backward ms")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+        print(f"plot: {save_figure(fig, out.with_suffix('.png'))}")
+    write_json(out, {"shape": asdict(base), "results": results})
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="small,v2-lite-8of64,v3-8of256", help=f"comma-separated, of {list(SHAPES)}")
@@ -154,8 +204,17 @@ def main(argv=None) -> None:
     parser.add_argument("--large-repeats", type=int, default=2,
                         help="timed runs per layer at the shapes other than small (each takes seconds)")
     parser.add_argument("--quick", action="store_true", help="smoke run: the small shape at 256 tokens, 2 repeats")
-    parser.add_argument("--out", type=Path, default=RESULTS / "moe_layer.json")
+    parser.add_argument("--expert-sweep", action="store_true",
+                        help=f"time the small shape with {SWEEP_EXPERTS} routed experts instead (a table and a plot)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the JSON goes (default results/moe_layer.json, or moe_layer_experts.json)")
     args = parser.parse_args(argv)
+    if args.expert_sweep:
+        counts = SWEEP_EXPERTS[:3] if args.quick else SWEEP_EXPERTS
+        base = Shape("small", 8, 4, 256, 128, 1, 512 if args.quick else 2048)
+        expert_sweep(base, counts, 2 if args.quick else args.repeats, args.out or RESULTS / "moe_layer_experts.json")
+        return
+    args.out = args.out or RESULTS / "moe_layer.json"
 
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in SHAPES] + [d for d in args.dtypes.split(",") if d not in DTYPES]

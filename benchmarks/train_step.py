@@ -3,6 +3,9 @@ DeepseekV3ForCausalLM on the same config, weights and batch.
 
     python benchmarks/train_step.py            # the "small" preset, batch 8 x 256, fp32 and bf16: a few minutes
     python benchmarks/train_step.py --quick    # smoke run
+
+"seekmoe compiled" is `compile=true`: each block torch.compile'd (inductor), its first step's compile time printed
+apart; the timed steps reuse the graphs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import contextlib
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, header, median_times, table, write_json  # noqa: E402
 
 import seekmoe  # noqa: E402
+from seekmoe.train.step import compile_blocks  # noqa: E402
 
 
 def training_step(model, ids: torch.Tensor, dtype: torch.dtype | None, setup=None):
@@ -59,6 +64,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, of fp32,bf16")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per model (median reported)")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 2 x 64, 2 repeats, fp32")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled seekmoe model")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_step.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -67,6 +73,11 @@ def main(argv=None) -> None:
     # transformers trains no MTP modules and adds no balance loss: switch both off so the work is the same.
     config = seekmoe.ModelConfig.preset(args.preset, num_nextn_predict_layers=0, aux_loss_alpha=0.0)
     ours, theirs = build_models(config)
+    compiled = None
+    if not args.no_compile:
+        compiled = seekmoe.build_model(config).train()
+        compiled.load_state_dict(ours.state_dict())
+        compile_blocks(compiled)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs.set_experts_implementation("grouped_mm")
@@ -79,6 +90,12 @@ def main(argv=None) -> None:
     for dtype_name in args.dtypes.split(","):
         dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype_name]
         steps = {"seekmoe": training_step(ours, ids, dtype)}
+        compile_s = None
+        if compiled is not None:
+            steps["seekmoe compiled"] = training_step(compiled, ids, dtype)
+            start = time.perf_counter()
+            steps["seekmoe compiled"]()  # compiles this dtype's graphs
+            compile_s = time.perf_counter() - start
         for impl in ("eager", "grouped_mm"):
             steps[f"transformers {impl}"] = training_step(theirs, ids, dtype,
                                                           setup=lambda i=impl: theirs.set_experts_implementation(i))
@@ -87,8 +104,9 @@ def main(argv=None) -> None:
             rows.append([dtype_name, name, f"{1e3 * seconds:.0f}", f"{tokens / seconds:.0f}",
                          f"{times['transformers eager'] / seconds:.2f}x",
                          f"{times['transformers grouped_mm'] / seconds:.2f}x"])
-        results.append({"dtype": dtype_name, "seconds": times, "tokens_per_step": tokens})
-        print(f"  done {dtype_name}", flush=True)
+        results.append({"dtype": dtype_name, "seconds": times, "tokens_per_step": tokens, "compile_s": compile_s})
+        print(f"  done {dtype_name}" + (f" (first compiled step, compiling: {compile_s:.1f}s)" if compile_s else ""),
+              flush=True)
     print()
     print(table(rows))
     print(f"\nsame weights: first-batch loss seekmoe {loss_ours:.6f}, transformers {loss_theirs:.6f}")
