@@ -62,10 +62,10 @@ def test_a_failing_forward_fails_only_its_requests_and_frees_their_slots(model):
     engine.step()
     forward = engine._forward
 
-    def fail_prefill(requests, ids):
+    def fail_prefill(requests, ids, **kwargs):
         if decoding not in requests:
             raise RuntimeError("out of memory (injected)")
-        return forward(requests, ids)
+        return forward(requests, ids, **kwargs)
 
     engine._forward = fail_prefill
     new = engine.add(Request(PROMPTS[2], GREEDY))

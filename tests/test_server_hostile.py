@@ -142,11 +142,11 @@ def test_a_failing_engine_step_fails_only_its_requests_and_frees_their_slots(mod
     engine, failures = server.engine, [0]
     forward = engine._forward
 
-    def flaky(requests, ids):
+    def flaky(requests, ids, **kwargs):
         if failures[0]:
             failures[0] -= 1
             raise RuntimeError("injected")
-        return forward(requests, ids)
+        return forward(requests, ids, **kwargs)
 
     engine._forward = flaky
     try:

@@ -13,6 +13,14 @@ from .norm import RMSNorm
 from .rope import apply_rope
 
 
+# Queries per sequence up to which a cached forward attends on the latent itself. Absorbed attention costs
+# heads x (2 kv_lora_rank + rope_dim) per query-key pair and nothing up front; expanded attention costs
+# heads x (qk_head_dim + v_head_dim) per pair after up-projecting every cached latent once, and runs as one fused
+# kernel. Decoding (1 token, or 1 + MTP drafts) takes the first; a prefill chunk, many queries, the second (as
+# DeepSeek's and vLLM's MLA do).
+ABSORB_MAX_QUERIES = 8
+
+
 class LatentCacheLayer(Protocol):
     """One layer's decoding cache as attention sees it: store this step's latents, return every cached one."""
 
@@ -72,21 +80,29 @@ class MultiHeadLatentAttention(nn.Module):
         """Causal self-attention over x [B, S, hidden] (or under `attn_mask`, True = may attend).
 
         With a `cache`, x holds only the new tokens: their latents are stored in it and the queries attend to every
-        cached token through `attend_latent` (`attn_mask` [B, 1, S, T] then says which cached tokens each may see).
+        cached token (`attn_mask` [B, 1, S, T] then says which cached tokens each may see): through `attend_latent`
+        when decoding a few tokens, through per-head keys and values when prefilling many (see ABSORB_MAX_QUERIES).
         """
-        B, S, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe)
-            return self.attend_latent(q_nope, q_pe, c_kv, k_pe, attn_mask)
-        k_nope, v = self.kv_b_proj(c_kv).view(B, S, self.n_heads, -1).split(
-            [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            if x.shape[1] <= ABSORB_MAX_QUERIES:
+                return self.attend_latent(q_nope, q_pe, c_kv, k_pe, attn_mask)
+        return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, attn_mask)
+
+    def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                        attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention on per-head keys and values up-projected from the latents c_kv [B, T, kv_lora_rank] and
+        k_pe [B, T, rope_dim], by fused scaled-dot-product attention; causal (S = T) when attn_mask is None."""
+        B, S, h, _ = q_nope.shape
+        T = c_kv.shape[1]
+        k_nope, v = self.kv_b_proj(c_kv).view(B, T, h, -1).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, heads, S, qk_head_dim]
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, h, -1)], dim=-1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_mask,
                                              is_causal=attn_mask is None, scale=self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, h * self.v_head_dim))
 
     def attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                       attn_mask: torch.Tensor | None) -> torch.Tensor:
