@@ -72,6 +72,7 @@ class SwitchRouter(nn.Module):
         self.z_coef = config.router_z_loss_coef
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
 
+    @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         """Normal(0, std) router weights."""
         self.weight.normal_(0.0, std)
@@ -131,6 +132,7 @@ class NoisyTopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))  # W_g
         self.noise_weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))  # W_noise
 
+    @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         """Zeros for W_g and W_noise (the paper's initialization: no signal, some noise, balanced loads)."""
         self.weight.zero_()
@@ -186,6 +188,7 @@ class HashRouter(nn.Module):
         self.n_experts = config.n_routed_experts
         self.register_buffer("expert_of_token", torch.empty(config.vocab_size, dtype=torch.long))
 
+    @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         """The fixed table: a seeded permutation of the vocabulary dealt round-robin to the experts."""
         vocab = self.expert_of_token.shape[0]
@@ -226,6 +229,7 @@ class HierarchicalRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_group, config.hidden_size))
         self.group_weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
 
+    @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         """Normal(0, std) gate weights."""
         self.weight.normal_(0.0, std)
