@@ -2,8 +2,12 @@
 on the same tokens with the same schedule, at a scale a CPU trains in minutes per model; and DeepSeek-V3's
 auxiliary-loss-free balancing against the sequence-wise auxiliary loss alone, with MaxVio.
 
-    python benchmarks/architectures.py --quick      # 2 seeds x 7 arms, 150 steps each: under 10 min on 2 idle cores
-    python benchmarks/architectures.py              # 2 seeds x 7 arms, 1000 steps, a wider model: about an hour
+    python benchmarks/architectures.py --quick      # 2 seeds x 7 arms, 150 steps each: 6 min on a loaded 2-core box
+    python benchmarks/architectures.py --quick --steps 600   # the quick model trained 4x longer: about 20 min
+    python benchmarks/architectures.py              # 2 seeds x 7 arms, 800 steps of a 2x wider model on 2x longer
+                                                    # sequences: roughly an hour (estimated, not yet measured)
+
+On a shared machine run single-threaded (`OMP_NUM_THREADS=1`), as for balance_scope.py.
 
 The arms keep the paper's proportions. One "FFN" is a SwiGLU of width --ffn; every MoE arm holds 16 FFNs' worth of
 expert parameters in every layer (all layers are MoE, no MTP):
@@ -56,7 +60,7 @@ def arms(ffn: int, gamma: float, seq_alpha: float) -> dict[str, dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 800, 150 with --quick)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per arm (initialization and data order)")
     parser.add_argument("--hidden", type=int, default=128, help="hidden_size")
     parser.add_argument("--ffn", type=int, default=256, help="width of one standard FFN (the dense arm's MLP)")
@@ -70,12 +74,13 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", help="run only these arms")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--quick", action="store_true",
-                        help="150 steps of 8 x 64 tokens, hidden 64, FFN 128: under 10 minutes on 2 cores")
+                        help="hidden 64, FFN 128, 8 x 64 tokens a step, 150 steps (unless --steps)")
     parser.add_argument("--keep", type=Path, help="keep the runs' folders here (default: a temporary folder)")
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/architectures[_quick].json)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.hidden, args.ffn, args.seq_len, args.eval_batches = min(args.steps, 150), 64, 128, 64, 16
+        args.hidden, args.ffn, args.seq_len, args.eval_batches = 64, 128, 64, 16
+    args.steps = args.steps or (150 if args.quick else 800)
     out_path = args.out or RESULTS / ("architectures_quick.json" if args.quick else "architectures.json")
     chosen = arms(args.ffn, args.gamma, args.seq_alpha)
     if args.only:
