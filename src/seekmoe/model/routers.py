@@ -209,7 +209,7 @@ class HashRouter(nn.Module):
             raise ValueError(f"hash routing got {token_ids.numel()} token ids for {x.shape[0]} tokens")
         indices = self.expert_of_token[token_ids.reshape(-1)].unsqueeze(1)  # [T, 1]
         weights = torch.ones(indices.shape, dtype=torch.float32, device=x.device)
-        scores = F.one_hot(indices[:, 0], self.n_experts).float()  # [T, E]
+        scores = torch.zeros(indices.shape[0], self.n_experts, device=x.device).scatter_(1, indices, 1.0)  # [T, E]
         return RouterOutput(weights, indices, scores, torch.zeros_like(scores))
 
 
@@ -285,7 +285,9 @@ def limit_capacity(route: RouterOutput, capacity_factor: float,
     used = (torch.ones_like(route.indices, dtype=torch.bool) if route.kept is None else route.kept).t().reshape(-1)
     expert = torch.where(used, route.indices.t().reshape(-1), n_experts)  # [k*T] choice-major; unused -> E
     order = expert.argsort(stable=True)
-    counts = torch.bincount(expert, minlength=n_experts + 1)  # [E + 1]
+    # scatter_add, not bincount: bincount learns its output size from the data, a host synchronization on a GPU
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=expert.device).scatter_add_(
+        0, expert, torch.ones_like(expert))  # [E + 1]
     starts = counts.cumsum(0) - counts
     rank = torch.empty_like(expert)
     rank[order] = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]]
