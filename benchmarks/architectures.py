@@ -5,7 +5,7 @@ auxiliary-loss-free balancing against the sequence-wise auxiliary loss alone, wi
     python benchmarks/architectures.py --quick      # 2 seeds x 7 arms, 150 steps each: 6 min on a loaded 2-core box
     python benchmarks/architectures.py --quick --steps 600   # the quick model trained 4x longer: about 20 min
     python benchmarks/architectures.py              # 2 seeds x 7 arms, 800 steps of a 2x wider model on 2x longer
-                                                    # sequences: roughly an hour (estimated, not yet measured)
+                                                    # sequences: one to two hours (estimated, not yet measured)
 
 On a shared machine run single-threaded (`OMP_NUM_THREADS=1`), as for balance_scope.py.
 
