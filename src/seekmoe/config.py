@@ -13,6 +13,8 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 # greedy: plain top-k (V2-Lite); group_limited_greedy: groups scored by their best expert (V2);
 # noaux_tc: groups scored by the sum of their two best experts, bias-corrected selection (V3).
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# deepseek: the router above (the default); the others are the MoE literature's, for comparison (model/routers.py).
+ROUTER_TYPES = ("deepseek", "switch", "gshard", "noisy_topk", "hash", "hierarchical")
 ROPE_SCALING_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
@@ -60,6 +62,20 @@ class ModelConfig:
     router_z_loss_coef: float = 0.0
     bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing
     mtp_loss_weight: float = 0.3  # lambda
+    # Routers of the MoE literature (seekmoe's own keys; a non-DeepSeek router writes a model_type transformers
+    # does not know, so transformers refuses the checkpoint instead of running it with the wrong router).
+    router_type: str = "deepseek"  # one of ROUTER_TYPES
+    # Expert capacity = capacity_factor * tokens * top_k / experts; overflow slots are dropped (the token passes
+    # through the residual). None = the router's default: 1.25 in training and 2.0 in evaluation for switch and
+    # gshard (Switch Transformer), dropless (0) for the others; 0 = dropless.
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    router_jitter: float = 0.0  # Switch: router inputs times U(1 - eps, 1 + eps) in training (learned routers)
+    # Weight of the literature routers' balance loss (Switch/GShard's E * sum f_i P_i, noisy top-k's and the
+    # hierarchical gate's importance/load CV^2). None = 0.01 for switch/gshard, 0.1 for noisy_topk/hierarchical.
+    # (aux_loss_alpha, expert_balance_alpha, device_balance_alpha and bias_update_speed are the DeepSeek router's.)
+    router_aux_loss_coef: float | None = None
+    second_expert_threshold: float = 0.2  # GShard: the 2nd expert is kept with probability min(1, g2 / threshold)
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
 
     def __post_init__(self) -> None:
@@ -73,8 +89,29 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
-        """The transformers model type whose numerics this config matches."""
+        """The transformers model type whose numerics this config matches; `seekmoe_<router_type>` (unknown to
+        transformers, which then refuses the checkpoint) when no transformers model computes what this one does."""
+        if self.router_type != "deepseek" or self.eval_capacity() > 0:
+            return f"seekmoe_{self.router_type}"
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
+
+    def train_capacity(self) -> float:
+        """The capacity factor in training (0 = dropless), after the router type's default."""
+        if self.capacity_factor is not None:
+            return float(self.capacity_factor)
+        return 1.25 if self.router_type in ("switch", "gshard") else 0.0
+
+    def eval_capacity(self) -> float:
+        """The capacity factor in evaluation and inference (0 = dropless), after the router type's default."""
+        if self.eval_capacity_factor is not None:
+            return float(self.eval_capacity_factor)
+        return 2.0 if self.router_type in ("switch", "gshard") else 0.0
+
+    def router_aux_loss(self) -> float:
+        """The literature routers' balance loss weight, after the router type's default."""
+        if self.router_aux_loss_coef is not None:
+            return float(self.router_aux_loss_coef)
+        return {"switch": 0.01, "gshard": 0.01, "noisy_topk": 0.1, "hierarchical": 0.1}.get(self.router_type, 0.0)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` holds a MoE (True) or a dense MLP (False)."""
@@ -121,6 +158,47 @@ class ModelConfig:
                      "bias_update_speed", "mtp_loss_weight"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise bad(name, "a non-negative number")
+        self._validate_router_type()
+
+    def _validate_router_type(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+        if self.router_type not in ROUTER_TYPES:
+            raise bad("router_type", f"one of {ROUTER_TYPES}")
+        for name in ("capacity_factor", "eval_capacity_factor", "router_aux_loss_coef"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                raise bad(name, "None (the router's default) or a non-negative number (0 = off)")
+        if not isinstance(self.router_jitter, (int, float)) or not 0 <= self.router_jitter < 1:
+            raise bad("router_jitter", "a number in [0, 1)")
+        if not isinstance(self.second_expert_threshold, (int, float)) or self.second_expert_threshold <= 0:
+            raise bad("second_expert_threshold", "a positive number")
+        if self.router_type == "deepseek":
+            if self.router_jitter:
+                raise bad("router_jitter", "0 with router_type='deepseek' (jitter belongs to the literature routers)")
+            return
+        if self.n_routed_experts == 0:
+            raise bad("router_type", "'deepseek' for a dense model (n_routed_experts=0)")
+        for name in ("expert_balance_alpha", "device_balance_alpha"):
+            if getattr(self, name):
+                raise bad(name, f"0 with router_type={self.router_type!r}: DeepSeekMoE's balance losses belong to "
+                                f"router_type='deepseek'; set router_aux_loss_coef instead")
+        k, E = self.num_experts_per_tok, self.n_routed_experts
+        if self.router_type in ("switch", "hash") and k != 1:
+            raise bad("num_experts_per_tok", f"1 with router_type={self.router_type!r} (one expert per token)")
+        if self.router_type == "gshard" and k != 2:
+            raise bad("num_experts_per_tok", "2 with router_type='gshard' (top-2 gating)")
+        if self.router_type == "noisy_topk" and k >= E:
+            raise bad("num_experts_per_tok", f"fewer than n_routed_experts={E} with router_type='noisy_topk' "
+                                             f"(the load loss needs the (k+1)-th noisy logit)")
+        if self.router_type == "hierarchical":
+            if self.n_group < 2 or E % self.n_group:
+                raise bad("n_group", f"a divisor of n_routed_experts={E} and at least 2 with "
+                                     f"router_type='hierarchical' (the primary gate picks among n_group groups)")
+            if k % self.topk_group or k // self.topk_group > E // self.n_group:
+                raise bad("num_experts_per_tok", f"topk_group={self.topk_group} times the experts picked per group "
+                                                 f"(at most {E // self.n_group}) with router_type='hierarchical'")
 
     def _validate_routing(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -228,13 +306,17 @@ class ModelConfig:
         """A config.json dict that transformers' AutoConfig reads as DeepseekV2Config or DeepseekV3Config."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
         d = {**self.extra, **d}
+        for key, default in _ROUTER_DEFAULTS.items():  # DeepSeek-router configs stay as they were
+            if d.get(key) == default:
+                d.pop(key)
         d["model_type"] = self.model_type
-        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        d["architectures"] = ({"deepseek_v3": ["DeepseekV3ForCausalLM"], "deepseek_v2": ["DeepseekV2ForCausalLM"]}
+                              .get(self.model_type, ["SeekMoEForCausalLM"]))
         d["hidden_act"] = "silu"
         d["num_key_value_heads"] = self.num_attention_heads
         d["moe_layer_freq"] = 1
         d.pop("rope_interleave")
-        if self.model_type == "deepseek_v3":
+        if self.model_type != "deepseek_v2":
             d["rope_interleave"] = self.rope_interleave
         elif not self.rope_interleave:
             raise ValueError("ModelConfig.rope_interleave=False cannot be written as a deepseek_v2 config: "
@@ -273,6 +355,10 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 # Keys transformers writes that follow from other fields; read and recomputed, never stored twice.
 _DERIVED_KEYS = {"model_type", "architectures", "hidden_act", "num_key_value_heads", "qk_head_dim", "head_dim",
                  "moe_layer_freq", "transformers_version", "torch_dtype", "dtype", "auto_map", "use_cache"}
+
+# The router fields' defaults, left out of config.json (a DeepSeek-router model's config.json lists DeepSeek's keys).
+_ROUTER_DEFAULTS = {"router_type": "deepseek", "capacity_factor": None, "eval_capacity_factor": None,
+                    "router_jitter": 0.0, "router_aux_loss_coef": None, "second_expert_threshold": 0.2}
 
 _YARN_40X = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
 

@@ -55,7 +55,8 @@ def mtp_forward(model, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, s
     body = model.model
     mtp = body.mtp[depth - 1]
     cos, sin = body.rotary_emb(step.positions)
-    h, _ = mtp(h_prev, body.embed_tokens(tokens), cos, sin, step.attn_mask, cache_layers(c_kv, k_pe, step)[0])
+    h, _ = mtp(h_prev, body.embed_tokens(tokens), cos, sin, step.attn_mask, cache_layers(c_kv, k_pe, step)[0],
+               tokens)
     h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, hidden]
     return h, model.lm_head(mtp.shared_head["norm"](h_last))
 

@@ -24,11 +24,13 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None,
-                cache: LatentCacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        """x [B, S, hidden] -> (x, MoE stats or None); `cache` switches attention to cached latent decoding."""
+                cache: LatentCacheLayer | None = None,
+                token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """x [B, S, hidden] -> (x, MoE stats or None); `cache` switches attention to cached latent decoding;
+        token_ids [B, S] reach the MoE layer (hash routing reads them)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(h)
+            y, stats = self.mlp(h, token_ids)
             return x + y, stats
         return x + self.mlp(h), None

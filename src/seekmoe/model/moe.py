@@ -21,6 +21,7 @@ from .dispatch import LocalDispatcher
 from .experts import RoutedExperts
 from .mlp import MLP
 from .router import Router, RouterOutput
+from .routers import build_router, limit_capacity
 
 
 @dataclass
@@ -32,6 +33,7 @@ class MoEStats:
     topk_counts: torch.Tensor | None = None  # [E] fp32, no grad: tokens whose plain top-k of unbiased scores has i
     score_mean: torch.Tensor | None = None  # [E] fp32: P_i, mean normalized affinity (carries the gradient)
     device_groups: int = 1  # groups of experts the device-level loss balances (a group = a device)
+    dropped_slots: torch.Tensor | None = None  # [] long: slots dropped by the capacity limit (None = dropless)
 
 
 class MoE(nn.Module):
@@ -40,7 +42,8 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.gate = Router(config)
+        # DeepSeek's router, or one of the MoE literature's (model/routers.py) when config.router_type says so.
+        self.gate = Router(config) if config.router_type == "deepseek" else build_router(config)
         self.dispatcher = LocalDispatcher(config.n_routed_experts)
         self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
@@ -49,20 +52,30 @@ class MoE(nn.Module):
         # parallel/ sets the expert-parallel size here when the experts really are spread over several ranks.
         self.device_groups = config.n_group
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        """x [B, S, hidden] -> (y [B, S, hidden], stats)."""
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x [B, S, hidden] -> (y [B, S, hidden], stats); token_ids [B, S] are read by hash routing only."""
         B, S, H = x.shape
         flat = x.reshape(-1, H)
-        route = self.gate(flat)  # fp32 whatever the autocast state
+        if isinstance(self.gate, Router):
+            route = self.gate(flat)  # fp32 whatever the autocast state
+        else:
+            route = self.gate(flat, None if token_ids is None else token_ids.reshape(-1))
+        capacity = self.config.train_capacity() if self.training else self.config.eval_capacity()
+        routed_counts = dropped = None
+        if capacity > 0:
+            route, routed_counts, dropped = limit_capacity(route, capacity, self.config.n_routed_experts)
         rows, row_weights, plan = self.dispatcher.dispatch(flat, route.indices, route.weights)
         y = self.dispatcher.combine(self.experts(rows, row_weights, plan), plan).to(x.dtype).view(B, S, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        stats = MoEStats(plan.routed_counts, route.logits.new_zeros(()), device_groups=self.device_groups)
+        stats = MoEStats(plan.routed_counts if routed_counts is None else routed_counts, route.logits.new_zeros(()),
+                         device_groups=self.device_groups, dropped_slots=dropped)
         # Balance losses shape training only; evaluation and inference skip them.
-        if self.training and _any_balance_loss(self.config):
+        if self.training and isinstance(self.gate, Router) and _any_balance_loss(self.config):
             with torch.autocast(x.device.type, enabled=False):
                 stats.balance_loss, stats.topk_counts, stats.score_mean = _local_balance(route, self.config, B, S)
+        if route.aux_loss is not None:  # a literature router's own balance loss
+            stats.balance_loss = route.aux_loss
         return y, stats
 
 

@@ -29,8 +29,10 @@ class MTPModule(DecoderBlock):
 
     def forward(self, h_prev: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None,
-                cache: LatentCacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        """h_prev [B, S, H] from the previous depth, next_embeds [B, S, H] the embeddings of the tokens k ahead;
-        `attn_mask` and `cache` as in `DecoderBlock` (for drafting tokens while decoding)."""
+                cache: LatentCacheLayer | None = None,
+                token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """h_prev [B, S, H] from the previous depth, next_embeds [B, S, H] the embeddings of the tokens k ahead
+        (token_ids [B, S], for hash routing); `attn_mask` and `cache` as in `DecoderBlock` (for drafting tokens
+        while decoding)."""
         h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(h_prev)], dim=-1))
-        return super().forward(h, cos, sin, attn_mask, cache)
+        return super().forward(h, cos, sin, attn_mask, cache, token_ids)

@@ -19,6 +19,10 @@ class RouterOutput:
     indices: torch.Tensor  # [T, top_k] chosen expert ids
     scores: torch.Tensor  # [T, E] fp32 affinities (softmax or sigmoid of the logits), before any bias
     logits: torch.Tensor  # [T, E] fp32 router logits
+    # [T, top_k] bool: the slots that reach their expert (None = all). A dropped slot (over an expert's capacity, or
+    # GShard's randomly skipped second expert) keeps its index but has weight 0: its token passes the residual.
+    kept: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # scalar, weighted: a literature router's own balance loss (training)
 
 
 class Router(nn.Module):

@@ -18,6 +18,7 @@ from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 from .router import Router
+from .routers import LITERATURE_ROUTERS
 
 
 @dataclass
@@ -74,6 +75,8 @@ class CausalLM(nn.Module):
                 module.weight.normal_(0.0, std)
                 if module.e_score_correction_bias is not None:
                     module.e_score_correction_bias.zero_()
+            elif isinstance(module, tuple(LITERATURE_ROUTERS.values())):
+                module.reset_parameters(std)
             elif isinstance(module, RoutedExperts):
                 module.gate_up_proj.normal_(0.0, std)
                 module.down_proj.normal_(0.0, std)
@@ -108,9 +111,9 @@ class CausalLM(nn.Module):
         stats: list[MoEStats] = []
         for i, layer in enumerate(body.layers):
             if self.gradient_checkpointing and self.training:
-                h, s = checkpoint(layer, h, cos, sin, attn_mask, use_reentrant=False)
+                h, s = checkpoint(layer, h, cos, sin, attn_mask, None, input_ids, use_reentrant=False)
             else:
-                h, s = layer(h, cos, sin, attn_mask, None if cache is None else cache[i])
+                h, s = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], input_ids)
             if s is not None:
                 stats.append(s)
         h = body.norm(h)
@@ -142,7 +145,8 @@ class CausalLM(nn.Module):
         losses = []
         for k, mtp in enumerate(self.model.mtp, start=1):
             n = S - k  # positions i that have an input token t_{i+k}
-            h, s = mtp(h[:, :n], self.model.embed_tokens(input_ids[:, k:]), cos[..., :n, :, :], sin[..., :n, :, :])
+            h, s = mtp(h[:, :n], self.model.embed_tokens(input_ids[:, k:]), cos[..., :n, :, :], sin[..., :n, :, :],
+                       token_ids=input_ids[:, k:])
             if s is not None:
                 stats.append(s)
             logits = self.lm_head(mtp.shared_head["norm"](h))
