@@ -57,7 +57,8 @@ def routing_override(model: nn.Module, top_k: int | None = None, skip_top: int =
                     lambda module, args, kwargs, k=k: (args, {**kwargs, "top_k": k, "skip_top": skip_top}),
                     with_kwargs=True))
             if not shared and moe.shared_experts is not None:
-                handles.append(moe.shared_experts.register_forward_hook(lambda module, args, out: torch.zeros_like(out)))
+                handles.append(moe.shared_experts.register_forward_hook(
+                    lambda module, args, out: torch.zeros_like(out)))
         yield
     finally:
         for handle in handles:
