@@ -228,6 +228,13 @@ def test_probe_settings_a_token_cannot_reach_are_refused(sources):
     assert set(ablation_probes(grouped, sources, 4)["top_k"]) == {1, 2, 3, 4}
 
 
+def test_a_model_without_shared_experts_has_no_shared_share_and_skips_that_probe(sources):
+    model = seekmoe.build_model(ModelConfig.preset("tiny", n_shared_experts=0, num_nextn_predict_layers=0)).eval()
+    results = analyze(model, FakeTokenizer(), sources, probe_tokens=16)
+    assert results["layers"][0]["shared_norm_share"] == 0.0
+    assert "no_shared" not in results["probes"] and results["probes"]["tokens"] == 32
+
+
 def test_prompt_view_marks_each_token_with_its_experts(model):
     view = analyze(model, FakeTokenizer(), [Source("A", torch.tensor([SEQ_A]))], prompt="8 9 17",
                    probe_tokens=0)["prompt"]
