@@ -105,7 +105,21 @@ def test_capture_records_the_experts_each_token_was_built_to_choose(model, sourc
     assert top.tolist() == [first(v) for v in tokens]
     p = router_probabilities()
     assert torch.allclose(layer.weights.max(1).values.double(), p[0] / (p[0] + p[1]), atol=1e-5)
-    assert not layer.dropped.any()
+    assert layer.dropped_slots == 0
+
+
+def test_dropped_share_counts_the_slots_a_capacity_limited_layer_reports(sources):
+    model = constructed_model()
+    moe = model.model.layers[1].mlp
+
+    def drop_three(module, args, out):  # what a capacity-limited layer reports in its MoEStats
+        out[1].dropped_slots = torch.tensor(3)
+
+    handle = moe.register_forward_hook(drop_three)
+    (s,) = analyze(model, FakeTokenizer(), sources, batch_size=4, probe_tokens=0)["layers"]
+    handle.remove()
+    forwards, tokens = 2, 64  # each source's 2 sequences of 16 tokens fit one forward
+    assert s["dropped_share"] == pytest.approx(3 * forwards / (K * tokens))
 
 
 def test_load_maxvio_entropy_and_dropped_share_match_hand_counts(model, sources):

@@ -2,7 +2,7 @@
 
 `RoutingCapture` is what the statistics, the probes and the report of `seekmoe analyze` read: for each main MoE
 layer and each token routed while it is active, the chosen experts, their gate weights, the entropy of the router's
-affinities, which slots were dropped, and the norms of the shared and routed experts' outputs.
+affinities and the norms of the shared and routed experts' outputs; and per layer, how many slots it dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class LayerRouting:
     indices: torch.Tensor  # [N, top_k] long: chosen expert ids
     weights: torch.Tensor  # [N, top_k] fp32: their gate values
     entropy: torch.Tensor  # [N] fp32: entropy (nats) of the token's affinities normalized to sum 1
-    dropped: torch.Tensor  # [N, top_k] bool: slots the layer dropped (capacity overflow); all False when dropless
+    dropped_slots: int  # slots the layer dropped over its experts' capacity (0 when dropless)
     shared_norm: torch.Tensor  # [N] fp32: ||shared experts' output||_2 (zeros without shared experts)
     routed_norm: torch.Tensor  # [N] fp32: ||routed experts' combined output||_2
 
@@ -33,7 +33,7 @@ class _Pending:
     indices: list[torch.Tensor] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
     entropy: list[torch.Tensor] = field(default_factory=list)
-    dropped: list[torch.Tensor] = field(default_factory=list)
+    dropped: list[torch.Tensor] = field(default_factory=list)  # [] per forward
     shared: list[torch.Tensor] = field(default_factory=list)
     routed: list[torch.Tensor] = field(default_factory=list)
     shared_out: torch.Tensor | None = None  # [B, S, hidden] of the forward in progress
@@ -58,8 +58,8 @@ class RoutingCapture:
             model(ids)
         layers = capture.layers()  # one LayerRouting per MoE layer
 
-    A router whose output carries a `dropped` mask [T, top_k] (capacity-limited routing) has it recorded; otherwise
-    no slot is dropped.
+    Dropped slots are read from the layer's MoEStats (`dropped_slots`, where capacity-limited routing sets it);
+    a layer that does not report them is dropless.
     """
 
     def __init__(self, model: nn.Module):
@@ -85,12 +85,9 @@ class RoutingCapture:
     @staticmethod
     def _on_route(pending: _Pending):
         def hook(module, args, route):
-            dropped = getattr(route, "dropped", None)
             pending.indices.append(route.indices.detach().cpu())
             pending.weights.append(route.weights.detach().float().cpu())
             pending.entropy.append(token_entropy(route.scores.detach()).cpu())
-            pending.dropped.append(torch.zeros(route.indices.shape, dtype=torch.bool) if dropped is None
-                                   else dropped.detach().bool().cpu())
         return hook
 
     @staticmethod
@@ -108,6 +105,8 @@ class RoutingCapture:
             shared = torch.zeros_like(y) if shared is None else shared.float().flatten(0, -2)
             pending.shared.append(shared.norm(dim=-1).cpu())
             pending.routed.append((y - shared).norm(dim=-1).cpu())
+            dropped = getattr(out[1], "dropped_slots", None)
+            pending.dropped.append(torch.zeros((), dtype=torch.long) if dropped is None else dropped.detach().cpu())
         return hook
 
     def layers(self) -> list[LayerRouting]:
@@ -117,11 +116,12 @@ class RoutingCapture:
             if not pending.indices:
                 k = moe.gate.top_k
                 empty = torch.zeros(0, k)
-                out.append(LayerRouting(index, empty.long(), empty, torch.zeros(0), empty.bool(), torch.zeros(0),
+                out.append(LayerRouting(index, empty.long(), empty, torch.zeros(0), 0, torch.zeros(0),
                                         torch.zeros(0)))
                 continue
             out.append(LayerRouting(index, torch.cat(pending.indices), torch.cat(pending.weights),
-                                    torch.cat(pending.entropy), torch.cat(pending.dropped), torch.cat(pending.shared),
+                                    torch.cat(pending.entropy), int(sum(int(d) for d in pending.dropped)),
+                                    torch.cat(pending.shared),
                                     torch.cat(pending.routed)))
         return out
 

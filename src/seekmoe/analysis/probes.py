@@ -86,6 +86,10 @@ def ablation_probes(model: nn.Module, sources: Sequence[Source], batch_size: int
     moe = main_moe_layers(model)
     router = moe[0][1].gate
     out: dict = {"baseline": evaluate_loss(model, sources, batch_size, progress, "probe: as trained")}
+    has_shared = moe[0][1].shared_experts is not None
+    if has_shared:
+        with routing_override(model, shared=False):
+            out["no_shared"] = evaluate_loss(model, sources, batch_size, progress, "probe: no shared")
     if not isinstance(router, Router):
         out["note"] = f"routing probes skipped: {type(router).__name__} is not DeepSeek's top-k router"
         return out
@@ -97,9 +101,7 @@ def ablation_probes(model: nn.Module, sources: Sequence[Source], batch_size: int
             break
         with routing_override(model, skip_top=r):
             out["skip_top"][r] = evaluate_loss(model, sources, batch_size, progress, f"probe: top-{r} disabled")
-    if moe[0][1].shared_experts is not None:
-        with routing_override(model, shared=False):
-            out["no_shared"] = evaluate_loss(model, sources, batch_size, progress, "probe: no shared")
+    if has_shared:
         if k + 1 <= reach:
             with routing_override(model, top_k=k + 1, shared=False):
                 out["no_shared_plus_one"] = evaluate_loss(model, sources, batch_size, progress,

@@ -19,6 +19,7 @@ dl.defs dt { font-weight: 600; } dl.defs dd { margin: 0 0 .3em 1em; }
 .prompt { font-family: ui-monospace, monospace; line-height: 1.9; margin: .3em 0 1em; }
 code, .mono { font-family: ui-monospace, monospace; }
 """
+MAX_MATRIX_EXPERTS = 64  # above this many experts the E x E co-activation heatmaps stay in the JSON only
 
 
 def _e(text) -> str:
@@ -132,8 +133,8 @@ def _load(results: dict) -> str:
                     lambda i, j, v: f"layer {results['layers'][i]['layer']}, expert {j}: load "
                                     f"{_pct(v / E)} = {v:.2f} x 1/E ({results['layers'][i]['counts'][j]} tokens)")
     norms = "".join(f"<tr><td>{s['layer']}</td><td class=n>{_fmt(s['shared_norm_mean'])}</td>"
-                    f"<td class=n>{_fmt(s['routed_norm_mean'])}</td><td class=n>{_pct(s['shared_norm_share'])}</td></tr>"
-                    for s in results["layers"])
+                    f"<td class=n>{_fmt(s['routed_norm_mean'])}</td>"
+                    f"<td class=n>{_pct(s['shared_norm_share'])}</td></tr>" for s in results["layers"])
     return (f"<p>Cell colour: load relative to the balanced share 1/E (white 0, dark blue 2x or more); hover for "
             f"the numbers.</p>{heat}{_defs(results['definitions'], ['load'])}"
             f"<h3>Shared and routed experts' output norms</h3><table><tr><th>layer</th><th>mean ||shared||</th>"
@@ -186,15 +187,19 @@ def _vocabulary(results: dict) -> str:
 
 
 def _coactivation(results: dict) -> str:
-    parts = []
+    E = results["model"]["n_routed_experts"]
+    parts = [] if E <= MAX_MATRIX_EXPERTS else [
+        f"<p>With {E} experts the E x E matrices of P(j | i) are left to the JSON file (the page would hold "
+        f"{E * E} cells a layer); the pairs chosen together most often are listed here.</p>"]
     for s in results["layers"]:
         co = s["coactivation"]
-        rows = [(f"i={i}", r) for i, r in enumerate(co["conditional"])]
         pairs = ", ".join(f"({p['experts'][0]}, {p['experts'][1]}) {_pct(p['rate'])}" for p in co["top_pairs"])
-        parts.append(f"<h3>layer {s['layer']}</h3><p>Cell (i, j): P(j | i), white 0 to dark blue 1. Pairs chosen "
-                     f"together most often (rate; uniform random {_pct(co['random_pair_rate'])}): {pairs or 'none'}"
-                     f"</p>" + _heatmap(rows, lambda v: _sequential(v, 1.0),
-                                        lambda i, j, v: f"P(expert {j} | expert {i}) = {_pct(v)}"))
+        parts.append(f"<h3>layer {s['layer']}</h3><p>Pairs chosen together most often (rate; uniform random "
+                     f"{_pct(co['random_pair_rate'])}): {pairs or 'none'}.</p>")
+        if E <= MAX_MATRIX_EXPERTS:
+            rows = [(f"i={i}", r) for i, r in enumerate(co["conditional"])]
+            parts.append("<p>Cell (i, j): P(j | i), white 0 to dark blue 1.</p>" + _heatmap(
+                rows, lambda v: _sequential(v, 1.0), lambda i, j, v: f"P(expert {j} | expert {i}) = {_pct(v)}"))
     return "".join(parts) + _defs(results["definitions"], ["coactivation"])
 
 

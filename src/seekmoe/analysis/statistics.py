@@ -58,7 +58,7 @@ def load_statistics(layer: LayerRouting, n_experts: int) -> dict:
             "max_vio": float(max_violation(counts[None])[0]),
             "routing_entropy": float(layer.entropy.double().mean()) if layer.entropy.numel() else 0.0,
             "routing_entropy_max": math.log(n_experts), "load_entropy": load_entropy,
-            "dropped_share": float(layer.dropped.double().sum()) / slots}
+            "dropped_share": layer.dropped_slots / slots}
 
 
 def coactivation(layer: LayerRouting, n_experts: int, top_pairs: int = 10) -> dict:
