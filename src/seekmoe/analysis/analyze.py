@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import probes, specialization, statistics
 from .capture import LayerRouting, RoutingCapture
-from .sources import Source
+from .sources import Source, batches
 
 
 @dataclass
@@ -33,10 +33,9 @@ def route(model: nn.Module, sources: Sequence[Source], batch_size: int, progress
     device = next(model.parameters()).device
     ids_seen, source_of, follows = [], [], []
     total, count = 0.0, 0
-    batches = [(d, s.sequences[i:i + batch_size]) for d, s in enumerate(sources)
-               for i in range(0, len(s.sequences), batch_size)]
     with RoutingCapture(model) as capture:
-        for d, ids in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+        for d, ids in tqdm(batches(sources, batch_size), desc=desc, unit="batch", disable=not progress,
+                           dynamic_ncols=True):
             B, S = ids.shape
             out = model(ids.to(device), labels=ids.to(device))
             total += float(out.lm_loss) * B * (S - 1)

@@ -114,17 +114,11 @@ class RoutingCapture:
         out = []
         for pending, (index, moe) in zip(self._pending, self.moe):
             if not pending.indices:
-                k = moe.gate.top_k
-                empty = torch.zeros(0, k)
+                empty = torch.zeros(0, moe.config.num_experts_per_tok)
                 out.append(LayerRouting(index, empty.long(), empty, torch.zeros(0), 0, torch.zeros(0),
                                         torch.zeros(0)))
                 continue
             out.append(LayerRouting(index, torch.cat(pending.indices), torch.cat(pending.weights),
                                     torch.cat(pending.entropy), int(sum(int(d) for d in pending.dropped)),
-                                    torch.cat(pending.shared),
-                                    torch.cat(pending.routed)))
+                                    torch.cat(pending.shared), torch.cat(pending.routed)))
         return out
-
-    def n_experts(self) -> int:
-        """Routed experts per layer."""
-        return self.moe[0][1].gate.n_experts

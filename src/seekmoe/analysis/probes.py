@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..model.router import Router
 from .capture import main_moe_layers
-from .sources import Source
+from .sources import Source, batches
 
 DEFINITIONS = {
     "loss": "mean next-token cross-entropy (nats) over every predicted token of the --data sources",
@@ -71,8 +71,8 @@ def evaluate_loss(model: nn.Module, sources: Sequence[Source], batch_size: int, 
     """Mean next-token cross-entropy over every predicted token of `sources`, batch_size sequences a forward."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    batches = [(s.sequences[i:i + batch_size]) for s in sources for i in range(0, len(s.sequences), batch_size)]
-    for ids in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False):
+    for _, ids in tqdm(batches(sources, batch_size), desc=desc, unit="batch", disable=not progress,
+                       dynamic_ncols=True, leave=False):
         ids = ids.to(device)
         n = ids.shape[0] * (ids.shape[1] - 1)
         total += float(model(ids, labels=ids).lm_loss) * n

@@ -62,3 +62,9 @@ def load_sources(paths: Sequence[str], tokenizer, seq_len: int, max_tokens: int,
         seqs = torch.tensor(ids[:n * seq_len]).view(n, seq_len) if n else torch.tensor(ids)[None]
         sources.append(Source(str(path), seqs))
     return sources
+
+
+def batches(sources: Sequence[Source], batch_size: int) -> list[tuple[int, torch.Tensor]]:
+    """(source index, ids [<= batch_size, seq_len]) for every batch of every source, in order."""
+    return [(d, s.sequences[i:i + batch_size]) for d, s in enumerate(sources)
+            for i in range(0, len(s.sequences), batch_size)]
