@@ -234,11 +234,24 @@ def test_top_k_probe_equals_a_model_built_with_that_k_and_shared_off_zeroes_the_
         assert float(route(model, sources, 4).layers[0].shared_norm.abs().max()) == 0.0
 
 
+def test_disabled_experts_stay_out_under_group_limited_routing(sources):
+    torch.manual_seed(1)
+    grouped = seekmoe.build_model(ModelConfig.preset("tiny", num_nextn_predict_layers=0)).eval()  # 2 of 4 groups
+    scores = []
+    handle = grouped.model.layers[1].mlp.gate.register_forward_hook(lambda m, a, out: scores.append(out.scores))
+    with routing_override(grouped, skip_top=2):
+        (skipped,) = route(grouped, sources, 4).layers
+    handle.remove()
+    best = torch.cat(scores).topk(2, dim=1).indices  # bias 0: the router ranks experts by their scores
+    assert not (skipped.indices[:, :, None] == best[:, None, :]).any()
+
+
 def test_probe_settings_a_token_cannot_reach_are_refused(sources):
     grouped = seekmoe.build_model(ModelConfig.preset("tiny", num_nextn_predict_layers=0)).eval()  # 2 of 4 groups
-    with pytest.raises(ValueError, match="top_k=3 with skip_top=2"):
-        with routing_override(grouped, top_k=3, skip_top=2):
-            pass
+    for top_k, skip_top in ((3, 2), (0, 0), (5, 0)):
+        with pytest.raises(ValueError, match=f"top_k={top_k} with skip_top={skip_top}"):
+            with routing_override(grouped, top_k=top_k, skip_top=skip_top):
+                pass
     assert set(ablation_probes(grouped, sources, 4)["top_k"]) == {1, 2, 3, 4}
 
 

@@ -49,7 +49,7 @@ def routing_override(model: nn.Module, top_k: int | None = None, skip_top: int =
             if top_k is not None or skip_top:
                 if not isinstance(router, Router):
                     raise ValueError(f"routing probes need DeepSeek's top-k router, got {type(router).__name__}")
-                k = top_k or router.top_k
+                k = router.top_k if top_k is None else top_k
                 if k < 1 or skip_top < 0 or k + skip_top > reachable_experts(router):
                     raise ValueError(f"top_k={k} with skip_top={skip_top}: expected top_k >= 1 and top_k + skip_top "
                                      f"<= {reachable_experts(router)}, the experts a token can reach")
