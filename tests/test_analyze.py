@@ -181,6 +181,22 @@ def test_vocabulary_lists_each_experts_tokens_and_full_concentration(model, sour
     assert v["concentration_mean"] == 1.0 and v["concentration_random"] == K / E
 
 
+def test_token_concentration_is_the_share_of_occurrences_holding_the_tokens_most_frequent_expert():
+    from seekmoe.analysis.capture import LayerRouting
+    from seekmoe.analysis.specialization import vocabulary_specialization
+
+    indices = torch.tensor([[0, 1], [0, 2], [3, 4], [0, 5], [1, 2], [2, 1], [1, 2], [2, 1]])
+    tokens = torch.tensor([5, 5, 5, 5, 6, 6, 6, 6])
+    n = len(tokens)
+    layer = LayerRouting(1, indices, torch.ones(n, 2) / 2, torch.zeros(n), 0, torch.zeros(n), torch.zeros(n))
+    v = vocabulary_specialization(layer, tokens, E, min_count=4)
+    assert v["concentration"] == [[6, 4, 1.0], [5, 4, 0.75]]
+    assert v["concentration_mean"] == pytest.approx(0.875)
+    assert [t["token"] for t in v["least_concentrated"]] == [5, 6]
+    assert [(t["token"], t["count"], t["of_token"]) for t in v["experts"][0]] == [(5, 3, 0.75)]
+    assert v["experts"][1][0]["of_expert"] == pytest.approx(4 / 5)  # 4 of expert 1's 5 slots are token 6
+
+
 def test_shared_norm_share_is_zero_without_shared_output_and_one_without_routed(sources):
     assert analyze(constructed_model(shared=False), FakeTokenizer(), sources,
                    probe_tokens=0)["layers"][0]["shared_norm_share"] == 0.0

@@ -75,7 +75,7 @@ def _token_texts(vocab: list[dict], tokenizer) -> None:
         for entries in layer["experts"]:
             for e in entries:
                 e["text"] = tokenizer.token_text(e["token"])
-        for e in layer["most_concentrated"]:
+        for e in layer["most_concentrated"] + layer["least_concentrated"]:
             e["text"] = tokenizer.token_text(e["token"])
 
 

@@ -175,14 +175,16 @@ def _vocabulary(results: dict) -> str:
                               f'{_pct(t["of_token"])} of this token\'s occurrences">{_e(_visible(t["text"]))}</span> '
                               f'{_pct(t["of_expert"])}' for t in entries)
             rows.append(f"<tr><td>{e}</td><td>{cells}</td></tr>")
-        conc = ", ".join(f'<span class="mono">{_e(_visible(t["text"]))}</span> {_pct(t["concentration"])} '
-                         f'(n={t["count"]})' for t in v["most_concentrated"])
+        conc, spread = (", ".join(f'<span class="mono">{_e(_visible(t["text"]))}</span> {_pct(t["concentration"])} '
+                                  f'(n={t["count"]})' for t in v[key])
+                        for key in ("most_concentrated", "least_concentrated"))
         parts.append(f"<details{' open' if v is results['vocabulary'][0] else ''}><summary>layer {v['layer']}: "
                      f"mean token concentration {_pct(v['concentration_mean'])} (random "
                      f"{_pct(v['concentration_random'])}) over {v['tokens_counted']} token ids seen >= "
                      f"{v['min_count']} times</summary><table><tr><th>expert</th><th>tokens it receives most "
                      f"(share of the expert's tokens)</th></tr>{''.join(rows)}</table>"
-                     f"<p>Most concentrated tokens: {conc or 'none seen often enough'}</p></details>")
+                     f"<p>Most concentrated tokens: {conc or 'none seen often enough'}</p>"
+                     f"<p>Least concentrated tokens: {spread or 'none seen often enough'}</p></details>")
     return "".join(parts) + _defs(results["definitions"], ["expert_top_tokens", "token_concentration"])
 
 

@@ -51,8 +51,9 @@ def _token_expert_counts(layer: LayerRouting, token_ids: torch.Tensor,
 
 def vocabulary_specialization(layer: LayerRouting, token_ids: torch.Tensor, n_experts: int, top_n: int = 8,
                               min_count: int = 5) -> dict:
-    """Per expert its `top_n` most received tokens; per token id seen >= min_count times its routing concentration;
-    the layer's occurrence-weighted mean concentration and the `top_n` most concentrated tokens."""
+    """Per expert its `top_n` most received tokens; per token id seen >= min_count times its routing concentration
+    ([token, occurrences, concentration], most concentrated first); the layer's occurrence-weighted mean
+    concentration, and the `top_n` most and least concentrated tokens."""
     token, expert, count = _token_expert_counts(layer, token_ids, n_experts)
     ids, occurrences = torch.unique(token_ids.long(), return_counts=True)
     seen = dict(zip(ids.tolist(), occurrences.tolist()))
@@ -69,8 +70,14 @@ def vocabulary_specialization(layer: LayerRouting, token_ids: torch.Tensor, n_ex
     frequent = [(v, n) for v, n in seen.items() if n >= min_count]
     concentration = {v: int(best[v]) / n for v, n in frequent}
     weighted = sum(concentration[v] * n for v, n in frequent) / max(sum(n for _, n in frequent), 1)
-    ranked = sorted(frequent, key=lambda vn: (-concentration[vn[0]], -vn[1]))[:top_n]
+    ranked = sorted(frequent, key=lambda vn: (-concentration[vn[0]], -vn[1]))
     k = layer.indices.shape[1]
+
+    def entry(v: int, n: int) -> dict:
+        return {"token": v, "count": n, "concentration": concentration[v]}
+
     return {"experts": experts, "concentration_mean": weighted, "concentration_random": k / n_experts,
             "tokens_counted": len(frequent), "min_count": min_count,
-            "most_concentrated": [{"token": v, "count": n, "concentration": concentration[v]} for v, n in ranked]}
+            "most_concentrated": [entry(v, n) for v, n in ranked[:top_n]],
+            "least_concentrated": [entry(v, n) for v, n in ranked[::-1][:top_n]],
+            "concentration": [[v, n, concentration[v]] for v, n in ranked]}  # every token seen >= min_count times
