@@ -61,22 +61,29 @@ class Router(nn.Module):
                 self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
         return self
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
+    def forward(self, x: torch.Tensor, top_k: int | None = None, skip_top: int = 0) -> RouterOutput:
         """Route x [T, hidden]. Everything here is fp32 whatever the autocast state: under bf16 autocast a bf16
         router picks a different expert set for a sizeable share of tokens (DeepSeek-V3 keeps its gating in fp32,
-        Megatron-Core's moe_router_dtype=fp32 exists for the same reason)."""
+        Megatron-Core's moe_router_dtype=fp32 exists for the same reason).
+
+        `top_k` and `skip_top` exist for inference-time probes (`seekmoe analyze`, DeepSeekMoE section 4.5): route
+        to `top_k` experts instead of `num_experts_per_tok`, after excluding each token's `skip_top` best ones."""
+        top_k = top_k or self.top_k
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
             scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
             choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
             with torch.no_grad():
-                indices = self._select(choice.detach())
+                choice = choice.detach()
+                if skip_top:
+                    choice = choice.scatter(1, choice.topk(skip_top, dim=-1).indices, float("-inf"))
+                indices = self._select(choice, top_k)
             weights = scores.gather(1, indices)  # [T, top_k]
-            if self.norm_topk_prob and self.top_k > 1:
+            if self.norm_topk_prob and top_k > 1:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
             return RouterOutput(weights * self.routed_scaling_factor, indices, scores, logits)
 
-    def _select(self, choice: torch.Tensor) -> torch.Tensor:
+    def _select(self, choice: torch.Tensor, top_k: int) -> torch.Tensor:
         """Top-k expert ids [T, top_k], restricted to the `topk_group` best groups unless greedy."""
         if self.topk_method != "greedy" and self.n_group > 1:
             T = choice.shape[0]
@@ -88,7 +95,7 @@ class Router(nn.Module):
             chosen = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, -1)
-        return choice.topk(self.top_k, dim=-1, sorted=False).indices
+        return choice.topk(top_k, dim=-1, sorted=False).indices
 
     @torch.no_grad()
     def update_bias(self, expert_counts: torch.Tensor, speed: float) -> None:

@@ -1,0 +1,87 @@
+"""`seekmoe analyze`: route held-out text through a trained model and write `OUT/report.html` (self-contained) and
+`OUT/analysis.json` (every number)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .analyze import analyze
+from .report import render_report
+from .sources import load_sources
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+REPORT_NAME, JSON_NAME = "report.html", "analysis.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", required=True,
+                   help="a model directory: config.json, safetensors weights and tokenizer.json")
+    p.add_argument("--data", metavar="PATH", nargs="+", required=True,
+                   help="held-out text, one source per path (file, folder, .jsonl or .parquet); several sources are "
+                        "compared for domain specialization")
+    p.add_argument("--out", metavar="DIR", required=True, help=f"folder for {REPORT_NAME} and {JSON_NAME}")
+    p.add_argument("--prompt", metavar="TEXT", help="show each token of TEXT with its experts per layer")
+    p.add_argument("--compare", metavar="CHECKPOINT",
+                   help="an earlier checkpoint of the same run (a model directory): router saturation against it")
+    p.add_argument("--max-tokens", type=int, default=16384, metavar="N",
+                   help="tokens read from each source at most (default 16384)")
+    p.add_argument("--probe-tokens", type=int, default=4096, metavar="N",
+                   help="tokens of each source the ablation probes score, each probe one pass (default 4096; "
+                        "0 skips the probes)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="tokens per sequence (default: 256, or the model's context if shorter)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per forward (default 8)")
+    p.add_argument("--top-tokens", type=int, default=8, metavar="N", help="tokens listed per expert (default 8)")
+    p.add_argument("--min-count", type=int, default=5, metavar="N",
+                   help="occurrences a token needs for its routing concentration to count (default 5)")
+    p.add_argument("--data-glob", default="*", metavar="GLOB", help="files to read inside --data folders")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight type (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> int:
+    if value < minimum:
+        raise ValueError(f"{name} {value}: expected an integer >= {minimum}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import from_pretrained
+    from ..inference.tokenizer import Tokenizer
+
+    for name, value, minimum in (("--batch-size", args.batch_size, 1), ("--top-tokens", args.top_tokens, 1),
+                                 ("--min-count", args.min_count, 1), ("--probe-tokens", args.probe_tokens, 0)):
+        _positive(name, value, minimum)
+    for flag, path in (("--model", args.model), ("--compare", args.compare)):
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag} {path}: no such model directory")
+    started = time.perf_counter()
+    model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
+    tokenizer = Tokenizer(args.model, model.config.bos_token_id, model.config.eos_token_id)
+    seq_len = args.seq_len or min(256, model.config.max_position_embeddings)
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len}: longer than the model's context "
+                         f"(max_position_embeddings={model.config.max_position_embeddings})")
+    sources = load_sources(args.data, tokenizer, seq_len, args.max_tokens, model.config.vocab_size, args.data_glob)
+    compare = (from_pretrained(args.compare, dtype=DTYPES[args.dtype], device=args.device).eval()
+               if args.compare else None)
+    results = analyze(model, tokenizer, sources, args.batch_size, prompt=args.prompt, compare=compare,
+                      compare_name=args.compare, probe_tokens=args.probe_tokens, top_tokens=args.top_tokens,
+                      min_count=args.min_count, progress=not args.no_progress)
+    results["model"]["path"] = str(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / JSON_NAME).write_text(json.dumps(results, indent=1) + "\n")
+    (out / REPORT_NAME).write_text(render_report(results, f"seekmoe routing analysis: {args.model}"),
+                                   encoding="utf-8")
+    vio = [s["max_vio"] for s in results["layers"]]
+    print(f"loss {results['loss']:.4f} over {sum(s.tokens for s in sources)} tokens of {len(sources)} source(s); "
+          f"MaxVio per MoE layer {', '.join(f'{v:.3f}' for v in vio)}; {time.perf_counter() - started:.1f}s")
+    print(f"wrote {out / REPORT_NAME} and {out / JSON_NAME}")
+    return 0

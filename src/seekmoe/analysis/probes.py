@@ -1,0 +1,116 @@
+"""Ablation probes (DeepSeekMoE section 4.5): validation loss when each token's best routed experts are disabled,
+when the shared experts are switched off, and when a different number of routed experts is activated at inference.
+
+The overrides are hooks on the model's main MoE layers, removed on exit: the top-k and excluded-best counts reach
+the router as keyword arguments (`Router.forward(x, top_k, skip_top)`), the shared experts' output is replaced by
+zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..model.router import Router
+from .capture import main_moe_layers
+from .sources import Source, batches
+
+DEFINITIONS = {
+    "loss": "mean next-token cross-entropy (nats) over every predicted token of the --data sources",
+    "skip_top": "disable top-r: each token's r best routed experts (as the router ranks them: affinity plus any "
+                "balancing bias) are masked and the top-k are chosen among the rest (DeepSeekMoE section 4.5); "
+                "loss rises the more the best experts were irreplaceable",
+    "no_shared": "the shared experts' output replaced by zeros; 'no shared, k+1' also activates one more routed "
+                 "expert, DeepSeekMoE's test of whether shared experts hold knowledge routed ones lack",
+    "top_k": "k routed experts activated per token at inference instead of the trained num_experts_per_tok",
+}
+
+
+def reachable_experts(router: Router) -> int:
+    """How many experts a token can be routed to: all E, or the experts of topk_group groups when group-limited."""
+    if router.topk_method != "greedy" and router.n_group > 1:
+        return router.topk_group * router.n_experts // router.n_group
+    return router.n_experts
+
+
+@contextmanager
+def routing_override(model: nn.Module, top_k: int | None = None, skip_top: int = 0,
+                     shared: bool = True) -> Iterator[None]:
+    """Within the block, every main MoE layer routes to `top_k` experts (None: as trained) after masking each
+    token's `skip_top` best ones, and its shared experts are off unless `shared`."""
+    handles = []
+    try:
+        for _, moe in main_moe_layers(model):
+            router = moe.gate
+            if top_k is not None or skip_top:
+                if not isinstance(router, Router):
+                    raise ValueError(f"routing probes need DeepSeek's top-k router, got {type(router).__name__}")
+                k = router.top_k if top_k is None else top_k
+                if k < 1 or skip_top < 0 or k + skip_top > reachable_experts(router):
+                    raise ValueError(f"top_k={k} with skip_top={skip_top}: expected top_k >= 1 and top_k + skip_top "
+                                     f"<= {reachable_experts(router)}, the experts a token can reach")
+                handles.append(router.register_forward_pre_hook(
+                    lambda module, args, kwargs, k=k: (args, {**kwargs, "top_k": k, "skip_top": skip_top}),
+                    with_kwargs=True))
+            if not shared and moe.shared_experts is not None:
+                handles.append(moe.shared_experts.register_forward_hook(
+                    lambda module, args, out: torch.zeros_like(out)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, sources: Sequence[Source], batch_size: int, progress: bool = False,
+                  desc: str = "loss") -> float:
+    """Mean next-token cross-entropy over every predicted token of `sources`, batch_size sequences a forward."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for _, ids in tqdm(batches(sources, batch_size), desc=desc, unit="batch", disable=not progress,
+                       dynamic_ncols=True, leave=False):
+        ids = ids.to(device)
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total += float(model(ids, labels=ids).lm_loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def ablation_probes(model: nn.Module, sources: Sequence[Source], batch_size: int, progress: bool = False) -> dict:
+    """Validation loss as trained, with the top-r routed experts disabled (r = 1..k), without the shared experts
+    (and with them off and k+1 routed), and with k = 1..min(2k, reachable) routed experts at inference."""
+    moe = main_moe_layers(model)
+    router = moe[0][1].gate
+    out: dict = {"baseline": evaluate_loss(model, sources, batch_size, progress, "probe: as trained")}
+    has_shared = moe[0][1].shared_experts is not None
+    if has_shared:
+        with routing_override(model, shared=False):
+            out["no_shared"] = evaluate_loss(model, sources, batch_size, progress, "probe: no shared")
+    if not isinstance(router, Router):
+        out["note"] = f"routing probes skipped: {type(router).__name__} is not DeepSeek's top-k router"
+        return out
+    k, reach = router.top_k, reachable_experts(router)
+    out["top_k_trained"], out["reachable_experts"] = k, reach
+    out["skip_top"] = {}
+    for r in range(1, k + 1):
+        if k + r > reach:
+            break
+        with routing_override(model, skip_top=r):
+            out["skip_top"][r] = evaluate_loss(model, sources, batch_size, progress, f"probe: top-{r} disabled")
+    if has_shared:
+        if k + 1 <= reach:
+            with routing_override(model, top_k=k + 1, shared=False):
+                out["no_shared_plus_one"] = evaluate_loss(model, sources, batch_size, progress,
+                                                          "probe: no shared, k+1")
+    out["top_k"] = {}
+    for kk in range(1, min(2 * k, reach) + 1):
+        if kk == k:
+            out["top_k"][kk] = out["baseline"]
+            continue
+        with routing_override(model, top_k=kk):
+            out["top_k"][kk] = evaluate_loss(model, sources, batch_size, progress, f"probe: k={kk}")
+    return out
