@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("seekmoe.inference.cli", "complete a prompt with a trained model"),
     "chat": ("seekmoe.inference.chat", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
+    "sft": ("seekmoe.posttrain.sft", "fine-tune a model on chats or prompt/completion pairs (assistant tokens only)"),
 }
 
 
