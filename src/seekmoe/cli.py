@@ -16,6 +16,7 @@ COMMANDS = {
     "chat": ("seekmoe.inference.chat", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "sft": ("seekmoe.posttrain.sft", "fine-tune a model on chats or prompt/completion pairs (assistant tokens only)"),
+    "rl": ("seekmoe.posttrain.rl", "improve a model on a task with verifiable rewards by GRPO (routing replay on)"),
 }
 
 

@@ -48,12 +48,19 @@ class MoE(nn.Module):
         # Experts are grouped into "devices" for the device-level loss: the router's groups on one process;
         # parallel/ sets the expert-parallel size here when the experts really are spread over several ranks.
         self.device_groups = config.n_group
+        # Routing replay (posttrain/routing_replay.py): experts [B*S, top_k] the next forwards use instead of
+        # choosing; None = the router chooses.
+        self.routing_replay: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         """x [B, S, hidden] -> (y [B, S, hidden], stats)."""
         B, S, H = x.shape
         flat = x.reshape(-1, H)
-        route = self.gate(flat)  # fp32 whatever the autocast state
+        replay = self.routing_replay
+        if replay is not None and replay.shape != (B * S, self.gate.top_k):
+            raise ValueError(f"routing_replay holds experts of shape {tuple(replay.shape)}: expected "
+                             f"{(B * S, self.gate.top_k)} for this forward's {B}x{S} tokens")
+        route = self.gate(flat, replay)  # fp32 whatever the autocast state
         rows, row_weights, plan = self.dispatcher.dispatch(flat, route.indices, route.weights)
         y = self.dispatcher.combine(self.experts(rows, row_weights, plan), plan).to(x.dtype).view(B, S, H)
         if self.shared_experts is not None:

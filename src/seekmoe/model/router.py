@@ -57,16 +57,22 @@ class Router(nn.Module):
                 self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
         return self
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> RouterOutput:
         """Route x [T, hidden]. Everything here is fp32 whatever the autocast state: under bf16 autocast a bf16
         router picks a different expert set for a sizeable share of tokens (DeepSeek-V3 keeps its gating in fp32,
-        Megatron-Core's moe_router_dtype=fp32 exists for the same reason)."""
+        Megatron-Core's moe_router_dtype=fp32 exists for the same reason).
+
+        `indices` [T, top_k], when given, are used instead of choosing (routing replay: RL trains on the experts its
+        rollout used; rows of -1 are chosen as usual); the weights are still this forward's scores of those
+        experts, so the router keeps learning."""
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
             scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
             choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
             with torch.no_grad():
-                indices = self._select(choice.detach())
+                chosen = self._select(choice.detach())
+                # -1 in a replayed row: a token the replay has no record of, routed as usual
+                indices = chosen if indices is None else torch.where(indices >= 0, indices, chosen)
             weights = scores.gather(1, indices)  # [T, top_k]
             if self.norm_topk_prob and self.top_k > 1:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -138,10 +138,15 @@ class UserTask:
 BUILTIN_TASKS = {"arithmetic": ChainSum, "reverse": Reverse}
 
 
-def load_task(task: str, prompts_file: str | Path | None = None) -> Task:
-    """A built-in task by name, or a user task from a Python file and `prompts_file`."""
+def load_task(task: str, prompts_file: str | Path | None = None, options: dict | None = None) -> Task:
+    """A built-in task by name (with its constructor's `options`), or a user task from a Python file and
+    `prompts_file`."""
     if task in BUILTIN_TASKS:
-        return BUILTIN_TASKS[task]()
+        try:
+            return BUILTIN_TASKS[task](**(options or {}))
+        except TypeError:
+            raise ValueError(f"task options {options} are invalid for task {task!r}: expected "
+                             f"{BUILTIN_TASKS[task].__init__.__code__.co_varnames[1:]}") from None
     if prompts_file is None:
         raise ValueError(f"--task {task!r} is not a built-in task ({sorted(BUILTIN_TASKS)}): a Python file of "
                          f"reward(prompt, completion) also needs --prompts FILE.jsonl")
