@@ -138,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Writes OUT/metrics.jsonl (reward_mean, reward_std, kl, clip_fraction, completion_length, max_vio, ... a step),\n"
         "OUT/eval.json (held-out greedy mean reward before and after), OUT/plots/rl.png, OUT/checkpoints/, OUT/final/.\n"
         f"Built-in tasks: {', '.join(sorted(BUILTIN_TASKS))} (seeded; options as task.NAME=VALUE: arithmetic\n"
-        "task.terms=3 task.digits=1, reverse task.min_len=3 task.max_len=5 task.alphabet=abcdefgh); a user task is a Python file defining\n"
+        "task.terms=3 task.max_value=9, reverse task.min_len=3 task.max_len=5 task.alphabet=abcdefgh); a user task is a Python file defining\n"
         "reward(prompt: str, completion: str) -> float, with --prompts FILE.jsonl of {\"prompt\": \"...\"} lines.")
     parser.add_argument("--model", required=True, metavar="DIR", help="the model folder to train (e.g. an SFT final/)")
     parser.add_argument("--task", required=True, metavar="TASK",

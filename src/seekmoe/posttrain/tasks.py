@@ -34,21 +34,21 @@ class Task(Protocol):
 
 
 class ChainSum:
-    """Sums and differences of `terms` integers of up to `digits` digits; reward 1 for the exact result (the
-    completion, stripped, must be that integer), else 0."""
+    """Sums and differences of `terms` integers in [0, max_value]; reward 1 for the exact result (the completion,
+    stripped, must be that integer), else 0."""
 
     name = "arithmetic"
     _PROMPT = re.compile(r"^Compute (-?\d+(?: [+-] \d+)*)\.$")
 
-    def __init__(self, terms: int = 3, digits: int = 1):
-        if terms < 2 or digits < 1:
-            raise ValueError(f"arithmetic task terms={terms}, digits={digits} is invalid: expected terms >= 2, "
-                             f"digits >= 1")
-        self.terms, self.digits = terms, digits
+    def __init__(self, terms: int = 3, max_value: int = 9):
+        if terms < 2 or max_value < 1:
+            raise ValueError(f"arithmetic task terms={terms}, max_value={max_value} is invalid: expected terms >= 2, "
+                             f"max_value >= 1")
+        self.terms, self.max_value = terms, max_value
 
     def prompts(self, n: int, seed: int) -> list[str]:
         rng = random.Random(f"arithmetic-{seed}")
-        top = 10 ** self.digits - 1
+        top = self.max_value
         out = []
         for _ in range(n):
             expr = str(rng.randint(0, top))
