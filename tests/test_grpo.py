@@ -91,8 +91,9 @@ def arithmetic_sft(tmp_path_factory):
     folder = tmp_path_factory.mktemp("grpo")
     task = ChainSum(terms=2, max_value=4)
     records = sft_records(task, 2000, seed=1)
-    base = make_base_model(folder / "base", [format_chat([{"role": "user", "content": r["prompt"]}]) + " "
-                                            + r["completion"] for r in records])
+    base = make_base_model(folder / "base", [format_chat([{"role": "user", "content": r["prompt"]},
+                                                          {"role": "assistant", "content": r["completion"]}])
+                                             for r in records])
     (folder / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["sft", "--model", str(base), "--data", str(folder / "sft.jsonl"), "--out", str(folder / "sft"),
                  "--max-steps", "150", "--no-progress", "lr=6e-3", "seq_len=64", "batch_size=8", "warmup_steps=5",
@@ -126,11 +127,11 @@ def test_routing_replay_trains_on_exactly_the_recorded_experts(arithmetic_sft):
 def test_grpo_raises_the_reward_of_an_sft_model_on_arithmetic(arithmetic_sft, capsys):
     folder, model_dir = arithmetic_sft
     out = folder / "rl"
-    assert main(["rl", "--model", str(model_dir), "--task", "arithmetic", "--out", str(out), "--max-steps", "16",
-                 "--no-progress", "task.terms=2", "task.max_value=4", "prompts_per_step=16", "lr=5e-4",
-                 "warmup_steps=2", "beta=0.04", "eval_prompts=32", "precision=fp32", "num_threads=1"]) == 0
+    assert main(["rl", "--model", str(model_dir), "--task", "arithmetic", "--out", str(out), "--max-steps", "20",
+                 "--no-progress", "task.terms=2", "task.max_value=4", "prompts_per_step=32", "lr=5e-4", "beta=0.04",
+                 "eval_prompts=32", "precision=fp32", "num_threads=1"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 16
+    assert len(records) == 20
     first = sum(r["reward_mean"] for r in records[:4]) / 4
     last = sum(r["reward_mean"] for r in records[-4:]) / 4
     assert last > first + 0.05, (first, last)
