@@ -20,6 +20,15 @@ from seekmoe.posttrain.tasks import ChainSum, Reverse, load_task, sft_records
 from seekmoe.train.config import TrainConfig
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_thread_count():
+    """The runs here ask for num_threads=1 (as fast on a shared 2-core machine); the rest of the suite gets its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_group_advantages_are_standardized_within_each_group():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
     adv = group_advantages(rewards, 4)
@@ -141,3 +150,18 @@ def test_grpo_raises_the_reward_of_an_sft_model_on_arithmetic(arithmetic_sft, ca
     scores = json.loads((out / "eval.json").read_text())
     assert set(scores) == {"before", "after"} and (out / "final" / "config.json").is_file()
     assert "held-out mean reward" in capsys.readouterr().out
+
+
+def test_rl_resumes_exactly(arithmetic_sft, tmp_path):
+    _, model_dir = arithmetic_sft
+    args = ["rl", "--model", str(model_dir), "--task", "arithmetic", "--max-steps", "4", "--no-progress",
+            "prompts_per_step=2", "num_generations=2", "num_iterations=2", "max_new_tokens=4", "eval_prompts=2",
+            "batch_size=2", "lr=1e-3", "beta=0.04", "precision=fp32", "num_threads=1"]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    assert main(args + ["--out", str(tmp_path / "cut"), "--stop-at", "1"]) == 0  # between a rollout's iterations
+    assert main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    full, cut = from_pretrained(tmp_path / "full" / "final"), from_pretrained(tmp_path / "cut" / "final")
+    for (name, p), q in zip(full.state_dict().items(), cut.state_dict().values()):
+        assert torch.equal(p, q), name
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout"] for r in records] == [0, 0, 1, 1] and records[0]["clip_fraction"] == 0.0

@@ -48,6 +48,15 @@ def instructions(tmp_path_factory):
     return folder, base
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_thread_count():
+    """The runs here ask for num_threads=1 (as fast on a shared 2-core machine); the rest of the suite gets its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_only_assistant_tokens_and_each_turns_end_are_labelled(instructions):
     _, base = instructions
     tok = Tokenizer(base)

@@ -57,8 +57,11 @@ def rl(model_dir: str | Path, task_name: str, out: str | Path, overrides: dict |
     tokenizer = Tokenizer(model_dir, model_config.bos_token_id, model_config.eos_token_id)
     rollouts: Rollouts | None = None
 
-    def make_data(hf_tokenizer):
+    def make_data(hf_tokenizer, rank: int, world_size: int):
         nonlocal rollouts
+        if world_size > 1:
+            raise ValueError("seekmoe rl runs in one process for now (its rollouts are not split among ranks): "
+                             "run it without torchrun")
         rollouts = Rollouts(task, tokenizer, config, grpo, hf_tokenizer)
         return rollouts
 

@@ -100,6 +100,7 @@ class Rollouts:
         self.tokenizer = hf_tokenizer  # what checkpoints and final/ save
         self.rollouts_done = 0  # rollouts sampled so far
         self.iteration = 0  # optimizer steps taken on the current rollout
+        self._resumed_iteration = 0  # iterations already taken on the rollout a resumed run samples again
         self._batches: list[RolloutBatch] | None = None
         self._metrics: dict = {}
         self._tokens = 0
@@ -135,7 +136,7 @@ class Rollouts:
         if self._batches is None or self.iteration >= self.grpo.num_iterations:
             self._batches = self._rollout(self.rollouts_done)
             self.rollouts_done += 1
-            self.iteration = 0
+            self.iteration, self._resumed_iteration = self._resumed_iteration, 0
         self.iteration += 1
         return self._batches
 
@@ -144,14 +145,16 @@ class Rollouts:
         return []
 
     def state_dict(self) -> dict:
+        """The rollouts sampled and the steps taken on the current one."""
         return {"rollouts_done": self.rollouts_done, "iteration": self.iteration}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a position `state_dict` returned."""
         self.rollouts_done, self.iteration = state["rollouts_done"], state["iteration"]
-        if self.iteration:  # resumed between iterations of a rollout: sample it again
-            self.rollouts_done -= 1
-            self.iteration = self.grpo.num_iterations
-            self._batches = None
+        self._batches = None
+        if 0 < self.iteration < self.grpo.num_iterations:  # stopped between the iterations of one rollout:
+            self.rollouts_done -= 1  # sample it again, and take its remaining iterations
+            self._resumed_iteration, self.iteration = self.iteration, self.grpo.num_iterations
 
     # ----- one rollout -----
     @torch.no_grad()

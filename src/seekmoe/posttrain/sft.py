@@ -38,7 +38,7 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, override
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--model {model_dir}: the tokenizer has no end-of-text token to end assistant turns with")
     trainer = Trainer(model_config, config, out, resume=resume, stop_at=stop_at, progress=progress,
-                      init_from=model_dir, make_data=lambda hf: SFTData(data, tokenizer, config, hf),
+                      init_from=model_dir, make_data=lambda hf, rank, size: SFTData(data, tokenizer, config, hf, rank, size),
                       forward=sft_forward)
     return trainer.run()
 

@@ -148,14 +148,17 @@ def collate(rows: list[list[SFTExample]], seq_len: int, pad_id: int) -> PackedBa
 
 class SFTData:
     """SFT examples from JSONL files, packed into rows of `config.seq_len` tokens, visited in a resumable shuffled
-    order; it stands in for TrainData in the Trainer (`make_data`).
+    order; it stands in for TrainData in the Trainer (`make_data`). As in TrainData, each step takes one global
+    batch of batch_size x grad_accum x dp_size rows, data-parallel rank r getting micro-batches r, r + dp_size, ...
 
     A share `config.val_fraction` of the examples (at least one, when there are 20 or more) is held out, chosen by
     the seed, for the validation loss. Examples longer than seq_len are dropped, and counted in `meta`.
     """
 
-    def __init__(self, paths: list[str | Path], tokenizer: Tokenizer, config: TrainConfig, hf_tokenizer=None):
+    def __init__(self, paths: list[str | Path], tokenizer: Tokenizer, config: TrainConfig, hf_tokenizer=None,
+                 dp_rank: int = 0, dp_size: int = 1):
         self.config = config
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.tokenizer = hf_tokenizer  # what the checkpoints and final/ save
         self.pad_id = tokenizer.eos_token_id
         records = [r for p in paths for r in read_jsonl(p)]
@@ -186,19 +189,19 @@ class SFTData:
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens of one step's rows, padding included."""
+        """Tokens of one step's rows over every rank, padding included."""
         c = self.config
-        return c.batch_size * c.grad_accum * c.seq_len
+        return c.batch_size * c.grad_accum * self.dp_size * c.seq_len
 
     def next_micro_batches(self) -> list[PackedBatch]:
-        """The next step's `grad_accum` micro-batches of `batch_size` packed rows."""
+        """This rank's `grad_accum` micro-batches of `batch_size` packed rows of the next global batch."""
         c = self.config
-        ids = self.order.take(c.batch_size * c.grad_accum)
-        return [collate([self.train[i] for i in ids[m * c.batch_size:(m + 1) * c.batch_size]], c.seq_len, self.pad_id)
-                for m in range(c.grad_accum)]
+        ids = self.order.take(c.batch_size * c.grad_accum * self.dp_size)
+        picks = [ids[(m * self.dp_size + self.dp_rank) * c.batch_size:][:c.batch_size] for m in range(c.grad_accum)]
+        return [collate([self.train[i] for i in pick], c.seq_len, self.pad_id) for pick in picks]
 
     def val_batches(self) -> list[tuple[PackedBatch, bool]]:
-        """The held-out rows, a micro-batch at a time (at most eval_batches of them)."""
+        """The held-out rows, a micro-batch at a time (at most eval_batches of them; every rank scores them all)."""
         c = self.config
         rows = self.val[:c.eval_batches * c.batch_size]
         return [(collate(rows[s:s + c.batch_size], c.seq_len, self.pad_id), True)

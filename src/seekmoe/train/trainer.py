@@ -97,7 +97,8 @@ class Trainer:
     from OUT's newest checkpoint when there is one. `stop_at` ends the run early after that step, with a
     checkpoint.
 
-    Post-training stages reuse the loop with their own data and objective: `make_data(tokenizer)` returns the
+    Post-training stages reuse the loop with their own data and objective: `make_data(tokenizer, rank,
+    world_size)` returns the
     run's data in place of the text corpus (anything with TrainData's methods: next_micro_batches, val_batches,
     tokens_per_step, state_dict, load_state_dict, tokenizer; optionally `metrics()` added to each step's record and
     `describe()` for the start-up line), and `forward` is TrainStep's objective for its micro-batches."""
@@ -105,7 +106,8 @@ class Trainer:
     def __init__(self, model_config: ModelConfig, config: TrainConfig, out: str | Path,
                  data: list[str] | None = None, resume: bool = False, stop_at: int | None = None,
                  progress: bool = True, init_from: str | Path | None = None,
-                 make_data: Callable[[Tokenizer | None], TrainData] | None = None, forward: Forward | None = None):
+                 make_data: Callable[[Tokenizer | None, int, int], TrainData] | None = None,
+                 forward: Forward | None = None):
         if stop_at is not None and stop_at < 1:
             raise ValueError(f"--stop-at {stop_at} is invalid: expected a step >= 1")
         self.model_config, self.config, self.out = model_config, config, Path(out)
@@ -151,7 +153,7 @@ class Trainer:
         elif init_from is not None:
             tokenizer = Tokenizer.from_file(str(Path(init_from) / "tokenizer.json"))
         if make_data is not None:
-            self.data = make_data(tokenizer)
+            self.data = make_data(tokenizer, self.rank, self.world_size)
         else:
             corpus = select_corpus(data, config)
             for turn in (0, 1):  # rank 0 tokenizes into the shared cache first; the other ranks then read it
