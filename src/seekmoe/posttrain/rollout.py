@@ -21,8 +21,7 @@ from ..train.config import TrainConfig
 from .evaluate import chat_prompt_ids
 from .grpo import GRPOConfig, group_advantages, grpo_loss
 from .routing_replay import RoutingRecorder, capture_routing, main_moe_layers, mismatch_rate, replay_routing
-
-IGNORE = -100
+from .sft_data import IGNORE
 
 
 @dataclass
@@ -58,7 +57,7 @@ class GRPOOutput:
     metrics: dict = field(default_factory=dict)
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log pi(input_ids[:, t+1] | ...) from logits [B, S, V] -> [B, S-1], in fp32."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
@@ -74,7 +73,7 @@ def make_grpo_forward(grpo: GRPOConfig):
         replay = b.experts if grpo.routing_replay else None
         with replay_routing(model, replay), capture_routing(model) as chosen:
             out = model(b.input_ids, labels=b.labels, mtp=False, balance_window=window)
-        logp = token_logprobs(out.logits, b.input_ids)
+        logp = sequence_logprobs(out.logits, b.input_ids)
         mask = b.labels[:, 1:] != IGNORE
         old = logp.detach() if b.old_logp is None else b.old_logp
         loss, metrics = grpo_loss(logp, old, b.advantages, mask, grpo, b.denominator, b.ref_logp)
@@ -222,11 +221,11 @@ class Rollouts:
         batch = RolloutBatch(input_ids, labels, advantages, denominator,
                              None if experts is None else list(experts.view(n_layers, B * S, k)))
         if self.reference is not None:
-            batch.ref_logp = token_logprobs(self.reference(input_ids.to(self.device)).logits, input_ids.to(
+            batch.ref_logp = sequence_logprobs(self.reference(input_ids.to(self.device)).logits, input_ids.to(
                 self.device)).cpu()
         if self.grpo.num_iterations > 1:  # the sampling policy's log-probabilities, before any update
             with replay_routing(self.model, None if batch.experts is None or not self.grpo.routing_replay
                                 else [e.to(self.device) for e in batch.experts]):
                 logits = self.model(input_ids.to(self.device), mtp=False).logits
-            batch.old_logp = token_logprobs(logits, input_ids.to(self.device)).cpu()
+            batch.old_logp = sequence_logprobs(logits, input_ids.to(self.device)).cpu()
         return batch
