@@ -296,7 +296,7 @@ class Trainer:
         if result.expert_counts is not None:
             n_main = self.model_config.n_moe_layers
             for suffix, counts in (("", result.expert_counts[:n_main]), ("_mtp", result.expert_counts[n_main:])):
-                if len(counts) == 0:
+                if len(counts) == 0 or not counts.any():  # none, or MTP modules that did not run (RL)
                     continue
                 vio = max_violation(counts)
                 record[f"max_vio{suffix}"] = float(vio.mean())
