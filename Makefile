@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= test
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-post clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ demo: install
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/seekmoe train --preset small --out $(DEMO_OUT) --max-steps $(DEMO_STEPS)
 	$(PY) -m seekmoe.train.report $(DEMO_OUT)
+
+# Post-training end to end on 2 CPU cores in minutes: a tiny model learns the arithmetic task's format by SFT, then
+# GRPO raises its reward; prints a before/after table (also in $(DEMO_POST_OUT)/results.json).
+DEMO_POST_OUT ?= runs/demo-post
+demo-post: install
+	rm -rf $(DEMO_POST_OUT)
+	$(PY) -m seekmoe.posttrain.demo --out $(DEMO_POST_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -16,6 +16,8 @@ COMMANDS = {
     "chat": ("seekmoe.inference.chat", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "analyze": ("seekmoe.analysis.cli", "routing analysis of a trained model on held-out text, as an HTML report"),
+    "sft": ("seekmoe.posttrain.sft", "fine-tune a model on chats or prompt/completion pairs (assistant tokens only)"),
+    "rl": ("seekmoe.posttrain.rl", "improve a model on a task with verifiable rewards by GRPO (routing replay on)"),
 }
 
 

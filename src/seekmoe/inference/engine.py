@@ -113,6 +113,9 @@ class Engine:
         self.free_slots = list(range(max_batch_size))[::-1]
         self.running: list[Request] = []
         self._new: list[Request] = []
+        # Called as observe(requests, n_new, width) before every main-model forward, while the cache still holds
+        # each request's earlier tokens (the new ones start at cache.lengths[slot]): routing replay records with it.
+        self.forward_observers: list = []
 
     # ----------------------------------------------------------------------------------------------- requests
     @property
@@ -219,6 +222,8 @@ class Engine:
         device = self.cache.c_kv.device
         for r in requests:
             r.forwards += 1
+        for observe in self.forward_observers:
+            observe(requests, n_new, width)
         if not decoding:
             tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
             step = self.cache.step([r.slot for r in requests], n_new, width)

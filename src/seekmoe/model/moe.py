@@ -51,13 +51,23 @@ class MoE(nn.Module):
         # Experts are grouped into "devices" for the device-level loss: the router's groups on one process;
         # parallel/ sets the expert-parallel size here when the experts really are spread over several ranks.
         self.device_groups = config.n_group
+        # Routing replay (posttrain/routing_replay.py): experts [B*S, top_k] the next forwards use instead of
+        # choosing; None = the router chooses.
+        self.routing_replay: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x [B, S, hidden] -> (y [B, S, hidden], stats); token_ids [B, S] are read by hash routing only."""
         B, S, H = x.shape
         flat = x.reshape(-1, H)
+        replay = self.routing_replay
+        if replay is not None and replay.shape != (B * S, self.config.num_experts_per_tok):
+            raise ValueError(f"routing_replay holds experts of shape {tuple(replay.shape)}: expected "
+                             f"{(B * S, self.config.num_experts_per_tok)} for this forward's {B}x{S} tokens")
         if isinstance(self.gate, Router):
-            route = self.gate(flat)  # fp32 whatever the autocast state
+            route = self.gate(flat, replay)  # fp32 whatever the autocast state
+        elif replay is not None:
+            raise ValueError(f"routing replay needs DeepSeek's router: this model has router_type="
+                             f"{self.config.router_type!r}")
         else:
             route = self.gate(flat, None if token_ids is None else token_ids.reshape(-1))
         capacity = self.config.train_capacity() if self.training else self.config.eval_capacity()

@@ -61,13 +61,17 @@ class Router(nn.Module):
                 self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
         return self
 
-    def forward(self, x: torch.Tensor, top_k: int | None = None, skip_top: int = 0) -> RouterOutput:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None, top_k: int | None = None,
+                skip_top: int = 0) -> RouterOutput:
         """Route x [T, hidden]. Everything here is fp32 whatever the autocast state: under bf16 autocast a bf16
         router picks a different expert set for a sizeable share of tokens (DeepSeek-V3 keeps its gating in fp32,
         Megatron-Core's moe_router_dtype=fp32 exists for the same reason).
 
-        `top_k` and `skip_top` exist for inference-time probes (`seekmoe analyze`, DeepSeekMoE section 4.5): route
-        to `top_k` experts instead of `num_experts_per_tok`, after excluding each token's `skip_top` best ones."""
+        `indices` [T, top_k], when given, are used instead of choosing (routing replay: RL trains on the experts its
+        rollout used; rows of -1 are chosen as usual); the weights are still this forward's scores of those
+        experts, so the router keeps learning. `top_k` and `skip_top` exist for inference-time probes
+        (`seekmoe analyze`, DeepSeekMoE section 4.5): route to `top_k` experts instead of `num_experts_per_tok`,
+        after excluding each token's `skip_top` best ones."""
         top_k = top_k or self.top_k
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
@@ -77,7 +81,9 @@ class Router(nn.Module):
                 choice = choice.detach()
                 if skip_top:
                     choice = choice.scatter(1, choice.topk(skip_top, dim=-1).indices, float("-inf"))
-                indices = self._select(choice, top_k)
+                chosen = self._select(choice, top_k)
+                # -1 in a replayed row: a token the replay has no record of, routed as usual
+                indices = chosen if indices is None else torch.where(indices >= 0, indices, chosen)
             weights = scores.gather(1, indices)  # [T, top_k]
             if self.norm_topk_prob and top_k > 1:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -127,7 +127,7 @@ class CausalLM(nn.Module):
         if mtp is None:
             mtp = self.training
         if mtp and body.mtp and S > 1 + len(body.mtp):
-            out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats)
+            out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats, attn_mask)
             out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
         if stats:
             out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
@@ -139,14 +139,16 @@ class CausalLM(nn.Module):
         return out
 
     def _mtp_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, h: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, stats: list[MoEStats]) -> torch.Tensor:
-        """Mean over depths k = 1..D of the cross-entropy of predicting token i+k+1 at position i."""
+                  sin: torch.Tensor, stats: list[MoEStats], attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over depths k = 1..D of the cross-entropy of predicting token i+k+1 at position i (under the main
+        forward's attn_mask, when it has one: packed examples stay apart in the MTP modules too)."""
         S = input_ids.shape[1]
         losses = []
         for k, mtp in enumerate(self.model.mtp, start=1):
             n = S - k  # positions i that have an input token t_{i+k}
+            mask = None if attn_mask is None else attn_mask[..., :n, :n]
             h, s = mtp(h[:, :n], self.model.embed_tokens(input_ids[:, k:]), cos[..., :n, :, :], sin[..., :n, :, :],
-                       token_ids=input_ids[:, k:])
+                       mask, token_ids=input_ids[:, k:])
             if s is not None:
                 stats.append(s)
             logits = self.lm_head(mtp.shared_head["norm"](h))

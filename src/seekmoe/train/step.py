@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,6 +17,16 @@ from .balance import update_router_biases
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over every data-parallel rank (identity alone)
 LOSS_PARTS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
+# The objective of a micro-batch: forward(model, batch, device, balance_window) -> an output with the LOSS_PARTS
+# (None where absent), `expert_counts`, and optionally `metrics`, a dict of scalar tensors averaged over the step.
+Forward = Callable[[nn.Module, object, torch.device, BalanceWindow | None], object]
+
+
+def language_model_forward(model: nn.Module, ids: torch.Tensor, device: torch.device,
+                           window: BalanceWindow | None):
+    """Pretraining's objective: the next-token loss over every token of ids [B, S]."""
+    ids = ids.to(device, non_blocking=True)
+    return model(ids, labels=ids, balance_window=window)
 
 
 @dataclass
@@ -30,6 +40,7 @@ class StepResult:
     expert_counts: torch.Tensor | None  # [n MoE layers, E] summed over micro-batches and ranks
     grad_norm: float | None = None
     skipped: str | None = None  # why the optimizer step was skipped (non-finite loss or gradients), else None
+    metrics: dict = field(default_factory=dict)  # the objective's own figures (a `forward`'s `metrics`), step means
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
@@ -51,12 +62,14 @@ class TrainStep:
     `reduce` sums over data-parallel ranks (the losses reported, the expert counts, the finite check), so every rank
     takes the same decision and holds bit-identical router biases. `balance_scope='global'` counts the expert- and
     device-level balance losses over the whole step (every micro-batch, every rank) instead of each micro-batch.
+    `forward` is the objective (default: pretraining's next-token loss; post-training gives its own).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
                  autocast_dtype: torch.dtype | None, device: torch.device, reduce: Reduce | None = None,
-                 balance_scope: str = "global"):
+                 balance_scope: str = "global", forward: Forward | None = None):
         self.model = model
+        self.forward = forward or language_model_forward
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.autocast_dtype = autocast_dtype
@@ -65,27 +78,29 @@ class TrainStep:
         self.window = BalanceWindow(reduce) if balance_scope == "global" else None
         self.moe_layers = model.moe_layers()
 
-    def forward_backward(self, micro_batches: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def forward_backward(self, micro_batches: list) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Accumulate the gradients of the mean loss over `micro_batches`; returns (summed loss parts as tensors,
         expert counts of this rank [layers, E] or None)."""
         sums = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
         counts = None
         if self.window is not None:
             self.window.reset()
-        for ids in micro_batches:
-            ids = ids.to(self.device, non_blocking=True)
+        for batch in micro_batches:
             with autocast_context(self.device, self.autocast_dtype):
-                out = self.model(ids, labels=ids, balance_window=self.window)
+                out = self.forward(self.model, batch, self.device, self.window)
             (out.loss / len(micro_batches)).backward()
             for key in LOSS_PARTS:
                 value = getattr(out, key)
                 if value is not None:
                     sums[key] += value.detach().float() / len(micro_batches)
+            for key, value in getattr(out, "metrics", {}).items():
+                sums[key] = sums.get(key, 0) + torch.as_tensor(value, device=self.device).detach().float() \
+                    / len(micro_batches)
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
         return sums, counts
 
-    def __call__(self, micro_batches: list[torch.Tensor], lr: float, mtp_loss_weight: float,
+    def __call__(self, micro_batches: list, lr: float, mtp_loss_weight: float,
                  bias_update_speed: float) -> StepResult:
         """One optimizer step at learning rate `lr`; skipped (gradients dropped) when the loss or any gradient is
         not finite on any rank."""
@@ -99,15 +114,18 @@ class TrainStep:
             config.mtp_loss_weight = base_lambda
         # One reduction carries the losses, the number of ranks and, when there are MoE layers, the counts.
         # float64: token counts stay exact integers far beyond fp32's 2**24
-        packed = torch.stack([sums[k] for k in LOSS_PARTS] + [torch.ones((), device=self.device)]).double()
+        extra = sorted(set(sums) - set(LOSS_PARTS))
+        packed = torch.stack([sums[k] for k in LOSS_PARTS] + [torch.ones((), device=self.device)]
+                             + [sums[k] for k in extra]).double()
         if counts is not None:
             packed = torch.cat([packed, counts.reshape(-1).double()])
         packed = self.reduce(packed)
         n = len(LOSS_PARTS)
         losses = (packed[:n] / packed[n]).tolist()  # the mean over ranks
+        metrics = dict(zip(extra, (packed[n + 1:n + 1 + len(extra)] / packed[n]).tolist()))
         if counts is not None:
-            counts = packed[n + 1:].round().long().view_as(counts)
-        result = StepResult(*losses, expert_counts=counts)
+            counts = packed[n + 1 + len(extra):].round().long().view_as(counts)
+        result = StepResult(*losses, expert_counts=counts, metrics=metrics)
         grad_norm = _grad_norm(self.model, self.grad_clip, self.reduce)
         result.grad_norm = grad_norm
         if not math.isfinite(result.loss):

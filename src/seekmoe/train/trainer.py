@@ -8,6 +8,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from .data import TrainData, select_corpus
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
 from .plots import plot_run
-from .step import StepResult, TrainStep, autocast_context, compile_blocks
+from .step import Forward, StepResult, TrainStep, autocast_context, compile_blocks, language_model_forward
 
 SUMMARY_FILE = "summary.json"
 
@@ -94,11 +95,19 @@ class StopSignals:
 class Trainer:
     """One training run into OUT: from scratch, or from the weights of a model folder (`init_from`), or (`resume`)
     from OUT's newest checkpoint when there is one. `stop_at` ends the run early after that step, with a
-    checkpoint."""
+    checkpoint.
+
+    Post-training stages reuse the loop with their own data and objective: `make_data(tokenizer, rank,
+    world_size)` returns the
+    run's data in place of the text corpus (anything with TrainData's methods: next_micro_batches, val_batches,
+    tokens_per_step, state_dict, load_state_dict, tokenizer; optionally `metrics()` added to each step's record and
+    `describe()` for the start-up line), and `forward` is TrainStep's objective for its micro-batches."""
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, out: str | Path,
                  data: list[str] | None = None, resume: bool = False, stop_at: int | None = None,
-                 progress: bool = True, init_from: str | Path | None = None):
+                 progress: bool = True, init_from: str | Path | None = None,
+                 make_data: Callable[[Tokenizer | None, int, int], TrainData] | None = None,
+                 forward: Forward | None = None):
         if stop_at is not None and stop_at < 1:
             raise ValueError(f"--stop-at {stop_at} is invalid: expected a step >= 1")
         self.model_config, self.config, self.out = model_config, config, Path(out)
@@ -143,12 +152,15 @@ class Trainer:
             tokenizer = Tokenizer.from_file(str(self.resume_from / "tokenizer.json"))
         elif init_from is not None:
             tokenizer = Tokenizer.from_file(str(Path(init_from) / "tokenizer.json"))
-        corpus = select_corpus(data, config)
-        for turn in (0, 1):  # rank 0 tokenizes into the shared cache first; the other ranks then read it
-            if (self.rank == 0) == (turn == 0):
-                self.data = TrainData(corpus, model_config.vocab_size, config, tokenizer, self.rank,
-                                      self.world_size, progress=progress and self.rank == 0)
-            self.processes.barrier()
+        if make_data is not None:
+            self.data = make_data(tokenizer, self.rank, self.world_size)
+        else:
+            corpus = select_corpus(data, config)
+            for turn in (0, 1):  # rank 0 tokenizes into the shared cache first; the other ranks then read it
+                if (self.rank == 0) == (turn == 0):
+                    self.data = TrainData(corpus, model_config.vocab_size, config, tokenizer, self.rank,
+                                          self.world_size, progress=progress and self.rank == 0)
+                self.processes.barrier()
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, config)
         self.start_step, self.bad_steps, self.train_seconds = 0, 0, 0.0
@@ -160,8 +172,9 @@ class Trainer:
             self.log(f"resuming from {self.resume_from} (step {self.start_step})")
         if config.compile:
             compile_blocks(self.model)
+        self.forward = forward or language_model_forward
         self.step = TrainStep(self.model, self.optimizer, config.grad_clip, self.autocast_dtype, self.device,
-                              self.reduce, config.balance_scope)
+                              self.reduce, config.balance_scope, self.forward)
 
     # ----- setup -----
     def _build_model(self) -> torch.nn.Module:
@@ -212,7 +225,8 @@ class Trainer:
         base_lambda, base_gamma = self.model_config.mtp_loss_weight, self.model_config.bias_update_speed
         self.log(f"training {model_summary(self.model_config)['total_params'] / 1e6:.2f}M parameters on "
                  f"{self.device} x {self.world_size} process(es) ({self.precision}), "
-                 f"{len(self.data.train):,} train sequences of {c.seq_len} tokens, "
+                 + (self.data.describe() if hasattr(self.data, "describe")
+                    else f"{len(self.data.train):,} train sequences of {c.seq_len} tokens") + ", "
                  f"{self.data.tokens_per_step:,} tokens per step, steps {self.start_step + 1}..{end_step} of "
                  f"{c.max_steps}")
         bar = tqdm(total=c.max_steps, initial=self.start_step, desc="train", unit="step",
@@ -273,12 +287,15 @@ class Trainer:
                   "bias_update_speed": gamma, "tokens_per_s": self.data.tokens_per_step / dt}
         if result.grad_norm is not None:
             record["grad_norm"] = result.grad_norm
+        record.update(result.metrics)
+        if hasattr(self.data, "metrics"):
+            record.update(self.data.metrics())
         if result.skipped:
             record["skipped"] = result.skipped
         if result.expert_counts is not None:
             n_main = self.model_config.n_moe_layers
             for suffix, counts in (("", result.expert_counts[:n_main]), ("_mtp", result.expert_counts[n_main:])):
-                if len(counts) == 0:
+                if len(counts) == 0 or not counts.any():  # none, or MTP modules that did not run (RL)
                     continue
                 vio = max_violation(counts)
                 record[f"max_vio{suffix}"] = float(vio.mean())
@@ -312,7 +329,7 @@ class Trainer:
         total = torch.zeros(2, device=self.device)  # [sum of batch losses, batches]
         for ids, counts in batches:
             with autocast_context(self.device, self.autocast_dtype):
-                loss = self.model(ids.to(self.device), labels=ids.to(self.device)).lm_loss
+                loss = self.forward(self.model, ids, self.device, None).lm_loss
             if counts:
                 total += torch.stack([loss.float(), torch.ones((), device=self.device)])
         self.model.train()
@@ -358,14 +375,17 @@ class Trainer:
         """The figures a user wants after a run, read back from metrics.jsonl."""
         from .metrics import read_metrics
 
-        c, tokenized = self.config, self.data.tokenized
+        c, tokenized = self.config, getattr(self.data, "tokenized", None)
         records = [r for r in read_metrics(self.out) if "skipped" not in r]
         tail = records[-min(10, len(records)):]
         evals = [r for r in records if "val_loss" in r]
         sizes = model_summary(self.model_config)
-        counts = np.bincount(np.asarray(tokenized.train_tokens),
-                             minlength=self.model_config.vocab_size).astype(np.float64)
-        p = counts[counts > 0] / counts.sum()
+        entropy = None
+        if tokenized is not None:
+            counts = np.bincount(np.asarray(tokenized.train_tokens),
+                                 minlength=self.model_config.vocab_size).astype(np.float64)
+            p = counts[counts > 0] / counts.sum()
+            entropy = float(-(p * np.log(p)).sum())
         tokens = c.max_steps * self.data.tokens_per_step
         return {
             "total_params": sizes["total_params"],
@@ -379,10 +399,11 @@ class Trainer:
             "processes": self.world_size,
             "final_train_loss": sum(r["lm_loss"] for r in tail) / len(tail),
             "final_val_loss": evals[-1]["val_loss"] if evals else None,
-            "unigram_entropy": float(-(p * np.log(p)).sum()),
+            "unigram_entropy": entropy,
             "max_vio": sum(r.get("max_vio", 0.0) for r in tail) / len(tail),
             "max_vio_worst": max(r.get("max_vio_worst", 0.0) for r in tail),
-            "data": {k: tokenized.meta[k] for k in ("corpus", "files", "train", "val", "tokenizer_s", "tokenize_s")},
+            "data": ({k: tokenized.meta[k] for k in ("corpus", "files", "train", "val", "tokenizer_s", "tokenize_s")}
+                     if tokenized is not None else getattr(self.data, "meta", {})),
             "model_dir": str((self.out / "final").resolve()),
         }
 
