@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("seekmoe.inference.cli", "complete a prompt with a trained model"),
     "chat": ("seekmoe.inference.chat", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
+    "expand": ("seekmoe.grow.expand_cli", "add routed experts to a trained model (to learn a new domain in them)"),
 }
 
 

@@ -1,0 +1,7 @@
+"""Growing a trained model: `expand` adds routed experts to its MoE layers (for a new domain, training only what is
+new: `freeze`, `onboarding`), `upcycle` turns a dense model into a DeepSeekMoE."""
+
+from .expand import ExpandReport, expand_model
+from .record import GrowRecord
+
+__all__ = ["ExpandReport", "GrowRecord", "expand_model"]

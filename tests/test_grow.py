@@ -1,0 +1,117 @@
+"""Growing models: `expand` keeps a model's outputs exactly (--init zero) or starts new experts as copies, keeps the
+router groups valid; training `--train new-experts,router` moves only those weights; `upcycle` turns a dense model
+into a MoE whose initial loss is the dense model's."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seekmoe
+from seekmoe import ModelConfig, build_model
+from seekmoe.cli import main
+from seekmoe.grow import GrowRecord, expand_model
+from seekmoe.grow.expand import plan_layout
+
+
+def trained_like(config: ModelConfig, seed: int = 0) -> seekmoe.CausalLM:
+    """A random model whose selection biases are spread as after training (not all zero)."""
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    return model
+
+
+def blas_columns_independent(hidden: int, old: int, new: int) -> bool:
+    """Whether this BLAS computes column j of x @ W^T bit-identically for W of `old` and of `new` rows (the router
+    logits of the old experts): true on the CPUs here for widths >= 12, not across every width on every BLAS."""
+    torch.manual_seed(1)
+    x, w = torch.randn(64, hidden), torch.randn(new, hidden)
+    return torch.equal(F.linear(x, w[:old]), F.linear(x, w)[:, :old])
+
+
+@pytest.mark.parametrize("n_add", [4, 8])
+def test_zero_expansion_keeps_logits_and_losses_exactly(n_add):
+    config = ModelConfig.preset("tiny", n_routed_experts=16)
+    model = trained_like(config)
+    grown, report = expand_model(model, n_add, init="zero")
+    assert report.exact and not report.changes
+    assert grown.config.n_routed_experts == 16 + n_add and grown.config.n_group == config.n_group
+    ids = torch.randint(0, config.vocab_size, (3, 40))
+    with torch.no_grad():
+        old, new = model(ids, labels=ids, mtp=True), grown(ids, labels=ids, mtp=True)
+    if blas_columns_independent(config.hidden_size, 16, 16 + n_add):
+        assert torch.equal(old.logits, new.logits)
+        assert torch.equal(old.mtp_loss, new.mtp_loss)
+    else:  # the router's matmul rounds the old columns differently at another width (see the docstring above)
+        torch.testing.assert_close(old.logits, new.logits, rtol=0, atol=1e-5)
+    record = GrowRecord.of(grown.config)
+    added = plan_layout(config, n_add).added
+    assert set(record.new) == {"model.layers.1.mlp", "model.mtp.0.mlp"} and record.new["model.layers.1.mlp"] == added
+    assert new.expert_counts[:, added].sum() == 0  # unselectable until the bias update raises them
+
+
+def test_new_experts_sit_at_the_end_of_every_router_group():
+    layout = plan_layout(ModelConfig.preset("tiny"), 4)  # 8 experts in 4 groups of 2 -> 4 groups of 3
+    assert layout.old_to_new == [0, 1, 3, 4, 6, 7, 9, 10] and layout.added == [2, 5, 8, 11]
+    assert layout.source == [0, 2, 4, 6]  # each copies an expert of its own group
+
+
+def test_adding_a_non_multiple_of_n_group_merges_groups_and_says_so():
+    config = ModelConfig.preset("tiny", n_routed_experts=16)  # n_group 4, topk_group 2
+    grown, report = expand_model(trained_like(config), 2, init="zero")
+    assert (grown.config.n_routed_experts, grown.config.n_group, grown.config.topk_group) == (18, 2, 1)
+    assert not report.exact and "n_group 4 -> 2" in report.changes[0] and "routing changes" in report.changes[0]
+
+
+def test_copy_expansion_starts_new_experts_near_their_sources():
+    config = ModelConfig.preset("tiny", n_routed_experts=16)
+    model = trained_like(config)
+    grown, _ = expand_model(model, 4, init="copy", noise=0.01)
+    layout = plan_layout(config, 4)
+    old, new = model.model.layers[1].mlp, grown.model.layers[1].mlp
+    for j, src in zip(layout.added, layout.source):
+        w_new, w_src = new.experts.gate_up_proj[j], old.experts.gate_up_proj[src]
+        rel = (w_new - w_src).norm() / w_src.norm()
+        assert 0 < rel < 0.03
+        assert torch.allclose(new.gate.weight[j], old.gate.weight[src], atol=0.06 * float(old.gate.weight.detach().std()))
+    keep = torch.tensor(layout.old_to_new)
+    assert torch.equal(new.experts.down_proj[keep], old.experts.down_proj)
+    assert torch.equal(new.gate.e_score_correction_bias[keep], old.gate.e_score_correction_bias)
+
+
+def test_zero_expansion_refuses_a_softmax_router_and_layers_outside_the_moe():
+    v2 = ModelConfig.preset("tiny", topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=1)
+    with pytest.raises(ValueError, match="--init zero needs"):
+        expand_model(build_model(v2), 4, init="zero")
+    with pytest.raises(ValueError, match=r"--layers \[0\] are not MoE layers"):
+        expand_model(build_model(ModelConfig.preset("tiny")), 4, layers=[0])
+
+
+def test_layers_left_out_get_dormant_unselectable_slots():
+    config = ModelConfig.preset("tiny", n_routed_experts=16)
+    grown, report = expand_model(trained_like(config), 4, layers=[1], init="copy")
+    record = GrowRecord.of(grown.config)
+    assert list(record.new) == ["model.layers.1.mlp"] and list(record.dormant) == ["model.mtp.0.mlp"]
+    mtp = grown.model.mtp[0].mlp
+    dormant = torch.tensor(record.dormant["model.mtp.0.mlp"])
+    assert torch.all(mtp.experts.down_proj[dormant] == 0)
+    assert mtp.gate.e_score_correction_bias[dormant].max() < mtp.gate.e_score_correction_bias.max() - 1
+
+
+def test_expand_command_writes_a_loadable_folder_with_its_tokenizer(tmp_path, capsys):
+    config = ModelConfig.preset("tiny", n_routed_experts=16)
+    trained_like(config).save_pretrained(tmp_path / "old")
+    (tmp_path / "old" / "tokenizer.json").write_text("{}")
+    assert main(["expand", "--model", str(tmp_path / "old"), "--add-experts", "4", "--init", "zero",
+                 "--out", str(tmp_path / "new")]) == 0
+    out = capsys.readouterr().out
+    assert "16 -> 20" in out and "exactly the old model's" in out
+    assert (tmp_path / "new" / "tokenizer.json").is_file()
+    grown = seekmoe.from_pretrained(tmp_path / "new")
+    assert grown.config.n_routed_experts == 20
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["grown_experts"]["init"] == "zero"
+    assert main(["expand", "--model", str(tmp_path / "new"), "--add-experts", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "already expanded" in capsys.readouterr().err
