@@ -113,5 +113,56 @@ def test_expand_command_writes_a_loadable_folder_with_its_tokenizer(tmp_path, ca
     grown = seekmoe.from_pretrained(tmp_path / "new")
     assert grown.config.n_routed_experts == 20
     assert json.loads((tmp_path / "new" / "config.json").read_text())["grown_experts"]["init"] == "zero"
-    assert main(["expand", "--model", str(tmp_path / "new"), "--add-experts", "4", "--out", str(tmp_path / "x")]) == 2
-    assert "already expanded" in capsys.readouterr().err
+    assert main(["expand", "--model", str(tmp_path / "new"), "--add-experts", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--add-experts 0 is invalid" in capsys.readouterr().err
+
+
+def test_training_new_experts_and_router_leaves_every_other_weight_bit_identical(corpus, cache, tmp_path):
+    from seekmoe.train import load_run_config, train
+    from seekmoe.train.metrics import read_metrics
+
+    settings = {"seq_len": 32, "batch_size": 4, "warmup_steps": 1, "eval_every": 100, "eval_batches": 1,
+                "cache_dir": cache, "precision": "fp32", "lr": 1e-2}
+    train(*load_run_config("tiny", overrides={**settings, "max_steps": 2, "save_every": 2}), tmp_path / "pre",
+          data=[str(corpus)], progress=False)
+    assert main(["expand", "--model", str(tmp_path / "pre" / "final"), "--add-experts", "4", "--init", "zero",
+                 "--out", str(tmp_path / "grown")]) == 0
+    overrides = {**settings, "max_steps": 6, "save_every": 6, "trainable": "new-experts,router",
+                 "new_expert_bias_update_speed": 0.5, "new_expert_onboarding_steps": 6}
+    train(*load_run_config(None, overrides=overrides, init_from=tmp_path / "grown"), tmp_path / "post",
+          data=[str(corpus)], progress=False, init_from=tmp_path / "grown")
+    before = seekmoe.from_pretrained(tmp_path / "grown").state_dict()
+    after = seekmoe.from_pretrained(tmp_path / "post" / "final").state_dict()
+    new = GrowRecord.of(seekmoe.ModelConfig.from_json_file(tmp_path / "grown")).new["model.layers.1.mlp"]
+    old = [e for e in range(12) if e not in new]
+    moved = set()
+    for key, value in before.items():
+        if key.endswith(".mlp.experts.gate_up_proj") or key.endswith(".mlp.experts.down_proj"):
+            assert torch.equal(value[old], after[key][old]), key
+            if not torch.equal(value[new], after[key][new]):
+                moved.add(key)
+        elif key.endswith("e_score_correction_bias"):
+            continue  # moved by the balancing rule, not by the optimizer
+        elif torch.equal(value, after[key]):
+            assert not key.endswith(".mlp.gate.weight"), f"{key} was to train"
+        else:
+            moved.add(key)
+    assert moved == {f"{p}.{t}" for p in ("model.layers.1.mlp", "model.mtp.0.mlp")
+                     for t in ("gate.weight", "experts.gate_up_proj", "experts.down_proj")}
+    assert all(r["expert_load"][0][e] > 0 for r in read_metrics(tmp_path / "post")[-1:] for e in new)
+    groups = json.loads((tmp_path / "post" / "checkpoints" / "step-00000006" / "optimizer.json").read_text())
+    names = sorted(n for g in groups["param_groups"] for n in g["params"])
+    assert names == sorted(f"model.{p}.mlp.{t}" for p in ("layers.1", "mtp.0")
+                           for t in ("gate.weight", "experts.trainable_gate_up_proj", "experts.trainable_down_proj"))
+
+
+def test_train_selection_names_an_unknown_item_clearly():
+    from seekmoe.grow.freeze import select_trainable
+
+    model = build_model(ModelConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="'attn' matches no parameter"):
+        select_trainable(model, "router,attn")
+    with pytest.raises(ValueError, match="records no added experts"):
+        select_trainable(model, "new-experts")
+    selection = select_trainable(model, "model.layers.*.self_attn.*,norms")
+    assert selection.trainable_params > 0 and all("attn" in n or "norm" in n for n in selection.trainable_names)

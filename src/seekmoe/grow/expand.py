@@ -101,7 +101,8 @@ def expand_model(model: CausalLM, n_add: int, layers: list[int] | None = None, i
                  noise: float = 0.01, seed: int = 0) -> tuple[CausalLM, ExpandReport]:
     """A copy of `model` with `n_add` more routed experts in every MoE layer (new ones live only in `layers`, by
     on-disk layer number, when given), initialized by `init` ('copy' or 'zero', see the module docstring), the added
-    experts recorded in the config (record.py). `noise` is the relative noise of `copy`; `seed` makes it
+    experts recorded in the config (record.py; a record of an earlier expansion is replaced: its experts count as
+    old now). `noise` is the relative noise of `copy`; `seed` makes it
     repeatable."""
     config = model.config
     if config.n_routed_experts == 0:
@@ -117,9 +118,6 @@ def expand_model(model: CausalLM, n_add: int, layers: list[int] | None = None, i
                          f"this model has {config.topk_method!r}, {config.scoring_func!r}): new experts are kept "
                          f"out of the top-k by a selection bias, and softmax scores would change with every added "
                          f"expert; use --init copy")
-    if GrowRecord.of(config) is not None:
-        raise ValueError("the model was already expanded (config.json has 'grown_experts'): train it first, then "
-                         "expand the trained model's final/ folder")
     paths = moe_layer_paths(model)
     if layers is not None:
         unknown = sorted(set(layers) - set(paths.values()))
