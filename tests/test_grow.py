@@ -166,3 +166,46 @@ def test_train_selection_names_an_unknown_item_clearly():
         select_trainable(model, "new-experts")
     selection = select_trainable(model, "model.layers.*.self_attn.*,norms")
     assert selection.trainable_params > 0 and all("attn" in n or "norm" in n for n in selection.trainable_names)
+
+
+@pytest.mark.parametrize("experts,top_k,shared,granularity", [(8, 2, 0, 1), (8, 2, 1, 1), (16, 8, 4, 4)])
+def test_upcycled_model_starts_at_the_dense_models_loss(experts, top_k, shared, granularity):
+    """Copies (or G slices of copies) of each FFN with normalized top-k weights compute the FFN again: the loss
+    agrees to float rounding. Tolerance 1e-5 on a loss of ~6.6 (measured: <= 1e-6; logits within 2e-6)."""
+    from seekmoe.grow import upcycle_model
+
+    torch.manual_seed(0)
+    dense = build_model(ModelConfig.preset("tiny-dense", initializer_range=0.1)).eval()  # FFNs that matter
+    moe, report = upcycle_model(dense, experts, top_k, shared, granularity)
+    assert moe.config.n_moe_layers == 2 and moe.config.moe_intermediate_size == 128 // granularity
+    ids = torch.randint(0, 512, (3, 48))
+    with torch.no_grad():
+        d, m = dense(ids, labels=ids, mtp=True), moe(ids, labels=ids, mtp=True)
+        h = torch.randn(2, 16, 64)
+        layer_moe, _ = moe.model.layers[1].mlp(h)
+        layer_ffn = dense.model.layers[1].mlp(h)
+    assert abs(float(m.lm_loss - d.lm_loss)) < 1e-5 and abs(float(m.mtp_loss - d.mtp_loss)) < 1e-5
+    torch.testing.assert_close(layer_moe, layer_ffn, rtol=1e-4, atol=1e-6)
+
+
+def test_upcycle_refuses_what_cannot_start_at_the_dense_output():
+    from seekmoe.grow import upcycle_model
+
+    dense = build_model(ModelConfig.preset("tiny-dense"))
+    with pytest.raises(ValueError, match="--top-k 3 is invalid"):
+        upcycle_model(dense, 8, 3, granularity=2)
+    with pytest.raises(ValueError, match="--shared 1 is invalid"):
+        upcycle_model(dense, 8, 2, n_shared=1, granularity=2)
+    with pytest.raises(ValueError, match="--top-k 1 is invalid"):
+        upcycle_model(dense, 8, 1)
+    with pytest.raises(ValueError, match="already has MoE layers"):
+        upcycle_model(build_model(ModelConfig.preset("tiny")), 8, 2)
+
+
+def test_upcycle_command_writes_a_moe_folder(tmp_path, capsys):
+    build_model(ModelConfig.preset("tiny-dense")).save_pretrained(tmp_path / "dense")
+    assert main(["upcycle", "--model", str(tmp_path / "dense"), "--experts", "8", "--top-k", "4", "--granularity",
+                 "2", "--shared", "2", "--out", str(tmp_path / "moe")]) == 0
+    assert "8 routed experts of width 64 (4 copies x 2 slices), top-4, 2 shared" in capsys.readouterr().out
+    config = seekmoe.from_pretrained(tmp_path / "moe").config
+    assert (config.n_routed_experts, config.first_k_dense_replace, config.routed_scaling_factor) == (8, 0, 1.0)

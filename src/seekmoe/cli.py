@@ -16,6 +16,7 @@ COMMANDS = {
     "chat": ("seekmoe.inference.chat", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "expand": ("seekmoe.grow.expand_cli", "add routed experts to a trained model (to learn a new domain in them)"),
+    "upcycle": ("seekmoe.grow.upcycle_cli", "turn a dense model into a DeepSeekMoE that starts where it stood"),
 }
 
 

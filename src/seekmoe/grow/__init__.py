@@ -3,5 +3,6 @@ new: `freeze`, `onboarding`), `upcycle` turns a dense model into a DeepSeekMoE."
 
 from .expand import ExpandReport, expand_model
 from .record import GrowRecord
+from .upcycle import UpcycleReport, upcycle_model
 
-__all__ = ["ExpandReport", "GrowRecord", "expand_model"]
+__all__ = ["ExpandReport", "GrowRecord", "UpcycleReport", "expand_model", "upcycle_model"]

@@ -270,3 +270,5 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "small": dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=20, max_steps=600, eval_every=50,
                   save_every=100),
 }
+PRESET_TRAINING["tiny-dense"] = PRESET_TRAINING["tiny"]
+PRESET_TRAINING["small-dense"] = PRESET_TRAINING["small"]
