@@ -76,7 +76,8 @@ def test_copy_expansion_starts_new_experts_near_their_sources():
         w_new, w_src = new.experts.gate_up_proj[j], old.experts.gate_up_proj[src]
         rel = (w_new - w_src).norm() / w_src.norm()
         assert 0 < rel < 0.03
-        assert torch.allclose(new.gate.weight[j], old.gate.weight[src], atol=0.06 * float(old.gate.weight.detach().std()))
+        tolerance = 0.06 * float(old.gate.weight.detach().std())  # noise 0.01 x std, 6 sigma
+        assert torch.allclose(new.gate.weight[j], old.gate.weight[src], atol=tolerance)
     keep = torch.tensor(layout.old_to_new)
     assert torch.equal(new.experts.down_proj[keep], old.experts.down_proj)
     assert torch.equal(new.gate.e_score_correction_bias[keep], old.gate.e_score_correction_bias)

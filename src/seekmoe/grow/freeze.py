@@ -44,7 +44,8 @@ class TrainableSelection:
     def describe(self) -> str:
         """One line for the run's log."""
         total = self.trainable_params + self.frozen_params
-        return (f"training {self.trainable_params:,} of {total:,} parameters ({100 * self.trainable_params / total:.1f}%)"
+        share = 100 * self.trainable_params / total
+        return (f"training {self.trainable_params:,} of {total:,} parameters ({share:.1f}%)"
                 f" in {len(self.trainable_names)} tensors; the rest is frozen")
 
 

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     before, after = model_summary(dense.config), model_summary(moe.config)
     c = moe.config
     print(f"upcycled {len(report.moe_layers)} FFN(s) into MoE layers: {c.n_routed_experts} routed experts of width "
-          f"{c.moe_intermediate_size} ({report.copies} copies x {args.granularity} slices), top-{c.num_experts_per_tok}, "
+          f"{c.moe_intermediate_size} ({report.copies} copies x {args.granularity} slices), "
+          f"top-{c.num_experts_per_tok}, "
           f"{c.n_shared_experts} shared; routed_scaling_factor {report.routed_scaling_factor:g}"
           + (f", shared down projections x {report.shared_scale:g}" if c.n_shared_experts else ""))
     print(f"parameters: total {before['total_params'] / 1e6:.3f}M -> {after['total_params'] / 1e6:.3f}M, "
