@@ -151,6 +151,73 @@ def plot_upcycling(curves: dict, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+@torch.no_grad()
+def held_out_loss_of(model: seekmoe.CausalLM, seqs: dict[str, torch.Tensor], batch: int = 16) -> dict[str, float]:
+    """`held_out_loss` of a model in memory."""
+    model.eval()
+    out = {}
+    for name, s in seqs.items():
+        out[name] = sum(float(model(s[i:i + batch], labels=s[i:i + batch]).lm_loss) * len(s[i:i + batch])
+                        for i in range(0, len(s), batch)) / len(s)
+    return out
+
+
+def distill_arm(args, base: Path, grown_dir: Path, a_train: list[str], b_train: Path, seqs: dict,
+                weight: float) -> dict:
+    """(c'): (c) with a distillation term on A (Lifelong-MoE, Chen et al. 2023): every step also runs a batch of A
+    through the old model (the teacher) and the grown one, and adds `weight` x KL(teacher || student) of their
+    next-token distributions to the loss on B. The trainer has no distillation objective, so this is a loop of its
+    own built from the trainer's parts (optimizer, schedule, bias update, onboarding); it costs about twice (c)'s
+    compute a step (a second batch, and the teacher's forward)."""
+    import time
+
+    import torch.nn.functional as F
+    from tokenizers import Tokenizer
+
+    from seekmoe.grow.onboarding import NewExpertOnboarding
+    from seekmoe.train.balance import update_router_biases
+    from seekmoe.train.config import TrainConfig
+    from seekmoe.train.optim import build_optimizer, lr_at
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    n = args.steps_b * args.batch
+    data = {"A": sequences([Path(f) for f in a_train[::7]], tokenizer, args.seq_len, n),
+            "B": sequences(sorted(b_train.iterdir()), tokenizer, args.seq_len, n)}
+    teacher = seekmoe.from_pretrained(base, dtype=torch.float32).eval()
+    student = seekmoe.from_pretrained(grown_dir, dtype=torch.float32)
+    trainable = select_trainable(student, "new-experts,router").trainable_params
+    student.train()
+    config = TrainConfig(lr=3e-3, warmup_steps=10, max_steps=args.steps_b)
+    optimizer = build_optimizer(student, config)
+    onboarding = NewExpertOnboarding.for_run(student, args.onboarding_speed, args.onboarding_steps)
+    gamma = student.config.bias_update_speed
+    params = [p for p in student.parameters() if p.requires_grad]
+    start = time.perf_counter()
+    for step in range(args.steps_b):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        ids_b = data["B"][torch.randint(len(data["B"]), (args.batch,))]
+        ids_a = data["A"][torch.randint(len(data["A"]), (args.batch,))]
+        out_b = student(ids_b, labels=ids_b)
+        out_a = student(ids_a)
+        with torch.no_grad():
+            target = F.log_softmax(teacher(ids_a).logits.float(), dim=-1)
+        kl = F.kl_div(F.log_softmax(out_a.logits.float(), dim=-1).flatten(0, 1), target.flatten(0, 1),
+                      log_target=True, reduction="batchmean")
+        (out_b.loss + weight * kl).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        counts = out_b.expert_counts  # the balancing counts B's tokens, as in (c)
+        update_router_biases(student.moe_layers(), counts, gamma)
+        if onboarding is not None:
+            onboarding.after_step(step, counts, gamma)
+    seconds = time.perf_counter() - start
+    return {"loss": held_out_loss_of(student, seqs), "trainable": trainable, "seconds": seconds,
+            "distill_weight": weight}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps-a", type=int, default=400, help="pretraining steps on A")
@@ -165,7 +232,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-seqs", type=int, default=48, help="held-out sequences per domain")
     parser.add_argument("--a-every", type=int, default=1, help="use every N-th file of the default corpus as A")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["c_slow", "c_copy", "upcycle"])
+    parser.add_argument("--distill", type=float, default=1.0, help="(c')'s weight of the KL term on A")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["c_slow", "c_copy", "c_distill", "upcycle"])
+    parser.add_argument("--distill-only", action="store_true",
+                        help="run only (c') on the folders that an earlier run kept in --keep DIR")
     parser.add_argument("--quick", action="store_true", help="a small version: fewer steps, a third of A")
     parser.add_argument("--keep", type=Path, help="keep the runs' folders here (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=RESULTS / "grow.json")
@@ -182,6 +252,9 @@ def main(argv=None) -> None:
                  f"B (pydoc_data/topics.py prose) per arm; upcycling {args.steps_dense}+{args.steps_upcycled} steps; "
                  f"{args.batch} x {args.seq_len} tokens a step, fp32"), flush=True)
 
+    if args.distill_only:
+        distill_only(args, common)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         a_train, a_val, b_train, b_val = domains(work, args.a_every)
@@ -232,6 +305,11 @@ def main(argv=None) -> None:
                           "seconds": summary["train_seconds"], "onboarding": onboarding_steps(out, new_ids)}
             print(f"  done {name}", flush=True)
 
+        if "c_distill" not in args.skip:
+            arms["(c') (c) + distillation on A"] = distill_arm(args, base, work / "grown-zero", a_train, b_train, seqs,
+                                                               args.distill)
+            print("  done (c')", flush=True)
+
         fresh = seekmoe.build_model(model_config)
         fresh_dir = model_folder(fresh, base, work / "fresh")
         summary = run(fresh_dir, work / "d", [str(b_train)], lr=3e-3, **dict(on_b, warmup_steps=20))
@@ -253,6 +331,27 @@ def main(argv=None) -> None:
                           "a_every": args.a_every, "precision": summary_a["precision"],
                           "domain_b": "pydoc_data/topics.py (topics dict)", "before": before, "arms": arms,
                           "upcycling": upcycling})
+
+
+def distill_only(args, common: dict) -> None:
+    """(c') alone, on the pretrained and expanded models an earlier run left in --keep DIR."""
+    if args.keep is None or not (args.keep / "A" / "final").is_dir() or not (args.keep / "grown-zero").is_dir():
+        raise SystemExit("--distill-only needs --keep DIR of an earlier run (with DIR/A/final and DIR/grown-zero)")
+    from tokenizers import Tokenizer
+
+    a_train, a_val, b_train, b_val = domains(args.keep, args.a_every)
+    base = args.keep / "A" / "final"
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    seqs = {"A": sequences(a_val, tokenizer, args.seq_len, args.eval_seqs),
+            "B": sequences(b_val, tokenizer, args.seq_len, args.eval_seqs)}
+    before = held_out_loss(base, seqs)
+    arm = distill_arm(args, base, args.keep / "grown-zero", a_train, b_train, seqs, args.distill)
+    print(f"\n(c') distillation weight {args.distill}, {args.steps_b} steps: held-out A {before['A']:.4f} -> "
+          f"{arm['loss']['A']:.4f}, B {before['B']:.4f} -> {arm['loss']['B']:.4f}; trainable {arm['trainable']:,}; "
+          f"{arm['seconds']:.0f} s")
+    out = args.out.with_name(args.out.stem + "_distill.json")
+    write_json(out, {"steps_b": args.steps_b, "batch": args.batch, "seq_len": args.seq_len, "before": before,
+                     "arm": arm})
 
 
 def upcycle_study(args, common: dict, a_train: list[str], seqs: dict, work: Path) -> dict:

@@ -210,3 +210,27 @@ def test_upcycle_command_writes_a_moe_folder(tmp_path, capsys):
     assert "8 routed experts of width 64 (4 copies x 2 slices), top-4, 2 shared" in capsys.readouterr().out
     config = seekmoe.from_pretrained(tmp_path / "moe").config
     assert (config.n_routed_experts, config.first_k_dense_replace, config.routed_scaling_factor) == (8, 0, 1.0)
+
+
+def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts():
+    """What a checkpoint holds (and what resuming loads back) is the usual [E, ...] stack, new rows merged in."""
+    from seekmoe.grow.freeze import make_partly_trainable
+
+    config = ModelConfig.preset("tiny")
+    model = build_model(config)
+    experts = model.model.layers[1].mlp.experts
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    make_partly_trainable(experts, [2, 5], ["gate_up_proj", "down_proj"])
+    with torch.no_grad():
+        experts.trainable_down_proj.add_(1.0)
+    state = model.state_dict()
+    assert set(state) == set(plain)
+    assert torch.equal(state["model.layers.1.mlp.experts.down_proj"][[2, 5]],
+                       plain["model.layers.1.mlp.experts.down_proj"][[2, 5]] + 1)
+    other = build_model(config)
+    make_partly_trainable(other.model.layers[1].mlp.experts, [2, 5], ["gate_up_proj", "down_proj"])
+    other.load_state_dict(state)
+    assert torch.equal(other.model.layers[1].mlp.experts.trainable_down_proj, experts.trainable_down_proj)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, other.eval()(ids).logits)
