@@ -11,8 +11,9 @@ then train only what is new on the new domain, e.g.:
   seekmoe train --init-from OUT --data NEW_TEXT --out RUN --train new-experts,router \\
       new_expert_bias_update_speed=0.05 new_expert_onboarding_steps=50
 --init zero keeps the old outputs exactly and starts the new experts out of every top-k; the auxiliary-loss-free
-bias update then raises their selection bias by bias_update_speed a step until they get tokens (about
-(1 + spread of the old biases) / speed steps); new_expert_bias_update_speed makes that faster for the new experts.
+bias update then raises their selection bias by bias_update_speed a step (and lowers the old experts', all above the
+mean load) until they get tokens: about (1 + spread of the old biases) / (2 x speed) steps (54 at speed 0.01 in
+benchmarks/grow.py); new_expert_bias_update_speed makes that faster for the new experts.
 --init copy (default) starts each new expert as a noisy copy of an old expert of its router group; the outputs move.
 """
 

@@ -2,8 +2,10 @@
 auxiliary-loss-free bias update would.
 
 That update moves every expert's selection bias by `bias_update_speed` * sign(mean load - load) a step. An added
-expert starts more than 1 (the whole range of sigmoid scores) below the old experts' biases, so at DeepSeek-V3's
-speed of 0.001 it would wait over a thousand steps for its first token. For the first
+expert starts more than 1 (the whole range of sigmoid scores) below the old experts' biases; while it gets no
+tokens every old expert is above the mean load, so the gap closes by 2 x speed a step, and at DeepSeek-V3's speed of
+0.001 the new expert would wait about five hundred steps for its first token (54 at the small preset's 0.01, in
+benchmarks/grow.py). For the first
 `new_expert_onboarding_steps` steps of a run, the new experts' biases move at `new_expert_bias_update_speed`
 instead. Dormant slots (layers that `--layers` left out) are held out of reach at every step.
 """
