@@ -18,6 +18,8 @@ COMMANDS = {
     "analyze": ("seekmoe.analysis.cli", "routing analysis of a trained model on held-out text, as an HTML report"),
     "sft": ("seekmoe.posttrain.sft", "fine-tune a model on chats or prompt/completion pairs (assistant tokens only)"),
     "rl": ("seekmoe.posttrain.rl", "improve a model on a task with verifiable rewards by GRPO (routing replay on)"),
+    "expand": ("seekmoe.grow.expand_cli", "add routed experts to a trained model (to learn a new domain in them)"),
+    "upcycle": ("seekmoe.grow.upcycle_cli", "turn a dense model into a DeepSeekMoE that starts where it stood"),
 }
 
 

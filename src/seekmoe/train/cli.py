@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from the model's original context to LEN tokens and trains on LEN-token sequences of "
                              "long documents at a constant lr (defaults: seq_len=LEN, lr = the final lr of a default "
                              "pretraining run, warmup_steps=0, min_file_bytes=4*LEN; field=value overrides them)")
+    parser.add_argument("--train", metavar="WHAT",
+                        help="which parameters train, the rest frozen (no gradients, no optimizer state): 'all' "
+                             "(default), or comma-separated names (new-experts, router, experts, shared-experts, "
+                             "attention, dense-mlp, embeddings, norms, mtp) and globs of parameter names, e.g. "
+                             "--train new-experts,router after `seekmoe expand` (sets trainable=)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
@@ -65,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     # `--data a.txt lr=1e-3`: argparse hands the override to --data; a field=value that is no path is an override.
     data = [p for p in args.data or [] if "=" not in p or Path(p).exists()] or None
     overrides = parse_overrides([p for p in args.data or [] if p not in (data or [])] + args.overrides)
+    if args.train is not None:
+        overrides["trainable"] = args.train
     for flag in ("max_steps", "save_every", "eval_every", "seed"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)

@@ -54,6 +54,12 @@ class TrainConfig:
     # balancing: the batch the expert- and device-level balance losses count f_i over: every micro-batch of a step
     # on every data-parallel rank (global, "Demons in the Detail", Qwen 2025), or each micro-batch alone (micro)
     balance_scope: str = "global"
+    # growing a model (seekmoe expand, grow/): which parameters train ("all", or names and globs such as
+    # "new-experts,router", see grow/freeze.py), and the selection-bias speed of the experts expand added, used
+    # instead of bias_update_speed for the first new_expert_onboarding_steps steps (grow/onboarding.py; 0 = off)
+    trainable: str = "all"
+    new_expert_bias_update_speed: float = 0.0
+    new_expert_onboarding_steps: int = 0
     # speed
     precision: str = "auto"  # auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32
     compile: bool = False  # torch.compile the model
@@ -82,7 +88,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, "a positive integer")
-        for name in ("warmup_steps", "num_threads", "seed", "min_file_bytes"):
+        for name in ("warmup_steps", "num_threads", "seed", "min_file_bytes", "new_expert_onboarding_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise bad(name, "a non-negative integer")
@@ -92,9 +98,11 @@ class TrainConfig:
         for name in ("min_lr_ratio", "decay_fraction", "beta1", "beta2"):
             if not isinstance(getattr(self, name), (int, float)) or not 0 <= getattr(self, name) <= 1:
                 raise bad(name, "a number in [0, 1]")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "new_expert_bias_update_speed"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise bad(name, "a non-negative number")
+        if not isinstance(self.trainable, str) or not self.trainable.strip():
+            raise bad("trainable", "'all' or a comma-separated list of parameter names and globs (see --train)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise bad("lr_schedule", f"one of {LR_SCHEDULES}")
         if self.balance_scope not in BALANCE_SCOPES:
@@ -262,3 +270,5 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "small": dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=20, max_steps=600, eval_every=50,
                   save_every=100),
 }
+PRESET_TRAINING["tiny-dense"] = PRESET_TRAINING["tiny"]
+PRESET_TRAINING["small-dense"] = PRESET_TRAINING["small"]

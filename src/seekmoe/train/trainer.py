@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from .. import build_model
 from ..config import ModelConfig
 from ..inference.tokenizer import write_tokenizer_files
+from ..grow.freeze import select_trainable
+from ..grow.onboarding import NewExpertOnboarding
 from ..info import model_summary
 from ..model.moe import device_groups_for
 from ..parallel import ParallelConfig, consolidated_model, init_processes, parallelize
@@ -162,6 +164,8 @@ class Trainer:
                                           self.world_size, progress=progress and self.rank == 0)
                 self.processes.barrier()
         self.model = self._build_model()
+        self.onboarding = NewExpertOnboarding.for_run(self.model, config.new_expert_bias_update_speed,
+                                                      config.new_expert_onboarding_steps)
         self.optimizer = build_optimizer(self.model, config)
         self.start_step, self.bad_steps, self.train_seconds = 0, 0, 0.0
         if self.resume_from is not None:
@@ -193,6 +197,10 @@ class Trainer:
             # The weights (and router biases) of the folder, into a model of this run's config: an extension stage
             # changes rope_scaling, which lives in no tensor.
             model.load_state_dict(from_pretrained(full_weights, dtype=torch.float32).state_dict())
+        if self.config.trainable != "all":
+            if self.processes.distributed:
+                raise ValueError(f"--train {self.config.trainable} (trainable=) runs in one process only for now")
+            self.log(select_trainable(model, self.config.trainable).describe())
         model = model.to(self.device)
         model = parallelize(model, self.processes, self.parallel)
         for moe in model.moe_layers():
@@ -240,6 +248,8 @@ class Trainer:
                     gamma = base_gamma * stepwise(c.bias_update_speed_schedule, step, c.max_steps)
                     t0 = time.perf_counter()
                     result = self.step(self.data.next_micro_batches(), lr, lam, gamma)
+                    if self.onboarding is not None and not result.skipped:
+                        self.onboarding.after_step(step, result.expert_counts, gamma)
                     dt = time.perf_counter() - t0
                     self.train_seconds += dt
                     done = step + 1
