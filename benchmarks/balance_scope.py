@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, header, pyplot, save_figure, table, write_json  # noqa: E402
+from common import RESULTS, header, packed_sequences, pyplot, save_figure, table, write_json  # noqa: E402
 
 import seekmoe  # noqa: E402
 from seekmoe.data import default_corpus  # noqa: E402
@@ -56,17 +56,6 @@ def split_domains(holdout_every: int) -> tuple[list[str], dict[str, list[Path]]]
     return [str(f) for f in corpus.files if Path(f) not in excluded], held
 
 
-def domain_sequences(files: list[Path], tokenizer, seq_len: int, max_seqs: int) -> torch.Tensor:
-    """The files as training packs them (<|begin_of_text|> text <|end_of_text|>, concatenated), cut into
-    [n, seq_len] sequences, at most `max_seqs` of them."""
-    bos, eos = tokenizer.token_to_id("<|begin_of_text|>"), tokenizer.token_to_id("<|end_of_text|>")
-    ids: list[int] = []
-    for f in files:
-        ids += [bos] + tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")).ids + [eos]
-    n = min(len(ids) // seq_len, max_seqs)
-    return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
-
-
 @torch.no_grad()
 def route_domains(model_dir: Path, held: dict[str, list[Path]], seq_len: int, max_seqs: int, batch: int = 8):
     """Per domain: held-out next-token loss and expert counts [main MoE layers, E] of the final model."""
@@ -77,7 +66,7 @@ def route_domains(model_dir: Path, held: dict[str, list[Path]], seq_len: int, ma
     n_main = model.config.n_moe_layers
     out = {}
     for domain, files in held.items():
-        seqs = domain_sequences(files, tokenizer, seq_len, max_seqs)
+        seqs = packed_sequences(files, tokenizer, seq_len, max_seqs)
         counts, loss_sum = 0, 0.0
         for start in range(0, len(seqs), batch):
             ids = seqs[start:start + batch]

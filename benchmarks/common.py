@@ -104,6 +104,17 @@ def write_json(path: Path, payload: dict) -> None:
     print(f"\nwrote {path}")
 
 
+def packed_sequences(files: list[Path], tokenizer, seq_len: int, max_seqs: int) -> torch.Tensor:
+    """The files packed as training packs them (<|begin_of_text|> text <|end_of_text|>, concatenated), cut into
+    [n, seq_len] sequences, at most `max_seqs` of them."""
+    bos, eos = tokenizer.token_to_id("<|begin_of_text|>"), tokenizer.token_to_id("<|end_of_text|>")
+    ids: list[int] = []
+    for f in files:
+        ids += [bos] + tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")).ids + [eos]
+    n = min(len(ids) // seq_len, max_seqs)
+    return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend, or None (with a note) where matplotlib is not installed."""
     try:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, header, pyplot, save_figure, table, write_json  # noqa: E402
+from common import RESULTS, header, packed_sequences, pyplot, save_figure, table, write_json  # noqa: E402
 
 import seekmoe  # noqa: E402
 from seekmoe.data import default_corpus  # noqa: E402
@@ -68,16 +68,6 @@ def domains(work: Path, a_every: int) -> tuple[list[str], list[Path], Path, list
         folder = b_val_dir if i % 8 == 4 else b_train
         (folder / f"{name}.txt").write_text(topics[name], encoding="utf-8")
     return a_train, a_val, b_train, sorted(b_val_dir.iterdir())
-
-
-def sequences(files: list[Path], tokenizer, seq_len: int, max_seqs: int) -> torch.Tensor:
-    """The files packed as training packs them (<|begin_of_text|> text <|end_of_text|>), cut into [n, seq_len]."""
-    bos, eos = tokenizer.token_to_id("<|begin_of_text|>"), tokenizer.token_to_id("<|end_of_text|>")
-    ids: list[int] = []
-    for f in files:
-        ids += [bos] + tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")).ids + [eos]
-    n = min(len(ids) // seq_len, max_seqs)
-    return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
 
 
 @torch.no_grad()
@@ -182,8 +172,8 @@ def distill_arm(args, base: Path, grown_dir: Path, a_train: list[str], b_train: 
     torch.manual_seed(0)
     tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
     n = args.steps_b * args.batch
-    data = {"A": sequences([Path(f) for f in a_train[::7]], tokenizer, args.seq_len, n),
-            "B": sequences(sorted(b_train.iterdir()), tokenizer, args.seq_len, n)}
+    data = {"A": packed_sequences([Path(f) for f in a_train[::7]], tokenizer, args.seq_len, n),
+            "B": packed_sequences(sorted(b_train.iterdir()), tokenizer, args.seq_len, n)}
     teacher = seekmoe.from_pretrained(base, dtype=torch.float32).eval()
     student = seekmoe.from_pretrained(grown_dir, dtype=torch.float32)
     trainable = select_trainable(student, "new-experts,router").trainable_params
@@ -269,8 +259,8 @@ def main(argv=None) -> None:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
-        seqs = {"A": sequences(a_val, tokenizer, args.seq_len, args.eval_seqs),
-                "B": sequences(b_val, tokenizer, args.seq_len, args.eval_seqs)}
+        seqs = {"A": packed_sequences(a_val, tokenizer, args.seq_len, args.eval_seqs),
+                "B": packed_sequences(b_val, tokenizer, args.seq_len, args.eval_seqs)}
         before = held_out_loss(base, seqs)
         print(f"pretrained on A ({summary_a['train_seconds']:.0f} s): held-out loss A {before['A']:.4f}, "
               f"B {before['B']:.4f}", flush=True)
@@ -342,8 +332,8 @@ def distill_only(args, common: dict) -> None:
     a_train, a_val, b_train, b_val = domains(args.keep, args.a_every)
     base = args.keep / "A" / "final"
     tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
-    seqs = {"A": sequences(a_val, tokenizer, args.seq_len, args.eval_seqs),
-            "B": sequences(b_val, tokenizer, args.seq_len, args.eval_seqs)}
+    seqs = {"A": packed_sequences(a_val, tokenizer, args.seq_len, args.eval_seqs),
+            "B": packed_sequences(b_val, tokenizer, args.seq_len, args.eval_seqs)}
     before = held_out_loss(base, seqs)
     arm = distill_arm(args, base, args.keep / "grown-zero", a_train, b_train, seqs, args.distill)
     print(f"\n(c') distillation weight {args.distill}, {args.steps_b} steps: held-out A {before['A']:.4f} -> "

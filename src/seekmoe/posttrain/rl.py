@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from .sft import FROZEN_BIAS_SCHEDULE
@@ -162,19 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `seekmoe rl`; returns the exit status."""
     from ..train.config import parse_overrides
-    from ..train.trainer import TrainingDiverged, TrainingInterrupted
+    from ..train.trainer import exit_status
 
     overrides = parse_overrides(args.overrides)
     for flag in ("max_steps", "seed"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
-    try:
-        rl(args.model, args.task, args.out, overrides, prompts_file=args.prompts, resume=args.resume,
-           stop_at=args.stop_at, progress=not args.no_progress)
-    except TrainingDiverged as e:
-        print(f"seekmoe rl: {e}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as e:
-        print(f"seekmoe rl: {e}", file=sys.stderr)
-        return 128 + e.signum
-    return 0
+    return exit_status("rl", lambda: rl(args.model, args.task, args.out, overrides, prompts_file=args.prompts,
+                                        resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress))

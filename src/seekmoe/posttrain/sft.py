@@ -9,7 +9,6 @@ rule unless `--freeze-router-bias`, and the balance losses of the model's config
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 # SFT's settings where they differ from pretraining's: a lower, briefly warmed-up lr (the model already knows the
@@ -76,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `seekmoe sft`; returns the exit status."""
     from ..train.config import parse_overrides
-    from ..train.trainer import TrainingDiverged, TrainingInterrupted
+    from ..train.trainer import exit_status
 
     # `--data a.jsonl lr=1e-3`: argparse hands the override to --data; a field=value that is no file is one.
     data = [p for p in args.data if "=" not in p or Path(p).exists()]
@@ -84,13 +83,6 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_steps", "seed"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
-    try:
-        sft(args.model, data, args.out, overrides, resume=args.resume, stop_at=args.stop_at,
-            progress=not args.no_progress, freeze_router_bias=args.freeze_router_bias)
-    except TrainingDiverged as e:
-        print(f"seekmoe sft: {e}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as e:
-        print(f"seekmoe sft: {e}", file=sys.stderr)
-        return 128 + e.signum
-    return 0
+    return exit_status("sft", lambda: sft(args.model, data, args.out, overrides, resume=args.resume,
+                                          stop_at=args.stop_at, progress=not args.no_progress,
+                                          freeze_router_bias=args.freeze_router_bias))

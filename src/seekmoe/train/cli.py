@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..config import PRESETS
@@ -65,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `seekmoe train`; returns the exit status."""
     from .config import load_run_config, parse_overrides
-    from .trainer import TrainingDiverged, TrainingInterrupted, train
+    from .trainer import exit_status, train
 
     # `--data a.txt lr=1e-3`: argparse hands the override to --data; a field=value that is no path is an override.
     data = [p for p in args.data or [] if "=" not in p or Path(p).exists()] or None
@@ -77,13 +76,6 @@ def run(args: argparse.Namespace) -> int:
             overrides[flag] = getattr(args, flag)
     model_config, train_config = load_run_config(args.preset, args.config, overrides, init_from=args.init_from,
                                                  extend_context=args.extend_context)
-    try:
-        train(model_config, train_config, args.out, data=data, resume=args.resume, stop_at=args.stop_at,
-              progress=not args.no_progress, init_from=args.init_from)
-    except TrainingDiverged as e:
-        print(f"seekmoe train: {e}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as e:
-        print(f"seekmoe train: {e}", file=sys.stderr)
-        return 128 + e.signum
-    return 0
+    return exit_status("train", lambda: train(model_config, train_config, args.out, data=data, resume=args.resume,
+                                              stop_at=args.stop_at, progress=not args.no_progress,
+                                              init_from=args.init_from))

@@ -51,6 +51,22 @@ class TrainingInterrupted(RuntimeError):
         self.signum = signum
 
 
+def exit_status(command: str, run) -> int:
+    """Call `run()` for `seekmoe COMMAND`: 0 when it finishes, 1 when training diverged, 128 + the signal when it
+    was stopped (after saving a checkpoint); the reason goes to stderr."""
+    import sys
+
+    try:
+        run()
+    except TrainingDiverged as e:
+        print(f"seekmoe {command}: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"seekmoe {command}: {e}", file=sys.stderr)
+        return 128 + e.signum
+    return 0
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device` (None = fp32). 'auto' picks bf16 where the hardware computes
     it natively (a GPU with bf16, a CPU with AVX-512 bf16 or AMX); on other CPUs bf16 is emulated and slower."""
