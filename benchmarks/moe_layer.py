@@ -138,7 +138,7 @@ def measure(shape: Shape, dtype_name: str, repeats: int) -> dict:
     dtype = DTYPES[dtype_name]
     hf_config = theirs.experts.config
     steps = {"dense": train_step(dense, x, dy, dtype)}
-    for backend in BACKENDS:
+    for backend in (b for b in BACKENDS if b != "gathered"):  # gathered is inference-only: no backward
         steps[f"seekmoe {backend}"] = after(lambda b=backend: setattr(ours.experts, "backend", b),
                                            train_step(ours, x, dy, dtype))
     for impl in ("eager", "grouped_mm"):

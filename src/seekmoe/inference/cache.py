@@ -11,13 +11,16 @@ import torch
 class CacheStep:
     """Where one forward's new tokens go: positions [B, S] (also their RoPE positions), the cache row of each batch
     row `slots` [B], the column each new token is written to `write_at` [B, S], and the mask attn_mask [B, 1, S, T]
-    (True = may attend) over the T cached tokens the step reads. `rows` is `slots` as a slice when consecutive."""
+    (True = may attend) over the T cached tokens the step reads. `rows` is `slots` as a slice when consecutive.
+    `causal` says the mask is the plain causal one over the new tokens alone (every slot starts empty and S = T: a
+    first prefill chunk), so attention may use a fused causal kernel instead of reading the mask."""
 
     positions: torch.Tensor
     attn_mask: torch.Tensor
     slots: torch.Tensor
     write_at: torch.Tensor
     rows: slice | None = None
+    causal: bool = False
 
 
 class LatentCache:
@@ -86,7 +89,9 @@ class LatentCache:
         # Padding rows attend to column 0 of their (borrowed) slot: a harmless, finite row.
         attn_mask[len(slots):, ..., 0] = True
         rows = _as_slice(slots) if not pad else None
-        return CacheStep(positions, attn_mask, torch.tensor(slots + slots[:1] * pad, device=device), write_at, rows)
+        causal = not pad and T == width and not any(lengths)
+        return CacheStep(positions, attn_mask, torch.tensor(slots + slots[:1] * pad, device=device), write_at, rows,
+                         causal)
 
     def layers(self, step: CacheStep) -> list["LatentCacheLayer"]:
         """The per-layer views of this cache that the model's attention reads and writes during `step`."""
@@ -97,16 +102,18 @@ def cache_layers(c_kv: torch.Tensor, k_pe: torch.Tensor, step: CacheStep) -> lis
     """Per-layer views of the cache tensors c_kv [layers, batch, max_len + 1, rank] and k_pe for `step` (a plain
     function of tensors, so that a compiled forward can build them itself)."""
     T = step.attn_mask.shape[-1]
-    return [LatentCacheLayer(c_kv[i], k_pe[i], step.rows, step.slots, step.write_at, T) for i in range(c_kv.shape[0])]
+    return [LatentCacheLayer(c_kv[i], k_pe[i], step.rows, step.slots, step.write_at, T, step.causal)
+            for i in range(c_kv.shape[0])]
 
 
 class LatentCacheLayer:
     """One layer of a `LatentCache` during one step: what `MultiHeadLatentAttention` calls `update` on."""
 
     def __init__(self, c_kv: torch.Tensor, k_pe: torch.Tensor, rows: slice | None, slots: torch.Tensor,
-                 write_at: torch.Tensor, kv_len: int):
+                 write_at: torch.Tensor, kv_len: int, causal: bool = False):
         self.c_kv, self.k_pe = c_kv, k_pe  # [batch, max_len + 1, kv_lora_rank], [batch, max_len + 1, rope_dim]
         self.rows, self.slots, self.write_at, self.kv_len = rows, slots, write_at, kv_len
+        self.causal = causal  # see CacheStep.causal
 
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write c_kv [B, S, kv_lora_rank] and k_pe [B, S, rope_dim]; return the slots' first T cached tokens."""

@@ -28,6 +28,9 @@ class LatentCacheLayer(Protocol):
         """Store c_kv [B, S, kv_lora_rank] and k_pe [B, S, rope_dim]; return the cache [B, T, ...] including them."""
         ...
 
+    # True when this step's attn_mask is plain causal over its new tokens alone (a first prefill chunk).
+    causal: bool
+
 
 class MultiHeadLatentAttention(nn.Module):
     """MLA as in DeepSeek-V2/V3.
@@ -89,6 +92,8 @@ class MultiHeadLatentAttention(nn.Module):
             c_kv, k_pe = cache.update(c_kv, k_pe)
             if x.shape[1] <= ABSORB_MAX_QUERIES:
                 return self.attend_latent(q_nope, q_pe, c_kv, k_pe, attn_mask)
+            if getattr(cache, "causal", False):
+                attn_mask = None  # the fused causal kernel, rather than reading a [B, 1, S, S] mask
         return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, attn_mask)
 
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
