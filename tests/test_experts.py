@@ -146,3 +146,13 @@ def test_decoding_takes_the_gathered_backend_and_training_never_does(monkeypatch
         assert resolve_backend(None, cpu, torch.float32, rows=8, n_experts=64) == "gathered"
         assert resolve_backend(None, cpu, torch.float32, rows=512, n_experts=64) != "gathered"
     assert resolve_backend("gathered", cpu, torch.float32, rows=8, n_experts=64) != "gathered"  # autograd on
+
+
+def test_expert_widths_grouped_mm_cannot_take_fall_back_to_padded_groups():
+    """torch._grouped_mm needs 16-byte row strides: an expert width of 6 fp32 values trains through padded_bmm."""
+    torch.manual_seed(0)
+    config = seekmoe.ModelConfig.preset("tiny", moe_intermediate_size=6)
+    model = seekmoe.build_model(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() == 3)

@@ -62,6 +62,12 @@ def _cpu_has_bf16_matmul() -> bool:
         return False
 
 
+def grouped_mm_fits(hidden: int, intermediate: int, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm takes these expert shapes: it needs every row stride a multiple of 16 bytes."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return all(d * size % 16 == 0 for d in (hidden, intermediate))
+
+
 def gemm_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype the expert GEMMs run in for activations of `dtype`: fp32 instead of bf16 on a CPU without bf16
     matrix instructions (AVX512-BF16 or AMX), where torch's bf16 matmuls run several times slower than fp32 ones
@@ -72,7 +78,7 @@ def gemm_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype, rows: int = 0,
-                    n_experts: int = 0) -> str:
+                    n_experts: int = 0, aligned: bool = True) -> str:
     """The backend to run for `rows` dispatched rows over `n_experts` local experts: `requested`, else
     $SEEKMOE_EXPERTS_BACKEND, else the fastest this build supports."""
     name = requested or os.environ.get(BACKEND_ENV) or None
@@ -85,7 +91,7 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
         # Compiled training runs the experts as one opaque operator (see grouped_swiglu).
         if torch.compiler.is_compiling():
             return "compiled_op"
-        return "grouped_mm" if grouped_mm_supported(device.type, dtype) else "padded_bmm"
+        return "grouped_mm" if aligned and grouped_mm_supported(device.type, dtype) else "padded_bmm"
     if name not in BACKENDS:
         raise ValueError(f"unknown routed-experts backend {name!r}: expected one of {BACKENDS} "
                          f"(set by RoutedExperts.backend or ${BACKEND_ENV})")
@@ -177,10 +183,11 @@ class GroupedSwiGLU(torch.autograd.Function):
 # Inside torch.compile the experts run as one opaque operator: the ragged groups' sizes are data, which a traced
 # graph cannot hold (padded_bmm would break the graph at its host synchronization), and the fake-tensor rule of
 # torch._grouped_mm accepts bf16 only. The operator runs the same grouped GEMMs eagerly, with the same backward.
-def _ragged_or_padded(rows, weights, offsets):
+def _ragged_or_padded(rows, weights, offsets, intermediate: int):
     """The groups to run `offsets`' rows in: ragged where _grouped_mm runs, else padded (with the index mapping
     padded rows back)."""
-    if grouped_mm_supported(rows.device.type, rows.dtype):
+    if grouped_mm_supported(rows.device.type, rows.dtype) and grouped_mm_fits(rows.shape[1], intermediate,
+                                                                                rows.dtype):
         return rows, weights, _RaggedGroups(offsets), None
     counts = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long())
     expert = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), counts)
@@ -193,7 +200,7 @@ def _ragged_or_padded(rows, weights, offsets):
 def grouped_swiglu(rows: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                    offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """_swiglu_forward for rows [M, hidden] grouped by expert with group ends `offsets` [E]: (y, h)."""
-    rows_, weights_, groups, slot = _ragged_or_padded(rows, weights, offsets)
+    rows_, weights_, groups, slot = _ragged_or_padded(rows, weights, offsets, down_proj.shape[2])
     y, h = _swiglu_forward(rows_, weights_, gate_up_proj, down_proj, groups)
     if slot is not None:
         y, h = (t.reshape(-1, t.shape[-1]).index_select(0, slot) for t in (y, h))
@@ -210,7 +217,7 @@ def grouped_swiglu_backward(dy: torch.Tensor, rows: torch.Tensor, weights: torch
                             down_proj: torch.Tensor, h: torch.Tensor, offsets: torch.Tensor,
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """_swiglu_backward for grouped_swiglu."""
-    rows_, weights_, groups, slot = _ragged_or_padded(rows, weights, offsets)
+    rows_, weights_, groups, slot = _ragged_or_padded(rows, weights, offsets, down_proj.shape[2])
     if slot is None:
         return _swiglu_backward(dy, rows, weights, gate_up_proj, down_proj, h, groups)
     E = gate_up_proj.shape[0]
@@ -287,7 +294,8 @@ class RoutedExperts(nn.Module):
         # in fp32); only the products enter the low-precision down projection.
         rows, weights = rows.to(compute), weights.float()
         gate_up_proj, down_proj = (w.to(compute) for w in self.expert_weights())
-        backend = resolve_backend(self.backend, rows.device, compute, rows.shape[0], gate_up_proj.shape[0])
+        backend = resolve_backend(self.backend, rows.device, compute, rows.shape[0], gate_up_proj.shape[0],
+                                  grouped_mm_fits(rows.shape[1], down_proj.shape[2], compute))
         with torch.autocast(device_type, enabled=False):
             if backend == "gathered":
                 y = _gathered_swiglu(rows, weights, gate_up_proj, down_proj, plan.expert)
