@@ -64,7 +64,7 @@ def start_server(model: Path, src: Path, port: int, extra: list[str]) -> subproc
     launch = "import sys; from seekmoe.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", launch, "serve", "--model", str(model), "--port", str(port),
                              "--model-name", "m", *extra], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # `seekmoe serve` compiles its decode step before it listens (--compile auto)
     while time.monotonic() < deadline:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
