@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from seekmoe import from_pretrained
+from conftest import assert_resume_is_exact
 from seekmoe.cli import main
 from seekmoe.inference.tokenizer import Tokenizer
 from seekmoe.posttrain.demo import make_base_model
@@ -157,12 +158,7 @@ def test_rl_resumes_exactly(arithmetic_sft, tmp_path):
     args = ["rl", "--model", str(model_dir), "--task", "arithmetic", "--max-steps", "4", "--no-progress",
             "prompts_per_step=2", "num_generations=2", "num_iterations=2", "max_new_tokens=4", "eval_prompts=2",
             "batch_size=2", "lr=1e-3", "beta=0.04", "precision=fp32", "num_threads=1"]
-    assert main(args + ["--out", str(tmp_path / "full")]) == 0
     # Exact at rollout boundaries (a run stopped between a rollout's iterations samples that rollout again).
-    assert main(args + ["--out", str(tmp_path / "cut"), "--stop-at", "2"]) == 0
-    assert main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
-    full, cut = from_pretrained(tmp_path / "full" / "final"), from_pretrained(tmp_path / "cut" / "final")
-    for (name, p), q in zip(full.state_dict().items(), cut.state_dict().values()):
-        assert torch.equal(p, q), name
+    assert_resume_is_exact(main, args, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout"] for r in records] == [0, 0, 1, 1] and records[0]["clip_fraction"] == 0.0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from seekmoe import build_model, from_pretrained
+from conftest import assert_resume_is_exact
 from seekmoe.cli import main
 from seekmoe.config import ModelConfig
 from seekmoe.inference.chat_template import format_chat
@@ -150,12 +151,7 @@ def test_sft_resumes_exactly(instructions, tmp_path):
     folder, base = instructions
     args = ["sft", "--model", str(base), "--data", str(folder / "train.jsonl"), "--max-steps", "4", "--no-progress",
             "seq_len=64", "batch_size=2", "precision=fp32", "num_threads=1", "--freeze-router-bias"]
-    assert main(args + ["--out", str(tmp_path / "full")]) == 0
-    assert main(args + ["--out", str(tmp_path / "cut"), "--stop-at", "2"]) == 0
-    assert main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
-    full, cut = from_pretrained(tmp_path / "full" / "final"), from_pretrained(tmp_path / "cut" / "final")
-    for (name, p), q in zip(full.state_dict().items(), cut.state_dict().values()):
-        assert torch.equal(p, q), name
+    full, cut = assert_resume_is_exact(main, args, tmp_path)
     # --freeze-router-bias: the selection biases are those of the base model
     for name, value in full.state_dict().items():
         if name.endswith("e_score_correction_bias"):

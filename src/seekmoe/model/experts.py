@@ -64,8 +64,7 @@ def _cpu_has_bf16_matmul() -> bool:
 
 def grouped_mm_fits(hidden: int, intermediate: int, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm takes these expert shapes: it needs every row stride a multiple of 16 bytes."""
-    size = torch.tensor([], dtype=dtype).element_size()
-    return all(d * size % 16 == 0 for d in (hidden, intermediate))
+    return all(d * dtype.itemsize % 16 == 0 for d in (hidden, intermediate))
 
 
 def gemm_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
