@@ -51,6 +51,7 @@ def test_correct_drafts_are_accepted_and_give_depth_plus_one_tokens_per_forward(
     params = SamplingParams(max_new_tokens=25, temperature=0)
     expected = dict(zip(map(tuple, PROMPTS), plain(model3, PROMPTS, params)))
     engine = Engine(model3, max_batch_size=4, speculative="mtp", num_speculative_tokens=depth)
+    engine.drafter.fused = False  # draft through `_draft` every step, so that the oracle can stand in for it
     real_draft = engine._draft
 
     def oracle(hidden, rows):
@@ -91,6 +92,7 @@ def test_cached_drafts_equal_the_drafts_recomputed_from_scratch(model3, monkeypa
     params = SamplingParams(max_new_tokens=14, temperature=0)
     expected = dict(zip(map(tuple, PROMPTS), plain(model3, PROMPTS, params)))
     engine = Engine(model3, max_batch_size=4, speculative="mtp", max_prefill_tokens=5)
+    engine.drafter.fused = False  # the drafts of the one-forward greedy step are checked against these below
     real_draft, real_mtp, logits, checked = engine._draft, engine.forwards.mtp, [], []
 
     def recording_mtp(*args):
@@ -118,6 +120,41 @@ def test_cached_drafts_equal_the_drafts_recomputed_from_scratch(model3, monkeypa
     out = engine.generate(PROMPTS, params)
     assert [r.output_ids for r in out] == [expected[tuple(p)] for p in PROMPTS]
     assert len(checked) > 10 and out[0].accepted > 6 and out[1].accepted < out[1].drafted
+
+
+@pytest.fixture(scope="module")
+def trained3():
+    """A tiny model with three MTP modules, trained for a few steps on a cycle of 11 tokens: its drafts are right
+    often enough, and wrong often enough, for every acceptance count to occur."""
+    torch.manual_seed(1)
+    model = seekmoe.build_model(ModelConfig.preset("tiny", num_nextn_predict_layers=3))
+    cycle = torch.randperm(200)[:11] + 2
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        x = torch.stack([cycle.roll(-int(o)).repeat(6)[:64] for o in torch.randint(0, 11, (4,))])
+        model(x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), cycle.tolist()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_one_forward_greedy_steps_equal_verifying_and_drafting_apart(trained3, depth):
+    """MTPDrafter.greedy_step (verify, accept and draft inside one forward) against the step-by-step path: the same
+    tokens, drafts verified, drafts accepted and forwards for every request, with chunked prefill in the batch."""
+    model, cycle = trained3
+    prompts = [cycle[:5], cycle[3:4], cycle[2:9] + cycle[:6], [0, 5, 6]]
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    runs = []
+    for fused in (False, True):
+        engine = Engine(model, max_batch_size=4, speculative="mtp", num_speculative_tokens=depth,
+                        max_prefill_tokens=5)
+        engine.drafter.fused = fused
+        runs.append([(r.output_ids, r.drafted, r.accepted, r.forwards) for r in engine.generate(prompts, params)])
+    assert runs[1] == runs[0]
+    assert [out for out, *_ in runs[1]] == plain(model, prompts, params)
+    accepted = [a for _, _, a, _ in runs[1]]
+    assert sum(accepted) > 10 and any(a < d for _, d, a, _ in runs[1])  # drafts both accepted and rejected
 
 
 def test_num_speculative_tokens_is_checked(model3):

@@ -61,6 +61,49 @@ def mtp_forward(model, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, s
     return h, model.lm_head(mtp.shared_head["norm"](h_last))
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dimension, NaN never winning and +inf ties going to the first (as sampling does)."""
+    finite = torch.finfo(torch.float32).max
+    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=finite).argmax(dim=-1)
+
+
+def greedy_speculative_forward(model, tokens: torch.Tensor, step: CacheStep, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                               mtp_steps: list[CacheStep], mtp_c_kv: list[torch.Tensor], mtp_k_pe: list[torch.Tensor],
+                               carry: torch.Tensor):
+    """One greedy MTP step without leaving the device: verify, accept, and draft with every module.
+
+    tokens [B, 1 + D] are each row's newest token t_L and its D drafts, at positions L .. L + D. The main model's
+    argmax a_m there is the greedy t_{L+m+1}; a row accepts its first c drafts (those equal to a_0 .. a_{c-1}) and
+    emits a_0 .. a_c, its new last kept position being P = L + c. Module k (trailing the main cache by k - 1
+    positions, see speculative.py) then runs over positions L + 1 - k .. L + D, a fixed width D + k: its input state
+    is the carried state at L + 1 - k followed by module k-1's outputs (the main model's for k = 1), its input token
+    at position j is t_{j+k}, which is a_{j+k-L-1} up to t_{P+1} and the new draft of module j + k - P - 1 after,
+    and its draft is its prediction at P. Positions past P are computed too (and overwritten by the next step), so
+    no shape depends on c. `carry` [D, slots, hidden] is every module's state at its last kept position, by slot.
+
+    Returns (a [B, 1 + D], c [B], new drafts [B, D], new carry [D, B, hidden]: module k's state at L + c + 1 - k).
+    """
+    logits, hidden = main_forward(model, tokens, step, c_kv, k_pe)
+    best = greedy_tokens(logits)  # [B, 1 + D]
+    B, D = tokens.shape[0], tokens.shape[1] - 1
+    accepted = (best[:, :D] == tokens[:, 1:]).long().cumprod(dim=1).sum(dim=1)  # c [B]
+    rows = torch.arange(B, device=tokens.device)
+    carry = carry.index_select(1, step.slots)
+    drafts, carries, h = [], [], hidden
+    for k in range(1, D + 1):
+        i = torch.arange(D + k, device=tokens.device)[None, :]  # the input token of offset i is t_{L+1+i}
+        ids = best.gather(1, i.clamp(max=D).expand(B, -1))
+        if drafts:
+            new = torch.stack(drafts, dim=1).gather(1, (i - accepted[:, None] - 1).clamp(0, k - 2))
+            ids = torch.where(i <= accepted[:, None], ids, new)
+        h_in = h if k == 1 else torch.cat([carry[k - 2][:, None], h], dim=1)
+        h, draft_logits = mtp_forward(model, k, h_in, ids, mtp_steps[k - 1], mtp_c_kv[k - 1], mtp_k_pe[k - 1],
+                                      accepted + k - 1)
+        drafts.append(greedy_tokens(draft_logits))
+        carries.append(h[rows, accepted])
+    return best, accepted, torch.stack(drafts, dim=1), torch.stack(carries)
+
+
 class DecodeForwards:
     """`main` and `mtp`: the forwards above, compiled when `compile` is set (see the module docstring)."""
 
@@ -72,13 +115,25 @@ class DecodeForwards:
             # Graphs per code object: main model (decode, verify) x (batch 1, batch > 1), and the MTP forward per
             # depth and width: more than torch's default limit of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            mode = "reduce-overhead" if self.static else None
-            options = dict(backend=BACKEND, mode=mode if BACKEND == "inductor" else None,
-                           dynamic=None if self.static else True)
-            self._main = torch.compile(main_forward, **options)
-            self._mtp = torch.compile(mtp_forward, **options)
+            self._main = torch.compile(main_forward, **self._compile_options())
+            self._mtp = torch.compile(mtp_forward, **self._compile_options())
+            self._speculative = torch.compile(greedy_speculative_forward, **self._compile_options())
         else:
-            self._main, self._mtp = main_forward, mtp_forward
+            self._main, self._mtp, self._speculative = main_forward, mtp_forward, greedy_speculative_forward
+
+    def _compile_options(self) -> dict:
+        """torch.compile's arguments. Guards on the model's modules are skipped: checking them costs more than a
+        whole compiled CPU step, and an engine never changes its model's structure (the weights are graph inputs,
+        so training them in place is seen). So that a graph is never reused for another model, each engine's graphs
+        live in their own cache region (isolate_recompiles). On CPU, inductor's C++ wrapper calls the kernels
+        without the Python glue of its default wrapper (a third of a step's time at batch 1)."""
+        options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        mode = None
+        if BACKEND == "inductor":
+            mode = "reduce-overhead" if self.static else None
+            options["cpp_wrapper"] = not self.static
+        return dict(backend=BACKEND, mode=mode, dynamic=None if self.static else True, isolate_recompiles=True,
+                    options=options)
 
     def batch(self, n: int) -> int | None:
         """The padded batch for n rows under CUDA graphs (a power of two), else None (no padding)."""
@@ -94,12 +149,19 @@ class DecodeForwards:
     def mtp(self, model, depth, h_prev, tokens, step, c_kv, k_pe, last):
         return self._timed(self._mtp, model, depth, h_prev, tokens, self.plan(step), c_kv, k_pe, last)
 
+    def greedy_speculative(self, model, tokens, step, c_kv, k_pe, mtp_steps, mtp_c_kv, mtp_k_pe, carry):
+        return self._timed(self._speculative, model, tokens, self.plan(step), c_kv, k_pe,
+                           [self.plan(s) for s in mtp_steps], mtp_c_kv, mtp_k_pe, carry)
+
     def _timed(self, fn, *args):
         if not self.compiled:
             return fn(*args)
         before = _compiled_graphs()
         start = time.perf_counter()
-        out = fn(*args)
+        # Floats (norm epsilons, softmax scales) are constants of the model: as graph inputs (torch's default under
+        # dynamic shapes) each call would wrap dozens of them in tensors.
+        with torch._dynamo.config.patch(specialize_float=True):
+            out = fn(*args)
         if _compiled_graphs() != before:
             self.compile_seconds += time.perf_counter() - start
         return out

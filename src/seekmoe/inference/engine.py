@@ -24,7 +24,7 @@ import torch
 
 from .cache import LatentCache
 from .compiled import DecodeForwards, should_compile
-from .sampling import SamplingParams, TokenLogprob, next_token_probs, sample, token_logprobs
+from .sampling import SamplingParams, TokenLogprob, argmax_tokens, next_token_probs, sample, token_logprobs
 from .speculative import MTPDrafter, verify
 from .tokenizer import TextStream, Tokenizer
 
@@ -220,10 +220,7 @@ class Engine:
         n_new = [len(x) for x in ids]
         width = max(n_new)
         device = self.cache.c_kv.device
-        for r in requests:
-            r.forwards += 1
-        for observe in self.forward_observers:
-            observe(requests, n_new, width)
+        self._count_forward(requests, n_new, width)
         if not decoding:
             tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
             step = self.cache.step([r.slot for r in requests], n_new, width)
@@ -236,6 +233,12 @@ class Engine:
         step = self.cache.step([r.slot for r in requests], n_new, width, batch=batch, full_length=self.forwards.static)
         logits, hidden = self.forwards.main(self.model, tokens, step, self.cache.c_kv, self.cache.k_pe)
         return logits[: len(requests)], hidden[: len(requests)]
+
+    def _count_forward(self, requests: list[Request], n_new: list[int], width: int) -> None:
+        for r in requests:
+            r.forwards += 1
+        for observe in self.forward_observers:
+            observe(requests, n_new, width)
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> list[Event]:
         """Prefill the next n prompt tokens of each (request, n); a request whose prompt is then complete samples
@@ -280,13 +283,17 @@ class Engine:
 
     def _decode(self, requests: list[Request]) -> list[Event]:
         logits_all, _ = self._forward(requests, [[r._last] for r in requests], decoding=True)
+        greedy = argmax_tokens(logits_all[:, 0]) if any(r.params.plain_greedy for r in requests) else None
         events = []
         for i, r in enumerate(requests):
             self.cache.commit(r.slot, 1)
             try:
                 logits = logits_all[i, 0]
-                probs = next_token_probs(logits, r.params, r.prompt_ids + r.output_ids, r.output_ids)
-                token = sample(probs, r._generator)
+                if r.params.plain_greedy:
+                    token = greedy[i]
+                else:
+                    token = sample(next_token_probs(logits, r.params, r.prompt_ids + r.output_ids, r.output_ids),
+                                   r._generator)
                 events.append(self._emit(r, [token], self._logprobs(r, logits[None], [token])))
             except Exception as e:  # this request's sampling only
                 traceback.print_exc()
@@ -294,23 +301,32 @@ class Engine:
         return events
 
     def _decode_speculative(self, requests: list[Request]) -> list[Event]:
+        slots = [r.slot for r in requests]
+        if (self.drafter.fused and all(r.params.plain_greedy and r.params.logprobs is None for r in requests)
+                and self.drafter.trails(slots, [self.cache.lengths[s] for s in slots])):
+            return self._decode_greedy_speculative(requests)
         logits_all, hidden = self._forward(requests, [[r._last] + r._drafts for r in requests], decoding=True)
+        greedy = argmax_tokens(logits_all) if any(r.params.plain_greedy for r in requests) else None
         events, draft_rows = [], []
         for i, r in enumerate(requests):
             context = r.prompt_ids + r.output_ids
             tokens: list[int] = []
             try:
                 # Accept drafts while they pass; the main model's prediction after the last accepted one (or in
-                # place of the first rejected one) is one more token.
+                # place of the first rejected one) is one more token. A greedy draft passes iff it is the argmax.
                 for j, draft in enumerate(r._drafts + [None]):
-                    probs = next_token_probs(logits_all[i, j], r.params, context + tokens, r.output_ids + tokens)
+                    if r.params.plain_greedy:
+                        token = greedy[i][j]
+                        accepted = token == draft
+                    else:
+                        probs = next_token_probs(logits_all[i, j], r.params, context + tokens, r.output_ids + tokens)
+                        accepted, token = (verify(probs, draft, r._generator) if draft is not None
+                                           else (False, sample(probs, r._generator)))
+                    tokens.append(token)
                     if draft is None:
-                        tokens.append(sample(probs, r._generator))
                         break
-                    accepted, token = verify(probs, draft, r._generator)
                     r.drafted += 1
                     r.accepted += accepted
-                    tokens.append(token)
                     if not accepted:
                         break
                 logprobs = self._logprobs(r, logits_all[i, : len(tokens)], tokens)
@@ -322,6 +338,23 @@ class Engine:
             events.append(self._emit(r, tokens, logprobs))
             draft_rows.append((i, r, len(tokens)))
         self._draft(hidden, draft_rows)
+        return events
+
+    def _decode_greedy_speculative(self, requests: list[Request]) -> list[Event]:
+        """_decode_speculative for greedy requests, verifying and drafting in one forward (MTPDrafter.greedy_step):
+        the same tokens, drafts and counts."""
+        depth = self.drafter.depth
+        self._count_forward(requests, [depth + 1] * len(requests), depth + 1)
+        results = self.drafter.greedy_step(self.cache, [r.slot for r in requests],
+                                           [[r._last] + r._drafts for r in requests],
+                                           self.forwards.batch(len(requests)), self.forwards.static)
+        events = []
+        for r, (tokens, drafts) in zip(requests, results):
+            r.drafted += min(len(tokens), depth)
+            r.accepted += len(tokens) - 1
+            self.cache.commit(r.slot, len(tokens))
+            events.append(self._emit(r, tokens))
+            r._drafts = drafts
         return events
 
     def _draft(self, hidden: torch.Tensor, rows: list[tuple[int, Request, int]]) -> None:

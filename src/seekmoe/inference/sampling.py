@@ -74,6 +74,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties: the token is the argmax of the raw logits (`argmax_tokens`), whatever came
+        before, so it needs no per-token distribution."""
+        return (self.greedy and self.repetition_penalty == 1.0 and not self.frequency_penalty
+                and not self.presence_penalty)
+
     def generator(self) -> torch.Generator:
         """The request's random stream: seeded when `seed` is set, else from fresh entropy."""
         g = torch.Generator()
@@ -128,6 +135,14 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams, context: list
     if not torch.isfinite(probs).all() or probs.sum() <= 0:
         return _one_hot(logits)
     return probs
+
+
+def argmax_tokens(logits: torch.Tensor) -> list:
+    """The greedy token at every position of logits [..., vocab], as nested lists of ints, in one device sync:
+    the argmax `next_token_probs` gives a greedy request without penalties (NaN never wins, +inf ties go to the
+    first)."""
+    finite = torch.finfo(torch.float32).max
+    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=finite).argmax(dim=-1).tolist()
 
 
 def _one_hot(logits: torch.Tensor) -> torch.Tensor:

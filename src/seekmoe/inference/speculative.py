@@ -37,8 +37,10 @@ class MTPDrafter:
         self.model, self.depth = model, depth
         self.forwards = forwards or DecodeForwards(next(model.parameters()).device, compile=False)
         param = next(model.parameters())
-        self.caches = [LatentCache.for_model(model.config, 1, batch_size, max_len, param.dtype, param.device)
+        # A greedy step (greedy_step) computes every module up to the last draft's position: depth columns of room.
+        self.caches = [LatentCache.for_model(model.config, 1, batch_size, max_len + depth, param.dtype, param.device)
                        for _ in range(depth)]
+        self.fused = True  # greedy_step may be used (tests turn it off to run `draft` every step)
         # carry[k - 1][slot]: module k's output at its last kept position, the state module k + 1 starts from.
         self.carry = torch.zeros(depth, batch_size, model.config.hidden_size, dtype=param.dtype, device=param.device)
 
@@ -91,6 +93,39 @@ class MTPDrafter:
             h_prev = [h[i, : n_new[i]] for i in rows]
             prev_start = start
         return drafts
+
+
+    def trails(self, slots: list[int], lengths: list[int]) -> bool:
+        """Whether, for main-cache lengths L of the slots, each module k holds exactly L + 1 - k positions (as
+        `draft` leaves it), which `greedy_step` starts from."""
+        return all(cache.lengths[s] == n + 1 - k for k, cache in enumerate(self.caches, start=1)
+                   for s, n in zip(slots, lengths))
+
+    def greedy_step(self, cache: LatentCache, slots: list[int], tokens: list[list[int]], batch: int | None = None,
+                    full_length: bool = False) -> list[tuple[list[int], list[int]]]:
+        """Verify each slot's newest token and drafts (tokens[i], 1 + depth of them) with the main model whose
+        cache is `cache`, and draft the next ones, in one forward (`compiled.greedy_speculative_forward`) and one
+        device synchronization. Greedy requests only; the module caches must `trail` the main cache.
+
+        Commits the MTP caches (not the main one); returns per slot (the emitted tokens: the accepted drafts and
+        the main model's next token, the new drafts)."""
+        n, width = len(slots), self.depth + 1
+        pad = (batch or n) - n
+        ids = torch.tensor(tokens + [[0] * width] * pad, device=cache.c_kv.device)
+        step = cache.step(slots, [width] * n, width, batch=batch, full_length=full_length)
+        mtp_steps = [c.step(slots, [self.depth + k] * n, self.depth + k, batch=batch, full_length=full_length)
+                     for k, c in enumerate(self.caches, start=1)]
+        best, accepted, drafts, carry = self.forwards.greedy_speculative(
+            self.model, ids, step, cache.c_kv, cache.k_pe, mtp_steps, [c.c_kv for c in self.caches],
+            [c.k_pe for c in self.caches], self.carry)
+        self.carry[:, step.slots[:n]] = carry[:, :n]
+        results = []
+        for s, row in zip(slots, torch.cat([best, accepted[:, None], drafts], dim=1)[:n].tolist()):
+            c = row[width]
+            for module_cache in self.caches:
+                module_cache.commit(s, c + 1)
+            results.append((row[: c + 1], row[width + 1:]))
+        return results
 
 
 def verify(probs: torch.Tensor, draft: int, generator: torch.Generator) -> tuple[bool, int]:
