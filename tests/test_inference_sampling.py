@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from seekmoe.inference.sampling import SamplingParams, next_token_probs, sample, token_logprobs
+from seekmoe.inference.sampling import (SamplingParams, greedy_tokens, next_token_probs, sample,
+                                       token_logprobs)
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
 
@@ -84,3 +85,19 @@ def test_token_logprobs_are_the_log_softmax_of_the_raw_logits():
     expected = LOGITS.log_softmax(0)
     assert a.logprob == pytest.approx(expected[1].item()) and b.logprob == pytest.approx(expected[0].item())
     assert [t for t, _ in a.top] == [0, 1] and [t for t, _ in b.top] == [4, 3]
+
+
+def test_greedy_tokens_pick_what_greedy_sampling_picks_even_for_non_finite_logits():
+    """The decode fast path for greedy requests without penalties (greedy_tokens) against the distribution that
+    sampling builds: NaN never wins, +inf ties go to the first, all -inf gives token 0."""
+    nan, inf = float("nan"), float("inf")
+    cases = [torch.randn(50), torch.tensor([nan, 1.0, 3.0, nan]), torch.tensor([1.0, inf, 2.0, inf]),
+             torch.tensor([-inf, -inf, -inf]), torch.tensor([nan, nan, -inf]), torch.tensor([2.0, 2.0, 1.0]),
+             torch.randn(50).to(torch.bfloat16)]
+    params = SamplingParams(temperature=0)
+    assert params.plain_greedy and not SamplingParams(temperature=0, repetition_penalty=1.2).plain_greedy
+    for logits in cases:
+        want = sample(next_token_probs(logits, params, [1, 2]), torch.Generator())
+        assert greedy_tokens(logits).item() == want, logits
+    batch = torch.randn(3, 4, 50)
+    assert greedy_tokens(batch).tolist() == batch.argmax(-1).tolist()

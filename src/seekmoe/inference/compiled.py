@@ -1,10 +1,11 @@
 """The cached forwards that decoding repeats every step, run eagerly or captured by torch.compile.
 
 A decode step of a small model is a few hundred tiny operators: on a CPU its time is the per-operator overhead of
-eager PyTorch, not arithmetic, and on a GPU it is kernel launches. `DecodeForwards` runs the two forwards a decoding
-step repeats — the main model over a few new tokens per slot (1 when decoding, 1 + drafts when verifying MTP drafts)
-and one MTP module over its draft positions — either eagerly or compiled, so that the engine has one code path.
-Prefill, whose shapes change with every prompt, always runs eagerly.
+eager PyTorch, not arithmetic, and on a GPU it is kernel launches. `DecodeForwards` runs the forwards a decoding
+step repeats — the main model over a few new tokens per slot (1 when decoding, 1 + drafts when verifying MTP
+drafts), one MTP module over its draft positions, and the greedy MTP step that verifies, accepts and drafts in one
+forward — either eagerly or compiled, so that the engine has one code path. Prefill, whose shapes change with every
+prompt, always runs eagerly.
 
 Compiled on CPU, the batch and context sizes are dynamic: one graph serves every context length, and a batch of one
 and larger batches compile separately (torch specializes sizes 0 and 1). On CUDA the forwards are compiled with CUDA
@@ -21,6 +22,7 @@ from dataclasses import replace
 import torch
 
 from .cache import CacheStep, cache_layers
+from .sampling import greedy_tokens
 
 COMPILE_CHOICES = ("auto", "on", "off")
 BACKEND = "inductor"  # torch.compile's backend (tests swap in "aot_eager", which captures the same graphs faster)
@@ -59,12 +61,6 @@ def mtp_forward(model, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, s
                tokens)
     h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, hidden]
     return h, model.lm_head(mtp.shared_head["norm"](h_last))
-
-
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dimension, NaN never winning and +inf ties going to the first (as sampling does)."""
-    finite = torch.finfo(torch.float32).max
-    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=finite).argmax(dim=-1)
 
 
 def greedy_speculative_forward(model, tokens: torch.Tensor, step: CacheStep, c_kv: torch.Tensor, k_pe: torch.Tensor,

@@ -24,7 +24,7 @@ import torch
 
 from .cache import LatentCache
 from .compiled import DecodeForwards, should_compile
-from .sampling import SamplingParams, TokenLogprob, argmax_tokens, next_token_probs, sample, token_logprobs
+from .sampling import SamplingParams, TokenLogprob, greedy_tokens, next_token_probs, sample, token_logprobs
 from .speculative import MTPDrafter, verify
 from .tokenizer import TextStream, Tokenizer
 
@@ -283,7 +283,7 @@ class Engine:
 
     def _decode(self, requests: list[Request]) -> list[Event]:
         logits_all, _ = self._forward(requests, [[r._last] for r in requests], decoding=True)
-        greedy = argmax_tokens(logits_all[:, 0]) if any(r.params.plain_greedy for r in requests) else None
+        greedy = greedy_tokens(logits_all[:, 0]).tolist() if any(r.params.plain_greedy for r in requests) else None
         events = []
         for i, r in enumerate(requests):
             self.cache.commit(r.slot, 1)
@@ -306,7 +306,7 @@ class Engine:
                 and self.drafter.trails(slots, [self.cache.lengths[s] for s in slots])):
             return self._decode_greedy_speculative(requests)
         logits_all, hidden = self._forward(requests, [[r._last] + r._drafts for r in requests], decoding=True)
-        greedy = argmax_tokens(logits_all) if any(r.params.plain_greedy for r in requests) else None
+        greedy = greedy_tokens(logits_all).tolist() if any(r.params.plain_greedy for r in requests) else None
         events, draft_rows = [], []
         for i, r in enumerate(requests):
             context = r.prompt_ids + r.output_ids

@@ -76,7 +76,7 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without penalties: the token is the argmax of the raw logits (`argmax_tokens`), whatever came
+        """Greedy without penalties: the token is the argmax of the raw logits (`greedy_tokens`), whatever came
         before, so it needs no per-token distribution."""
         return (self.greedy and self.repetition_penalty == 1.0 and not self.frequency_penalty
                 and not self.presence_penalty)
@@ -137,12 +137,11 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams, context: list
     return probs
 
 
-def argmax_tokens(logits: torch.Tensor) -> list:
-    """The greedy token at every position of logits [..., vocab], as nested lists of ints, in one device sync:
-    the argmax `next_token_probs` gives a greedy request without penalties (NaN never wins, +inf ties go to the
-    first)."""
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token at every position of logits [..., vocab]: the argmax `next_token_probs` gives a greedy
+    request without penalties (NaN never wins, +inf ties go to the first)."""
     finite = torch.finfo(torch.float32).max
-    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=finite).argmax(dim=-1).tolist()
+    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=finite).argmax(dim=-1)
 
 
 def _one_hot(logits: torch.Tensor) -> torch.Tensor:
