@@ -69,3 +69,15 @@ def test_compile_choice():
     assert should_compile("on", cpu) and not should_compile("off", cuda)
     with pytest.raises(ValueError, match="compile='yes'"):
         should_compile("yes", cpu)
+
+
+def test_warm_up_compiles_the_graphs_that_greedy_and_sampled_requests_use(model, monkeypatch):
+    """A server warms up before it listens: afterwards neither a greedy nor a sampled MTP request compiles."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    engine = Engine(model, max_batch_size=1, speculative="mtp", compile=True)  # one batch class: half the graphs
+    assert engine.warm_up() > 0
+    compiled_at_start = engine.forwards.compile_seconds
+    assert compiled_at_start > 0
+    engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=6, temperature=0.8, seed=1))
+    engine.generate(PROMPTS[1:], GREEDY)
+    assert engine.forwards.compile_seconds == compiled_at_start

@@ -54,8 +54,8 @@ def test_correct_drafts_are_accepted_and_give_depth_plus_one_tokens_per_forward(
     engine.drafter.fused = False  # draft through `_draft` every step, so that the oracle can stand in for it
     real_draft = engine._draft
 
-    def oracle(hidden, rows):
-        real_draft(hidden, rows)  # keeps the MTP caches in step
+    def oracle(hidden, rows, **kwargs):
+        real_draft(hidden, rows, **kwargs)  # keeps the MTP caches in step
         for _, r, _ in rows:
             if not r.done:
                 n = len(r.output_ids)
@@ -100,9 +100,9 @@ def test_cached_drafts_equal_the_drafts_recomputed_from_scratch(model3, monkeypa
         logits.append(lg)
         return h, lg
 
-    def checking(hidden, rows):
+    def checking(hidden, rows, **kwargs):
         logits.clear()
-        real_draft(hidden, rows)
+        real_draft(hidden, rows, eager=False)  # through forwards.mtp, recorded
         running = [r for _, r, _ in rows if not r.done]
         for i, r in enumerate(running):
             if r.prefilled < len(r.prompt_ids):

@@ -142,7 +142,10 @@ class DecodeForwards:
     def main(self, model, tokens, step, c_kv, k_pe):
         return self._timed(self._main, model, tokens, self.plan(step), c_kv, k_pe)
 
-    def mtp(self, model, depth, h_prev, tokens, step, c_kv, k_pe, last):
+    def mtp(self, model, depth, h_prev, tokens, step, c_kv, k_pe, last, eager: bool = False):
+        """mtp_forward; `eager` for drafting after a prefill chunk, whose shapes, like the prefill's, vary."""
+        if eager:
+            return mtp_forward(model, depth, h_prev, tokens, step, c_kv, k_pe, last)
         return self._timed(self._mtp, model, depth, h_prev, tokens, self.plan(step), c_kv, k_pe, last)
 
     def greedy_speculative(self, model, tokens, step, c_kv, k_pe, mtp_steps, mtp_c_kv, mtp_k_pe, carry):

@@ -18,7 +18,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -271,7 +271,7 @@ class Engine:
                 events.append(self._fail(r, f"{type(e).__name__}: {e}"))
                 continue
             draft_rows.append((i, r, n))
-        self._draft(hidden, draft_rows)
+        self._draft(hidden, draft_rows, eager=True)
         return events
 
     @staticmethod
@@ -357,16 +357,17 @@ class Engine:
             r._drafts = drafts
         return events
 
-    def _draft(self, hidden: torch.Tensor, rows: list[tuple[int, Request, int]]) -> None:
+    def _draft(self, hidden: torch.Tensor, rows: list[tuple[int, Request, int]], eager: bool = False) -> None:
         """Let the MTP modules draft the next tokens for each still-running request (speculative mode only).
 
-        rows: (batch row, request, how many positions of that row the forward kept)."""
+        rows: (batch row, request, how many positions of that row the forward kept); `eager` after a prefill."""
         rows = [(i, r, n) for i, r, n in rows if not r.done]
         if self.drafter is None or not rows:
             return
         index = torch.tensor([i for i, _, _ in rows], device=hidden.device)
         known = [r.prompt_ids + r.output_ids for _, r, _ in rows]
-        drafts = self.drafter.draft([r.slot for _, r, _ in rows], hidden[index], [n for _, _, n in rows], known)
+        drafts = self.drafter.draft([r.slot for _, r, _ in rows], hidden[index], [n for _, _, n in rows], known,
+                                     eager)
         for (_, r, _), d in zip(rows, drafts):
             r._drafts = d
 
@@ -419,10 +420,13 @@ class Engine:
         if not self.forwards.compiled:
             return 0.0
         start = time.perf_counter()
-        params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+        greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+        # With MTP, greedy requests verify and draft in one forward and sampled ones in separate ones: warm both.
+        kinds = [greedy, replace(greedy, temperature=1.0, seed=0)] if self.drafter else [greedy]
         prompt = [self.config.bos_token_id or 0] * 3
         for batch in sorted({1, len(self.free_slots)}):
-            self.generate([prompt] * batch, params)
+            for params in kinds:
+                self.generate([prompt] * batch, params)
         return time.perf_counter() - start
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[Event]:

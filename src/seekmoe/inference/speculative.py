@@ -49,8 +49,10 @@ class MTPDrafter:
         for cache in self.caches:
             cache.reset(slot)
 
-    def draft(self, slots: list[int], hidden: torch.Tensor, kept: list[int], known: list[list[int]]) -> list[list[int]]:
-        """Bring every module up to date for each slot and return its `depth` greedy drafts.
+    def draft(self, slots: list[int], hidden: torch.Tensor, kept: list[int], known: list[list[int]],
+              eager: bool = False) -> list[list[int]]:
+        """Bring every module up to date for each slot and return its `depth` greedy drafts (`eager`: never through
+        the compiled forward, as after a prefill chunk).
 
         hidden [B, S, hidden] holds the main model's final-normed states at the positions its last forward kept (the
         first kept[i] columns of row i, ending at position P_i); known[i] is every verified token of the slot's
@@ -81,7 +83,7 @@ class MTPDrafter:
                                + [hidden.new_zeros(width, hidden.shape[-1])] * pad_rows)
             ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens] + [[0] * width] * pad_rows, device=device)
             last = torch.tensor([n - 1 for n in n_new] + [0] * pad_rows, device=device)
-            h, logits = self.forwards.mtp(self.model, k, h_in, ids, step, cache.c_kv, cache.k_pe, last)
+            h, logits = self.forwards.mtp(self.model, k, h_in, ids, step, cache.c_kv, cache.k_pe, last, eager)
             guesses = logits[: len(slots)].argmax(dim=-1).tolist()
             for i, s in enumerate(slots):
                 # Keep the positions whose input token is verified; the rest are redone next step.
