@@ -96,7 +96,6 @@ class MTPDrafter:
             prev_start = start
         return drafts
 
-
     def trails(self, slots: list[int], lengths: list[int]) -> bool:
         """Whether, for main-cache lengths L of the slots, each module k holds exactly L + 1 - k positions (as
         `draft` leaves it), which `greedy_step` starts from."""
