@@ -16,6 +16,7 @@ whole run.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import replace
 
@@ -26,6 +27,12 @@ from .sampling import greedy_tokens
 
 COMPILE_CHOICES = ("auto", "on", "off")
 BACKEND = "inductor"  # torch.compile's backend (tests swap in "aot_eager", which captures the same graphs faster)
+
+
+# What this torch build offers (pyproject admits torch >= 2.6; these arrived later).
+_HAS_ISOLATED_GUARD_SKIPPING = (hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe")
+                                and "isolate_recompiles" in inspect.signature(torch.compile).parameters)
+_SPECIALIZE_FLOATS = {"specialize_float": True} if hasattr(torch._dynamo.config, "specialize_float") else {}
 
 
 def should_compile(choice: str | bool | None, device: torch.device, long_running: bool = False) -> bool:
@@ -123,13 +130,16 @@ class DecodeForwards:
         so training them in place is seen). So that a graph is never reused for another model, each engine's graphs
         live in their own cache region (isolate_recompiles). On CPU, inductor's C++ wrapper calls the kernels
         without the Python glue of its default wrapper (a third of a step's time at batch 1)."""
-        options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options: dict = {}
+        isolate = {}
+        if _HAS_ISOLATED_GUARD_SKIPPING:  # torch >= 2.13; older builds keep the guards
+            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            isolate["isolate_recompiles"] = True
         mode = None
         if BACKEND == "inductor":
             mode = "reduce-overhead" if self.static else None
             options["cpp_wrapper"] = not self.static
-        return dict(backend=BACKEND, mode=mode, dynamic=None if self.static else True, isolate_recompiles=True,
-                    options=options)
+        return dict(backend=BACKEND, mode=mode, dynamic=None if self.static else True, options=options, **isolate)
 
     def batch(self, n: int) -> int | None:
         """The padded batch for n rows under CUDA graphs (a power of two), else None (no padding)."""
@@ -159,7 +169,7 @@ class DecodeForwards:
         start = time.perf_counter()
         # Floats (norm epsilons, softmax scales) are constants of the model: as graph inputs (torch's default under
         # dynamic shapes) each call would wrap dozens of them in tensors.
-        with torch._dynamo.config.patch(specialize_float=True):
+        with torch._dynamo.config.patch(**_SPECIALIZE_FLOATS):
             out = fn(*args)
         if _compiled_graphs() != before:
             self.compile_seconds += time.perf_counter() - start
