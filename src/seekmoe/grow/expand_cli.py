@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
 
 EPILOG = """\
 then train only what is new on the new domain, e.g.:
@@ -16,9 +14,6 @@ mean load) until they get tokens: about (1 + spread of the old biases) / (2 x sp
 benchmarks/grow.py); new_expert_bias_update_speed makes that faster for the new experts.
 --init copy (default) starts each new expert as a noisy copy of an old expert of its router group; the outputs move.
 """
-
-MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json"}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `expand` command's options."""
@@ -45,30 +40,21 @@ def run(args: argparse.Namespace) -> int:
     """Run `seekmoe expand`; returns the exit status."""
     import torch
 
-    from ..checkpoint import from_pretrained
-    from ..info import model_summary
     from .expand import expand_model
+    from .folders import load_source, parameter_change, save_grown
 
-    source, out = Path(args.model), Path(args.out)
-    if out.resolve() == source.resolve():
-        raise ValueError(f"--out {out} is the --model folder: write the expanded model to a new folder")
-    model = from_pretrained(source, dtype=torch.float32)
+    source, out, model = load_source(args.model, args.out, "expanded")
     torch.manual_seed(args.seed)
     grown, report = expand_model(model, args.add_experts, layers=args.layers, init=args.init, noise=args.noise,
                                  seed=args.seed)
-    grown.save_pretrained(out)
-    for entry in source.iterdir():  # the tokenizer and generation settings go with the model
-        if entry.is_file() and entry.name not in MODEL_FILES and not entry.name.endswith(".safetensors"):
-            shutil.copy2(entry, out / entry.name)
-    before, after = model_summary(model.config), model_summary(grown.config)
+    save_grown(grown, source, out)
     print(f"routed experts per MoE layer: {report.experts_before} -> {report.experts_after} "
           f"(init {args.init}); new experts in {len(report.layers)} layer(s): {', '.join(report.layers)}")
     if report.dormant_layers:
         print(f"dormant (never selected) slots in: {', '.join(report.dormant_layers)}")
     for change in report.changes:
         print(f"changed: {change}")
-    print(f"parameters: total {before['total_params'] / 1e6:.3f}M -> {after['total_params'] / 1e6:.3f}M, "
-          f"activated {before['active_params'] / 1e6:.3f}M -> {after['active_params'] / 1e6:.3f}M")
+    print(parameter_change(model.config, grown.config))
     if args.init == "zero":
         print("outputs: exactly the old model's (new experts unselectable, zero down projections)" if report.exact
               else "outputs: changed by the new router groups (see above)")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
 
 EPILOG = """\
 examples:
@@ -16,9 +14,6 @@ The routed experts are copies of each FFN (or, with --granularity G, G slices of
 rows are tiled so top-k takes whole copies, routed_scaling_factor G restoring the size); --shared S experts hold
 S/G whole copies. The upcycled model's outputs equal the dense model's up to float rounding (about 1e-6).
 """
-
-MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json"}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `upcycle` command's options."""
@@ -42,30 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `seekmoe upcycle`; returns the exit status."""
-    import torch
-
-    from ..checkpoint import from_pretrained
-    from ..info import model_summary
+    from .folders import load_source, parameter_change, save_grown
     from .upcycle import upcycle_model
 
-    source, out = Path(args.model), Path(args.out)
-    if out.resolve() == source.resolve():
-        raise ValueError(f"--out {out} is the --model folder: write the upcycled model to a new folder")
-    dense = from_pretrained(source, dtype=torch.float32)
+    source, out, dense = load_source(args.model, args.out, "upcycled")
     moe, report = upcycle_model(dense, args.experts, args.top_k, args.shared, args.granularity, args.first_k_dense,
                                 seed=args.seed)
-    moe.save_pretrained(out)
-    for entry in source.iterdir():  # the tokenizer and generation settings go with the model
-        if entry.is_file() and entry.name not in MODEL_FILES and not entry.name.endswith(".safetensors"):
-            shutil.copy2(entry, out / entry.name)
-    before, after = model_summary(dense.config), model_summary(moe.config)
+    save_grown(moe, source, out)
     c = moe.config
     print(f"upcycled {len(report.moe_layers)} FFN(s) into MoE layers: {c.n_routed_experts} routed experts of width "
           f"{c.moe_intermediate_size} ({report.copies} copies x {args.granularity} slices), "
           f"top-{c.num_experts_per_tok}, "
           f"{c.n_shared_experts} shared; routed_scaling_factor {report.routed_scaling_factor:g}"
           + (f", shared down projections x {report.shared_scale:g}" if c.n_shared_experts else ""))
-    print(f"parameters: total {before['total_params'] / 1e6:.3f}M -> {after['total_params'] / 1e6:.3f}M, "
-          f"activated {before['active_params'] / 1e6:.3f}M -> {after['active_params'] / 1e6:.3f}M")
+    print(parameter_change(dense.config, moe.config))
     print(f"upcycled model: {out}")
     return 0
