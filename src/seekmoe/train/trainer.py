@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from tqdm.auto import tqdm
 
 from .. import build_model
 from ..config import ModelConfig
 from ..inference.tokenizer import write_tokenizer_files
+from ..progress import show_progress
 from ..grow.freeze import select_trainable
 from ..grow.onboarding import NewExpertOnboarding
 from ..info import model_summary
@@ -253,8 +253,8 @@ class Trainer:
                     else f"{len(self.data.train):,} train sequences of {c.seq_len} tokens") + ", "
                  f"{self.data.tokens_per_step:,} tokens per step, steps {self.start_step + 1}..{end_step} of "
                  f"{c.max_steps}")
-        bar = tqdm(total=c.max_steps, initial=self.start_step, desc="train", unit="step",
-                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        bar = show_progress(c.max_steps, "train", "step", enabled=self.progress and self.rank == 0,
+                       initial=self.start_step)
         done = self.start_step
         try:
             with StopSignals() as signals:
