@@ -135,21 +135,26 @@ def test_routing_replay_trains_on_exactly_the_recorded_experts(arithmetic_sft):
 
 
 def test_grpo_raises_the_reward_of_an_sft_model_on_arithmetic(arithmetic_sft, capsys):
+    # The recipe is RL's default lr (1e-4). At lr=5e-4 (this test's old setting) Adam moves this 0.18M-parameter
+    # policy faster than 256 binary rewards a step can steer it: the KL to the SFT model reaches 0.07-0.1 within a
+    # few steps and the held-out greedy reward falls (0.81 -> 0.63-0.69 on three seeds here, 0.81 -> 0.63 on
+    # the AVX-512 machine of issue 22), while at 1e-4 it rose on every seed tried (+0.06 to +0.09 over 40 steps).
     folder, model_dir = arithmetic_sft
     out = folder / "rl"
-    assert main(["rl", "--model", str(model_dir), "--task", "arithmetic", "--out", str(out), "--max-steps", "20",
-                 "--no-progress", "task.terms=2", "task.max_value=4", "prompts_per_step=32", "lr=5e-4", "beta=0.04",
-                 "eval_prompts=32", "precision=fp32", "num_threads=1"]) == 0
+    assert main(["rl", "--model", str(model_dir), "--task", "arithmetic", "--out", str(out), "--max-steps", "40",
+                 "--no-progress", "task.terms=2", "task.max_value=4", "prompts_per_step=32", "lr=1e-4", "beta=0.04",
+                 "eval_prompts=128", "precision=fp32", "num_threads=1"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 20
-    first = sum(r["reward_mean"] for r in records[:4]) / 4
-    last = sum(r["reward_mean"] for r in records[-4:]) / 4
-    assert last > first + 0.05, (first, last)
-    assert max(r["kl"] for r in records) < 0.5 and records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert len(records) == 40
+    first = sum(r["reward_mean"] for r in records[:10]) / 10
+    last = sum(r["reward_mean"] for r in records[-10:]) / 10
+    assert last > first, (first, last)
+    assert max(r["kl"] for r in records) < 0.2 and records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     for key in ("reward_std", "clip_fraction", "completion_length", "max_vio"):
         assert key in records[-1]
     scores = json.loads((out / "eval.json").read_text())
     assert set(scores) == {"before", "after"} and (out / "final" / "config.json").is_file()
+    assert scores["after"] >= scores["before"] + 0.03, scores  # held-out, greedy, 128 prompts
     assert "held-out mean reward" in capsys.readouterr().out
 
 
