@@ -101,3 +101,132 @@ def test_packed_sequences_cut_fixed_length_rows():
     assert seqs.batch([2, 0]).tolist() == [list(range(16, 24)), list(range(8))]
     with pytest.raises(ValueError, match="fewer than one sequence"):
         PackedSequences(np.arange(5, dtype=np.uint16), seq_len=8)
+
+
+# ------------------------------------------------------------------ bounded-memory, resumable tokenizing (issue 26)
+def reference_streams(texts: list[str], tokenizer, val_fraction: float):
+    """What tokenizing did before issue 26: every non-empty document encoded whole, BOS + ids + EOS, held out by the
+    hash of its text (the lowest draw when none falls under val_fraction)."""
+    import hashlib
+
+    import numpy as np
+
+    docs = [t for t in texts if t.strip()]
+    draws = [int.from_bytes(hashlib.blake2b(d.encode("utf-8", "replace"), digest_size=8).digest(), "big") / 2**64
+             for d in docs]
+    held = {i for i, d in enumerate(draws) if d < val_fraction} or {int(np.argmin(draws))}
+    out = {"train": [], "val": []}
+    for i, doc in enumerate(docs):
+        out["val" if i in held else "train"] += [0] + tokenizer.encode(doc, add_special_tokens=False).ids + [1]
+    return out
+
+
+def awkward_corpus(folder: Path) -> Path:
+    """Stdlib modules plus files whose whitespace makes cutting hard: runs of spaces before newlines, tabs, CRLF,
+    one long line, an empty and a whitespace-only file, and a JSONL document."""
+    stdlib_sample(folder)
+    (folder / "spaces.txt").write_text("a  \n  b\t\tc \n\n\n   d   e\r\nf" * 40 + "   \n ")
+    (folder / "one_line.txt").write_text(" ".join(f"word{i}  x,y" for i in range(3000)))
+    (folder / "empty.txt").write_text("")
+    (folder / "blank.txt").write_text(" \n\t \n")
+    (folder / "d.jsonl").write_text(json.dumps({"text": "x = 1  \n    y = 2\n" * 200}) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("piece_chars", [97, 4096])
+def test_tokenizing_in_pieces_gives_the_ids_of_whole_documents(tmp_path, piece_chars):
+    import numpy as np
+
+    from seekmoe.data.tokenizing import tokenize_corpus
+
+    corpus = discover_corpus([awkward_corpus(tmp_path / "corpus")], glob="*")
+    texts = list(corpus.documents())
+    tok = train_tokenizer(texts, vocab_size=600)
+    meta = tokenize_corpus(tmp_path / "out", corpus, tok, 0.2, progress=False, piece_chars=piece_chars,
+                           batch_pieces=3)
+    expected = reference_streams(texts, tok, 0.2)
+    for name in ("train", "val"):
+        got = np.fromfile(tmp_path / "out" / f"{name}.bin", dtype=meta["dtype"]).tolist()
+        assert got == expected[name]
+        assert meta[name]["tokens"] == len(got)
+    assert meta["train"]["documents"] + meta["val"]["documents"] == len([t for t in texts if t.strip()])
+
+
+def test_a_tokenizer_trained_on_pieces_learns_the_merges_of_whole_documents(tmp_path):
+    from seekmoe.data.tokenizing import nonempty_pieces
+
+    corpus = discover_corpus([awkward_corpus(tmp_path / "corpus")])
+    whole = json.loads(train_tokenizer([t for t in corpus.documents() if t.strip()], vocab_size=500).to_str())
+    pieces = list(nonempty_pieces(corpus, piece_chars=61))
+    assert max(len(p) for p in pieces) <= 61 and len(pieces) > 100
+    cut = json.loads(train_tokenizer(pieces, vocab_size=500).to_str())
+    # the same pre-token counts, so the same tokens and merges (equal counts may be merged in another order)
+    assert set(cut["model"]["vocab"]) == set(whole["model"]["vocab"])
+    assert sorted(map(tuple, cut["model"]["merges"])) == sorted(map(tuple, whole["model"]["merges"]))
+
+
+def test_a_killed_tokenizing_run_keeps_what_it_wrote_and_a_rerun_finishes_it(tmp_path, monkeypatch):
+    import numpy as np
+
+    import seekmoe.data.tokenizing as tokenizing
+
+    corpus = discover_corpus([stdlib_sample(tmp_path / "corpus")])
+    tok = train_tokenizer(corpus.documents(), vocab_size=400)
+    kwargs = dict(progress=False, piece_chars=500, commit_chars=2000, batch_pieces=2)
+    clean = tokenizing.tokenize_corpus(tmp_path / "clean", corpus, tok, 0.2, **kwargs)
+    encoded = []
+    real_encode = tokenizing._encode
+
+    def encode_then_die(tokenizer, texts, dtype):
+        if len(encoded) == 40:
+            raise KeyboardInterrupt  # stands for a kill: nothing after this point runs
+        encoded.append(len(texts))
+        return real_encode(tokenizer, texts, dtype)
+
+    monkeypatch.setattr(tokenizing, "_encode", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tokenizing.tokenize_corpus(tmp_path / "run", corpus, tok, 0.2, **kwargs)
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert 0 < progress["pieces"] <= 80
+    with (tmp_path / "run" / "train.bin").open("ab") as f:
+        f.write(b"\x07" * 6)  # a torn write after the last progress record
+    encoded.clear()
+    monkeypatch.setattr(tokenizing, "_encode", lambda *a: encoded.append(len(a[1])) or real_encode(*a))
+    resumed = tokenizing.tokenize_corpus(tmp_path / "run", corpus, tok, 0.2, **kwargs)
+    total = sum(1 for _ in corpus.pieces(500))
+    assert sum(encoded) == total - progress["pieces"]  # only what was not recorded is encoded again
+    assert resumed == clean
+    for name in ("train", "val"):
+        assert (np.fromfile(tmp_path / "run" / f"{name}.bin", dtype=np.uint16)
+                == np.fromfile(tmp_path / "clean" / f"{name}.bin", dtype=np.uint16)).all()
+
+
+def test_the_tokenizing_bar_counts_bytes_within_one_document(tmp_path, monkeypatch):
+    import seekmoe.data.tokenizing as tokenizing
+
+    updates = []
+
+    class Bar:
+        def __init__(self, *args, total=None, initial=0, desc="", **kwargs):
+            self.desc = desc
+            updates.append((desc, "total", total))
+
+        def update(self, n):
+            updates.append((self.desc, "update", n))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    text = "lorem ipsum dolor sit amet " * 2000
+    (tmp_path / "big.txt").write_text(text)
+    (tmp_path / "small.txt").write_text("hello world")
+    monkeypatch.setattr(tokenizing, "tqdm", Bar)
+    corpus = discover_corpus([tmp_path])
+    tok = train_tokenizer(corpus.documents(), vocab_size=300)
+    tokenizing.tokenize_corpus(tmp_path / "out", corpus, tok, 0.0, progress=True, piece_chars=1000, batch_pieces=2)
+    moves = [n for desc, kind, n in updates if desc == "tokenizing" and kind == "update"]
+    assert ("tokenizing", "total", len(text) + 11) in updates
+    assert len(moves) > 20 and sum(moves) == len(text) + 11  # it moves while the one big document is encoded

@@ -3,6 +3,10 @@
 A document is one text file, one JSONL line's `text` field, or one Parquet row's `text` column. The default corpus
 is the Python standard library's own source (no download): every `*.py` under the `sysconfig` stdlib path, test
 folders and installed packages excluded.
+
+Documents can also be read in pieces of bounded size (`Corpus.pieces`), so that neither tokenizer training nor
+tokenizing holds a whole file: a piece ends where a byte-level BPE pre-token ends (see `_safe_cut`), so the
+pieces of a document encode to exactly the ids of the whole document.
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 # Folders left out of the default corpus: the stdlib's own test suites and whatever is installed next to it.
-_CHUNK_CHARS = 16 * 1024 * 1024  # a text file larger than this becomes several documents
+_CHUNK_CHARS = 16 * 1024 * 1024  # documents(): a text file larger than this comes in several parts
+# Pieces of 64 Ki characters: encoding one costs about 10 MB inside `tokenizers` (~170 bytes a character, measured),
+# so a batch of a few per core stays in the tens of MB, and per-call overhead is still negligible.
+PIECE_CHARS = 64 * 1024
 _DEFAULT_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -28,9 +35,23 @@ class Corpus:
     skipped: int = 0  # files of a --data folder left out because they are not text
 
     def documents(self) -> Iterator[str]:
-        """Every document's text, file by file, in a fixed order."""
+        """Every document's text, file by file, in a fixed order (a text file over 16 Mi characters in parts)."""
+        parts: list[str] = []
+        size = 0
+        for piece, last in self.pieces():
+            parts.append(piece)
+            size += len(piece)
+            if last or size >= _CHUNK_CHARS:
+                yield "".join(parts)
+                parts, size = [], 0
+
+    def pieces(self, piece_chars: int = PIECE_CHARS) -> Iterator[tuple[str, bool]]:
+        """Every document as pieces of at most `piece_chars` characters, each with whether it ends its document
+        (an empty document is one empty piece). Pieces are cut where a pre-token ends, so encoding them one by one
+        gives the ids of the whole document; only a stretch of `piece_chars` without whitespace is cut blindly."""
         for path in self.files:
-            yield from _read_documents(path)
+            for text in _read_documents(path, piece_chars):
+                yield from _with_last(split_pieces(text, piece_chars))
 
     def fingerprint(self) -> str:
         """A hex digest of every file's path, size and modification time: equal digests mean the same corpus."""
@@ -101,8 +122,57 @@ def is_text_file(path: Path, probe: int = 8192) -> bool:
     return True
 
 
-def _read_documents(path: Path) -> Iterator[str]:
-    """The documents in one file, by its suffix."""
+def split_pieces(chunks: Iterable[str], piece_chars: int) -> Iterator[str]:
+    """The text of `chunks` (joined) in pieces of at most `piece_chars` characters, cut by `_safe_cut`; at least
+    one piece, empty for an empty text."""
+    if piece_chars < 2:
+        raise ValueError(f"piece_chars={piece_chars} is invalid: expected at least 2 characters")
+    buf = ""
+    for chunk in chunks:
+        buf = buf + chunk if buf else chunk
+        start = 0
+        while len(buf) - start > piece_chars:  # slices from `start`: a huge chunk is not copied once per piece
+            cut = _safe_cut(buf, start, start + piece_chars)
+            yield buf[start:cut]
+            start = cut
+        buf = buf[start:]
+    yield buf
+
+
+# A piece ends before one of these when the character before it is not whitespace. In the byte-level pre-tokenizer
+# (GPT-2's pattern: `'s|'t|... | ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`) no pre-token runs from a
+# non-space character into whitespace, and what follows starts afresh either way, so the cut is between
+# pre-tokens and changes no id. (Cutting after whitespace would not be: "  \n" alone is one pre-token, before a
+# word it is two.)
+_CUT_BEFORE = (" ", "\n", "\t", "\r")
+
+
+def _safe_cut(text: str, start: int, end: int) -> int:
+    """The largest i in (start, end] with text[i] a space, newline, tab or CR and text[i-1] not whitespace; `end`
+    when there is none (text without whitespace for a whole piece). Needs end < len(text)."""
+    found = {c: text.rfind(c, start + 1, end + 1) for c in _CUT_BEFORE}
+    while True:
+        c = max(found, key=found.__getitem__)
+        i = found[c]
+        if i < 0:
+            return end
+        if not text[i - 1].isspace():
+            return i
+        found[c] = text.rfind(c, start + 1, i)  # inside a run of whitespace: look further back
+
+
+def _with_last(items: Iterator[str]) -> Iterator[tuple[str, bool]]:
+    """Each item with whether it is the last."""
+    previous = next(items)
+    for item in items:
+        yield previous, False
+        previous = item
+    yield previous, True
+
+
+def _read_documents(path: Path, piece_chars: int) -> Iterator[Iterable[str]]:
+    """The documents in one file, by its suffix: each an iterable of text chunks (a text file's read a piece at a
+    time, so a file with no line break is never held whole)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with path.open(encoding="utf-8", errors="replace") as f:
@@ -115,7 +185,7 @@ def _read_documents(path: Path) -> Iterator[str]:
                     raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
-                yield record["text"]
+                yield (record["text"],)
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -125,18 +195,8 @@ def _read_documents(path: Path) -> Iterator[str]:
         if "text" not in table.schema_arrow.names:
             raise ValueError(f"{path}: expected a 'text' column, found {table.schema_arrow.names}")
         for batch in table.iter_batches(columns=["text"]):
-            yield from (t for t in batch.column(0).to_pylist() if t)
+            yield from ((t,) for t in batch.column(0).to_pylist() if t)
     else:
-        # One document per file, read whole unless it is huge: then in pieces of about _CHUNK_CHARS characters
-        # ending at a line break, so memory stays bounded whatever the file's size.
+        # One document per file, read `piece_chars` characters at a time whatever its lines.
         with path.open(encoding="utf-8", errors="replace") as f:
-            piece: list[str] = []
-            size = 0
-            for line in f:
-                piece.append(line)
-                size += len(line)
-                if size >= _CHUNK_CHARS:
-                    yield "".join(piece)
-                    piece, size = [], 0
-            if piece or size == 0:
-                yield "".join(piece)
+            yield iter(lambda: f.read(piece_chars), "")
