@@ -230,3 +230,37 @@ def test_the_tokenizing_bar_counts_bytes_within_one_document(tmp_path, monkeypat
     moves = [n for desc, kind, n in updates if desc == "tokenizing" and kind == "update"]
     assert ("tokenizing", "total", len(text) + 11) in updates
     assert len(moves) > 20 and sum(moves) == len(text) + 11  # it moves while the one big document is encoded
+
+
+_MEMORY_PROBE = """
+import random, resource, sys
+from pathlib import Path
+import seekmoe.data.tokenizing as tokenizing
+from seekmoe.data import discover_corpus, prepare_data
+tokenizing.encode_threads = lambda: 2  # batches sized for 2 cores whatever this machine has
+folder, size = Path(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(0)
+words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(1, 9))) for _ in range(5000)]
+(folder / "one_line.txt").write_text(" ".join(rng.choice(words) for _ in range(size // 5))[:size])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepare_data(discover_corpus([folder / "one_line.txt"]), 300, val_fraction=0.0, cache_dir=folder / "cache",
+             progress=False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_a_single_line_corpus_is_tokenized_in_memory_bounded_by_the_piece_size(tmp_path):
+    """Before issue 26 a 1.5 MB line peaked 385 MB above the start (~250x the text; 1 MB: ~260 MB): it went to encode_batch whole."""
+    import os
+    import subprocess
+    import sys
+
+    from seekmoe.data.corpus import PIECE_CHARS
+
+    env = {**os.environ, "RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}
+    result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path), str(1_000_000)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = int(result.stdout.split()[-1])
+    # ~170 bytes a character inside `tokenizers` (measured); 2 batches of 2 x 2 pieces in flight, and slack
+    assert growth < 12 * 170 * PIECE_CHARS, f"peak memory grew {growth / 2**20:.0f} MiB"
