@@ -250,7 +250,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 
 def test_a_single_line_corpus_is_tokenized_in_memory_bounded_by_the_piece_size(tmp_path):
-    """Before issue 26 a 1.5 MB line peaked 385 MB above the start (~250x the text; 1 MB: ~260 MB): it went to encode_batch whole."""
+    """Before issue 26 a 1.5 MB line peaked 385 MB above the start (~250x the text; 1 MB: ~260 MB): it went to
+    encode_batch whole."""
     import os
     import subprocess
     import sys

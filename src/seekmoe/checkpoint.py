@@ -157,20 +157,57 @@ def _write_shard(file: Path, items: list[tuple[str, torch.Tensor]]) -> None:
 def checkpoint_files(path: Path) -> dict[str, str]:
     """Map every tensor key of the checkpoint in `path` to the safetensors file holding it."""
     if (path / INDEX_NAME).is_file():
-        try:
-            weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path / INDEX_NAME} is not a safetensors index (no 'weight_map')") from None
-        root = path.resolve()
-        for name in set(weight_map.values()):
-            target = (path / str(name)).resolve()
-            if Path(str(name)).is_absolute() or root not in target.parents:
-                raise ValueError(f"{path / INDEX_NAME} names shard {name!r} outside the model folder {path}")
+        weight_map = _checked_index(path)
+        for name in sorted(set(weight_map.values())):
+            _check_safetensors(path / name)
         return weight_map
-    if (path / SINGLE_NAME).is_file():
+    if (path / SINGLE_NAME).exists():
+        _check_safetensors(path / SINGLE_NAME)
         with safe_open(str(path / SINGLE_NAME), "pt") as f:
             return {k: SINGLE_NAME for k in f.keys()}
     raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}")
+
+
+def _checked_index(path: Path) -> dict[str, str]:
+    """The weight_map of `path`'s safetensors index, checked: a JSON object whose 'weight_map' maps tensor names to
+    shard file names inside the folder. ValueError naming the file and the first bad entry otherwise."""
+    file = path / INDEX_NAME
+    try:
+        index = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise ValueError(f"{file} is not valid JSON ({str(e)[:200]}): expected a safetensors index") from None
+    found = index.get("weight_map") if isinstance(index, dict) else index
+    if not isinstance(found, dict):
+        raise ValueError(f"{file} is not a safetensors index: expected a JSON object with a 'weight_map' object "
+                         f"(tensor name -> shard file), found {'none' if found is None else type(found).__name__}")
+    weight_map = found
+    root = path.resolve()
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{file}: weight_map[{key!r}] is {str(name)[:80]!r} ({type(name).__name__}): expected "
+                             f"the name of a .safetensors file in {path}")
+    for name in set(weight_map.values()):
+        target = (path / name).resolve()
+        if Path(name).is_absolute() or root not in target.parents:
+            raise ValueError(f"{file} names shard {name!r} outside the model folder {path}")
+    return weight_map
+
+
+def _check_safetensors(file: Path) -> None:
+    """Raise FileNotFoundError or ValueError, naming `file`, unless it is a readable safetensors file (its header
+    parses); safetensors' own errors name neither the file nor what was expected."""
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist: expected a safetensors file (named in the model folder's "
+                                f"{INDEX_NAME})")
+    if not file.is_file():
+        raise ValueError(f"{file} is a directory, not a file: expected a safetensors file")
+    try:
+        with safe_open(str(file), "pt"):
+            pass
+    except Exception as e:  # SafetensorError (not exported by every version), OSError
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{file} is not a valid safetensors file ({why}): expected an 8-byte header length, a JSON "
+                         f"header and the tensor data") from None
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,

@@ -2,9 +2,10 @@
 
 Layout of one cache entry, `CACHE/tokens/KEY/`: `train.bin` and `val.bin` (the token ids of each split's documents,
 each document between BOS and EOS, as uint16 or uint32) and `meta.json`. It is written in bounded memory and
-resumably in `CACHE/tokens/.partial-KEY/` (see tokenizing.py), renamed to KEY when complete. Validation documents are chosen by a hash of
-their text, so the split is the same on every machine and for every run. Tokenizers are cached the same way under
-`CACHE/tokenizers/KEY/tokenizer.json`. CACHE is `$SEEKMOE_CACHE`, else `~/.cache/seekmoe`.
+resumably in `CACHE/tokens/.partial-KEY/` (see tokenizing.py), renamed to KEY when complete. Validation documents
+are chosen by a hash of their text, so the split is the same on every machine and for every run. Tokenizers are
+cached the same way under `CACHE/tokenizers/KEY/tokenizer.json`. CACHE is `$SEEKMOE_CACHE`, else
+`~/.cache/seekmoe`.
 """
 
 from __future__ import annotations

@@ -14,14 +14,14 @@ class Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` plus the model's begin/end-of-text ids."""
 
     def __init__(self, path: str | Path, bos_token_id: int | None = None, eos_token_id: int | None = None):
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer.json at {path}: expected the tokenizer saved with the model")
-        self._tok = HFTokenizer.from_file(str(path))
+        self._tok = read_tokenizer_file(path)
+        # Text is text: "<|end_of_text|>" typed by a user (a prompt, a chat message, an SFT record) must not become
+        # the real end-of-text token, or anyone can end a turn or a document early; the real special tokens enter
+        # only as ids (BOS here, EOS and the turns' structure from the chat template and its callers).
+        self._tok.encode_special_tokens = True
         # The ids given (the model's config), else the folder's generation_config.json / tokenizer_config.json (a
         # real DeepSeek folder has both), else seekmoe's own special tokens.
         saved = _saved_special_ids(path.parent, self._tok)
@@ -35,7 +35,8 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`, after the begin-of-text token unless add_bos is False or the text starts with it."""
+        """Token ids of `text`, after the begin-of-text token unless add_bos is False; special-token names in the
+        text (e.g. "<|end_of_text|>") are encoded as the plain text they are, never as the special token."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
@@ -100,6 +101,24 @@ class Tokenizer:
                     out.append(bytes(table[c] for c in token))
             return out
         return [b"" if i in special else self._tok.decode([i]).encode() for i in range(n)]
+
+
+def read_tokenizer_file(path: str | Path):
+    """The `tokenizers.Tokenizer` saved at `path` (a model folder's tokenizer.json); FileNotFoundError or ValueError
+    naming the file when it is missing or not a tokenizer (`tokenizers` raises a bare Exception naming neither)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer.json at {path}: expected the tokenizer saved with the model")
+    if not path.is_file():
+        raise ValueError(f"{path} is a directory, not a file: expected the tokenizer.json saved with the model")
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # a parse error of any depth inside the Rust library
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{path} is not a valid tokenizer file ({why}): expected a Hugging Face tokenizers JSON "
+                         f"file (tokenizer.json)") from None
 
 
 def _byte_level_alphabet() -> dict[int, str]:
