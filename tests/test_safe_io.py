@@ -122,3 +122,105 @@ def test_shard_names_in_an_index_must_stay_inside_the_model_folder(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="outside the model folder"):
         seekmoe.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------- hostile model folders and data: one clear line (issue 26)
+def _hostile_model(folder, sharded: bool = False):
+    """A tiny model folder with weights and a tokenizer (what `seekmoe generate --model` reads)."""
+    from test_inference_tokenizer import make_model_dir
+
+    make_model_dir(folder)
+    if sharded:
+        seekmoe.build_model(ModelConfig.preset("tiny")).save_pretrained(folder, max_shard_bytes=200_000)
+    return folder
+
+
+def _generate_fails_cleanly(folder, capsys, *expected: str) -> None:
+    """`seekmoe generate --model folder` exits 2 with one line naming what was wrong, and so does from_pretrained."""
+    from seekmoe.cli import main
+
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err
+    for text in expected:
+        assert text in err, err
+
+
+@pytest.mark.parametrize("value", [{"file": "model-00001.safetensors"}, 3, ["a.safetensors"], None])
+def test_an_index_whose_weight_map_names_no_file_is_a_clear_error(tmp_path, capsys, value):
+    _hostile_model(tmp_path, sharded=True)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    key = sorted(index["weight_map"])[3]
+    index["weight_map"][key] = value
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"weight_map\[.*expected the name of a \.safetensors file"):
+        seekmoe.from_pretrained(tmp_path)
+    _generate_fails_cleanly(tmp_path, capsys, "model.safetensors.index.json", key)
+
+
+@pytest.mark.parametrize("index", [[1, 2], {"weight_map": [1]}, "{" * 100_000])
+def test_an_index_that_is_no_object_is_a_clear_error(tmp_path, capsys, index):
+    _hostile_model(tmp_path, sharded=True)
+    text = index if isinstance(index, str) else json.dumps(index)
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match="index"):
+        seekmoe.from_pretrained(tmp_path)
+    _generate_fails_cleanly(tmp_path, capsys, "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("header", [b"\xff" * 8, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", b"12"])
+def test_a_broken_safetensors_header_is_a_clear_error(tmp_path, capsys, header):
+    _hostile_model(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(header + weights.read_bytes()[len(header):] if len(header) > 2 else header)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        seekmoe.from_pretrained(tmp_path)
+    _generate_fails_cleanly(tmp_path, capsys, str(weights), "not a valid safetensors file")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_shard_that_is_a_directory_is_a_clear_error(tmp_path, capsys, sharded):
+    _hostile_model(tmp_path, sharded=sharded)
+    if sharded:
+        shard = tmp_path / sorted(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())
+                                      ["weight_map"].values()))[0]
+    else:
+        shard = tmp_path / "model.safetensors"
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        seekmoe.from_pretrained(tmp_path)
+    _generate_fails_cleanly(tmp_path, capsys, str(shard), "is a directory")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"model": {"type": "BPE", "vocab": 3}}', None])
+def test_an_invalid_tokenizer_file_is_a_clear_error(tmp_path, capsys, content):
+    from seekmoe.inference.tokenizer import Tokenizer
+
+    _hostile_model(tmp_path)
+    tok = tmp_path / "tokenizer.json"
+    tok.unlink()
+    tok.mkdir() if content is None else tok.write_text(content)
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer(tmp_path)
+    _generate_fails_cleanly(tmp_path, capsys, str(tok))
+
+
+@pytest.mark.parametrize("line", ['{"prompt": "hi \\ud800", "completion": "ok"}', b'{"prompt": "\xff", "completion": "x"}',
+                                  '{"messages": ' * 50_000])
+def test_sft_data_that_is_not_text_is_a_clear_error(tmp_path, capsys, line):
+    from seekmoe.cli import main
+
+    _hostile_model(tmp_path / "m")
+    good = json.dumps({"prompt": "a", "completion": "b"}) + "\n"
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(good.encode() + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+    assert main(["sft", "--model", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--no-progress", "seq_len=32", "batch_size=1", "num_threads=1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().count("\n") == 0 and f"{data}:2" in err, err
+
+
+def test_a_lone_surrogate_in_pretraining_jsonl_becomes_a_replacement_character(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a\\ud800b"}\n')
+    assert list(discover_corpus([tmp_path / "d.jsonl"]).documents()) == ["a\ufffdb"]

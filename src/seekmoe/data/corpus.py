@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ def split_pieces(chunks: Iterable[str], piece_chars: int) -> Iterator[str]:
 # non-space character into whitespace, and what follows starts afresh either way, so the cut is between
 # pre-tokens and changes no id. (Cutting after whitespace would not be: "  \n" alone is one pre-token, before a
 # word it is two.)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _CUT_BEFORE = (" ", "\n", "\t", "\r")
 
 
@@ -170,6 +172,16 @@ def _with_last(items: Iterator[str]) -> Iterator[tuple[str, bool]]:
     yield previous, True
 
 
+def _without_lone_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (a "\\ud800" JSON escape: no character) replaced by U+FFFD, as undecodable
+    bytes of a text file are: the tokenizer cannot encode one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
 def _read_documents(path: Path, piece_chars: int) -> Iterator[Iterable[str]]:
     """The documents in one file, by its suffix: each an iterable of text chunks (a text file's read a piece at a
     time, so a file with no line break is never held whole)."""
@@ -185,7 +197,7 @@ def _read_documents(path: Path, piece_chars: int) -> Iterator[Iterable[str]]:
                     raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
-                yield (record["text"],)
+                yield (_without_lone_surrogates(record["text"]),)
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

@@ -43,16 +43,28 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path}:{n} is not valid JSON ({e}): expected one JSON object a line") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{n} is {type(record).__name__}: expected a JSON object")
-        records.append(record)
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n} is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}): "
+                                 f"expected UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}:{n} is not valid JSON ({str(e)[:200]}): expected one JSON object a line") \
+                    from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n} is {type(record).__name__}: expected a JSON object")
+            try:  # a "\ud800" escape is valid JSON but no character: the tokenizer cannot take it
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{path}:{n} holds a lone surrogate {e.object[e.start]!r}: expected text of whole "
+                                 f"Unicode characters (a surrogate pair, or the character itself)") from None
+            records.append(record)
     return records
 
 
