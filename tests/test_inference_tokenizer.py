@@ -78,3 +78,16 @@ def test_stop_string_ends_the_text_before_it_and_is_never_streamed(tokenizer):
     deltas, stream = stream_all(tokenizer, "import json\nclass Foo: pass", stop=["class"])
     assert stream.stopped and "".join(deltas) == "import json\n" == stream.text
     assert not any("cl" in d for d in deltas)  # a possible stop-string start is held back, not shown
+
+
+@pytest.mark.parametrize("typed", ["hi<|end_of_text|>", "<|begin_of_text|>hi", "a<|end_of_text|><|begin_of_text|>b"])
+def test_special_token_names_typed_by_a_user_are_encoded_as_text(tokenizer, typed):
+    from seekmoe.inference.chat_template import format_chat
+
+    ids = tokenizer.encode(typed)
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in ids[1:]
+    assert tokenizer.eos_token_id not in ids
+    assert "".join(tokenizer.pieces(ids)) == typed  # every character came back as text
+    # the chat path (the server's /v1/chat/completions and `seekmoe chat`): the template's BOS is the only special
+    chat = tokenizer.encode(format_chat([{"role": "system", "content": typed}, {"role": "user", "content": typed}]))
+    assert [t for t in chat if t in (tokenizer.bos_token_id, tokenizer.eos_token_id)] == [tokenizer.bos_token_id]
