@@ -111,6 +111,8 @@ def reference_streams(texts: list[str], tokenizer, val_fraction: float):
 
     import numpy as np
 
+    tokenizer = type(tokenizer).from_str(tokenizer.to_str())
+    tokenizer.encode_special_tokens = True  # a special token's name in a document is text (issue 26)
     docs = [t for t in texts if t.strip()]
     draws = [int.from_bytes(hashlib.blake2b(d.encode("utf-8", "replace"), digest_size=8).digest(), "big") / 2**64
              for d in docs]
@@ -123,13 +125,14 @@ def reference_streams(texts: list[str], tokenizer, val_fraction: float):
 
 def awkward_corpus(folder: Path) -> Path:
     """Stdlib modules plus files whose whitespace makes cutting hard: runs of spaces before newlines, tabs, CRLF,
-    one long line, an empty and a whitespace-only file, and a JSONL document."""
+    one long line, an empty and a whitespace-only file, a JSONL document, and special tokens' names as text."""
     stdlib_sample(folder)
     (folder / "spaces.txt").write_text("a  \n  b\t\tc \n\n\n   d   e\r\nf" * 40 + "   \n ")
     (folder / "one_line.txt").write_text(" ".join(f"word{i}  x,y" for i in range(3000)))
     (folder / "empty.txt").write_text("")
     (folder / "blank.txt").write_text(" \n\t \n")
     (folder / "d.jsonl").write_text(json.dumps({"text": "x = 1  \n    y = 2\n" * 200}) + "\n")
+    (folder / "special.txt").write_text(f"text{EOS_TOKEN}more {BOS_TOKEN} and {EOS_TOKEN}\n" * 30)
     return folder
 
 
@@ -149,6 +152,7 @@ def test_tokenizing_in_pieces_gives_the_ids_of_whole_documents(tmp_path, piece_c
         got = np.fromfile(tmp_path / "out" / f"{name}.bin", dtype=meta["dtype"]).tolist()
         assert got == expected[name]
         assert meta[name]["tokens"] == len(got)
+        assert got.count(1) == got.count(0) == meta[name]["documents"]  # "<|end_of_text|>" in special.txt is text
     assert meta["train"]["documents"] + meta["val"]["documents"] == len([t for t in texts if t.strip()])
 
 

@@ -108,6 +108,11 @@ def tokenize_corpus(out: str | Path, corpus: Corpus, tokenizer: Tokenizer, val_f
     folder `out`, carrying on from what a killed run left there. Returns what meta.json should say of them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # A document that spells "<|end_of_text|>" (this library's own source, a chat log) holds text, not a document
+    # boundary: special tokens enter only as the BOS and EOS written around each document (a copy: the caller's
+    # tokenizer is left as it was).
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    tokenizer.encode_special_tokens = True
     vocab = tokenizer.get_vocab_size()
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
     bos, eos = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
