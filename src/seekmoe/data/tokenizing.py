@@ -194,7 +194,7 @@ class _Writer:
         for (text, name, first, last, n), ids in zip(batch, future.result()):
             parts = ([self.bos] if first else []) + [ids] + ([self.eos] if last else [])
             for part in parts:
-                part.tofile(self.files[name])
+                self.files[name].write(part)  # the array's bytes, through the file's buffer
             stats = self.done[name]
             stats["tokens"] += sum(len(p) for p in parts)
             nbytes = len(text.encode("utf-8", "replace"))
