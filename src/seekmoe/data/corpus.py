@@ -24,6 +24,7 @@ _CHUNK_CHARS = 16 * 1024 * 1024  # documents(): a text file larger than this com
 # Pieces of 64 Ki characters: encoding one costs about 10 MB inside `tokenizers` (~170 bytes a character, measured),
 # so a batch of a few per core stays in the tens of MB, and per-call overhead is still negligible.
 PIECE_CHARS = 64 * 1024
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _DEFAULT_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -145,7 +146,6 @@ def split_pieces(chunks: Iterable[str], piece_chars: int) -> Iterator[str]:
 # non-space character into whitespace, and what follows starts afresh either way, so the cut is between
 # pre-tokens and changes no id. (Cutting after whitespace would not be: "  \n" alone is one pre-token, before a
 # word it is two.)
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _CUT_BEFORE = (" ", "\n", "\t", "\r")
 
 
@@ -193,8 +193,8 @@ def _read_documents(path: Path, piece_chars: int) -> Iterator[Iterable[str]]:
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise ValueError(f"{path}:{n} is not valid JSON: {str(e)[:200]}") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
                 yield (_without_lone_surrogates(record["text"]),)
@@ -206,7 +206,7 @@ def _read_documents(path: Path, piece_chars: int) -> Iterator[Iterable[str]]:
         table = pq.ParquetFile(path)
         if "text" not in table.schema_arrow.names:
             raise ValueError(f"{path}: expected a 'text' column, found {table.schema_arrow.names}")
-        for batch in table.iter_batches(columns=["text"]):
+        for batch in table.iter_batches(batch_size=256, columns=["text"]):  # not 65536 long rows at once
             yield from ((t,) for t in batch.column(0).to_pylist() if t)
     else:
         # One document per file, read `piece_chars` characters at a time whatever its lines.
