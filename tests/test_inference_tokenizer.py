@@ -91,3 +91,11 @@ def test_special_token_names_typed_by_a_user_are_encoded_as_text(tokenizer, type
     # the chat path (the server's /v1/chat/completions and `seekmoe chat`): the template's BOS is the only special
     chat = tokenizer.encode(format_chat([{"role": "system", "content": typed}, {"role": "user", "content": typed}]))
     assert [t for t in chat if t in (tokenizer.bos_token_id, tokenizer.eos_token_id)] == [tokenizer.bos_token_id]
+
+
+def test_broken_optional_tokenizer_files_fall_back_to_the_special_tokens(tmp_path):
+    train_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "generation_config.json").write_text("[" * 100_000)
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": ' * 100_000)
+    tok = Tokenizer(tmp_path)
+    assert (tok.bos_token_id, tok.eos_token_id) == (0, 1)

@@ -144,7 +144,7 @@ def _saved_special_ids(folder: Path, tok) -> dict[str, int]:
         generation = json.loads((folder / "generation_config.json").read_text())
         out.update({k: generation[f"{k}_token_id"] for k in ("bos", "eos")
                     if isinstance(generation.get(f"{k}_token_id"), int)})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # a broken optional file is no file
         pass
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -153,7 +153,7 @@ def _saved_special_ids(folder: Path, tok) -> dict[str, int]:
             token = token.get("content") if isinstance(token, dict) else token
             if k not in out and isinstance(token, str) and tok.token_to_id(token) is not None:
                 out[k] = tok.token_to_id(token)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # a broken optional file is no file
         pass
     return out
 
