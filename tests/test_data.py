@@ -269,3 +269,34 @@ def test_a_single_line_corpus_is_tokenized_in_memory_bounded_by_the_piece_size(t
     growth = int(result.stdout.split()[-1])
     # ~170 bytes a character inside `tokenizers` (measured); 2 batches of 2 x 2 pieces in flight, and slack
     assert growth < 12 * 170 * PIECE_CHARS, f"peak memory grew {growth / 2**20:.0f} MiB"
+
+
+def test_prepare_data_carries_on_from_a_killed_run_and_leaves_no_work_folder(tmp_path, monkeypatch):
+    import seekmoe.data.tokenizing as tokenizing
+
+    corpus = discover_corpus([stdlib_sample(tmp_path / "corpus")])
+    clean = prepare_data(corpus, 400, val_fraction=0.2, cache_dir=tmp_path / "clean", progress=False)
+    monkeypatch.setattr(tokenizing, "COMMIT_CHARS", 1000)  # a progress record after every batch
+    monkeypatch.setattr(tokenizing, "encode_threads", lambda: 1)  # batches of 2 documents
+    calls = []
+    real_encode = tokenizing._encode
+
+    def encode_then_die(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_encode(*args)
+
+    monkeypatch.setattr(tokenizing, "_encode", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(corpus, 400, val_fraction=0.2, cache_dir=tmp_path / "run", tokenizer=clean.tokenizer,
+                     progress=False)
+    (partial,) = (tmp_path / "run" / "tokens").glob(".partial-*")
+    assert json.loads((partial / "progress.json").read_text())["pieces"] > 0
+    monkeypatch.setattr(tokenizing, "_encode", real_encode)
+    resumed = prepare_data(corpus, 400, val_fraction=0.2, cache_dir=tmp_path / "run", tokenizer=clean.tokenizer,
+                           progress=False)
+    assert (resumed.train_tokens == clean.train_tokens).all() and (resumed.val_tokens == clean.val_tokens).all()
+    assert not list((tmp_path / "run" / "tokens").glob(".partial-*"))
+    assert sorted(p.name for p in (tmp_path / "run" / "tokens" / Path(resumed.meta["cache_dir"]).name).iterdir()) \
+        == ["meta.json", "train.bin", "val.bin"]

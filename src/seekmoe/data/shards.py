@@ -91,6 +91,9 @@ def _key(*parts) -> str:
 def _publish(final: Path, write) -> None:
     """Run write(tmp_dir) and rename tmp_dir to `final`, so a cache entry is either complete or absent."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed run
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -100,6 +103,17 @@ def _publish(final: Path, write) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _pid_alive(pid: str) -> bool:
+    """Whether process `pid` (a string from a folder name) is running on this machine; True when unsure."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
 
 
 def _tokenize_resumably(final: Path, corpus: Corpus, tokenizer: Tokenizer, val_fraction: float,

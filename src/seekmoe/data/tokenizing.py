@@ -102,7 +102,7 @@ def plan_split(corpus: Corpus, val_fraction: float, piece_chars: int = PIECE_CHA
 
 
 def tokenize_corpus(out: str | Path, corpus: Corpus, tokenizer: Tokenizer, val_fraction: float,
-                    progress: bool = True, piece_chars: int = PIECE_CHARS, commit_chars: int = COMMIT_CHARS,
+                    progress: bool = True, piece_chars: int = PIECE_CHARS, commit_chars: int | None = None,
                     batch_pieces: int | None = None) -> dict:
     """Write train.bin and val.bin (each document as BOS, its ids, EOS; uint16 or uint32) for `corpus` into the
     folder `out`, carrying on from what a killed run left there. Returns what meta.json should say of them."""
@@ -132,6 +132,7 @@ def tokenize_corpus(out: str | Path, corpus: Corpus, tokenizer: Tokenizer, val_f
         os.truncate(path, done[name]["tokens"] * dtype.itemsize)
     writer = _Writer(out, done, dtype, bos, eos)
     batch_pieces = batch_pieces or 2 * encode_threads()
+    commit_chars = commit_chars or COMMIT_CHARS
     bar = tqdm(total=plan["text_bytes"], initial=done["bytes"], desc="tokenizing", unit="B", unit_scale=True,
                unit_divisor=1024, disable=not progress, dynamic_ncols=True)
     try:
