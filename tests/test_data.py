@@ -211,23 +211,20 @@ def test_the_tokenizing_bar_counts_bytes_within_one_document(tmp_path, monkeypat
     updates = []
 
     class Bar:
-        def __init__(self, *args, total=None, initial=0, desc="", **kwargs):
+        def __init__(self, total, desc, unit="it", enabled=True, initial=0):
             self.desc = desc
             updates.append((desc, "total", total))
 
         def update(self, n):
             updates.append((self.desc, "update", n))
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
+        def close(self):
+            pass
 
     text = "lorem ipsum dolor sit amet " * 2000
     (tmp_path / "big.txt").write_text(text)
     (tmp_path / "small.txt").write_text("hello world")
-    monkeypatch.setattr(tokenizing, "tqdm", Bar)
+    monkeypatch.setattr(tokenizing, "show_progress", Bar)
     corpus = discover_corpus([tmp_path])
     tok = train_tokenizer(corpus.documents(), vocab_size=300)
     tokenizing.tokenize_corpus(tmp_path / "out", corpus, tok, 0.0, progress=True, piece_chars=1000, batch_pieces=2)

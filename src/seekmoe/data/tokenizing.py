@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm.auto import tqdm
-
+from ..progress import show_progress
 from .corpus import PIECE_CHARS, Corpus
 from .tokenizer import BOS_TOKEN, EOS_TOKEN
 
@@ -69,9 +68,8 @@ def plan_split(corpus: Corpus, val_fraction: float, piece_chars: int = PIECE_CHA
     empty: list[int] = []
     text_bytes = 0
     digest, size, has_text, doc = hashlib.blake2b(digest_size=8), 0, False, 0
-    bar = tqdm(desc="scanning", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-               dynamic_ncols=True)
-    with bar:
+    bar = _byte_progress(corpus.total_bytes, "scanning", progress)  # on disk: about the text of text files
+    try:
         for piece, last in corpus.pieces(piece_chars):
             data = piece.encode("utf-8", "replace")
             digest.update(data)
@@ -86,6 +84,8 @@ def plan_split(corpus: Corpus, val_fraction: float, piece_chars: int = PIECE_CHA
                 else:
                     empty.append(doc)
                 digest, size, has_text, doc = hashlib.blake2b(digest_size=8), 0, False, doc + 1
+    finally:
+        bar.close()
     if not draws:
         raise ValueError(f"the corpus {corpus.name} is empty: its {len(corpus.files)} file(s) hold no text")
     d = np.frombuffer(draws, dtype=np.float64)
@@ -133,10 +133,9 @@ def tokenize_corpus(out: str | Path, corpus: Corpus, tokenizer: Tokenizer, val_f
     writer = _Writer(out, done, dtype, bos, eos)
     batch_pieces = batch_pieces or 2 * encode_threads()
     commit_chars = commit_chars or COMMIT_CHARS
-    bar = tqdm(total=plan["text_bytes"], initial=done["bytes"], desc="tokenizing", unit="B", unit_scale=True,
-               unit_divisor=1024, disable=not progress, dynamic_ncols=True)
+    bar = _byte_progress(plan["text_bytes"], "tokenizing", progress, initial=done["bytes"])
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool, bar:
+        with ThreadPoolExecutor(max_workers=1) as pool:
             pending = None
             since_commit = 0
             for batch in _batches(corpus, plan, done["pieces"], piece_chars, batch_pieces):
@@ -151,9 +150,18 @@ def tokenize_corpus(out: str | Path, corpus: Corpus, tokenizer: Tokenizer, val_f
                 writer.write(*pending, bar)
             writer.commit()
     finally:
+        bar.close()
         writer.close()
     return {"corpus": corpus.name, "files": len(corpus.files), "vocab_size": vocab, "dtype": dtype.name,
             "val_fraction": val_fraction, **{name: done[name] for name in _SPLITS}}
+
+
+def _byte_progress(total: int | None, desc: str, enabled: bool, initial: int = 0):
+    """A progress display counting bytes of text, so it moves inside one huge document too."""
+    bar = show_progress(total, desc, unit="B", enabled=enabled, initial=initial)
+    if hasattr(bar, "unit_scale"):  # a tqdm bar on a terminal: 1.2MiB, not 1258291
+        bar.unit_scale, bar.unit_divisor = True, 1024
+    return bar
 
 
 def _batches(corpus: Corpus, plan: dict, skip: int, piece_chars: int, size: int) -> Iterator[list[tuple]]:
