@@ -51,7 +51,9 @@ def prepare_data(corpus: Corpus, vocab_size: int, val_fraction: float = 0.02, ca
                  tokenizer: Tokenizer | None = None, progress: bool = True) -> TokenizedCorpus:
     """Train (or reuse) a tokenizer for `corpus` and tokenize it (or reuse its shards) into train and validation.
 
-    `tokenizer`, when given, is used instead of training one (a resumed run passes its checkpoint's).
+    `tokenizer`, when given, is used instead of training one (a resumed run passes its checkpoint's). Both steps
+    read the corpus in pieces, so memory does not grow with the size of a file; tokenizing uses every core and,
+    killed, carries on where it stopped when called again.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction!r} is invalid: expected a number in [0, 1)")
