@@ -99,3 +99,26 @@ def test_broken_optional_tokenizer_files_fall_back_to_the_special_tokens(tmp_pat
     (tmp_path / "tokenizer_config.json").write_text('{"bos_token": ' * 100_000)
     tok = Tokenizer(tmp_path)
     assert (tok.bos_token_id, tok.eos_token_id) == (0, 1)
+
+
+def test_the_server_scores_special_token_names_in_a_prompt_as_text(tmp_path):
+    """Through /v1/completions (echo) and /v1/chat/completions: the typed "<|end_of_text|>" is text tokens."""
+    import openai
+
+    from seekmoe.inference import Engine
+    from seekmoe.inference.chat_template import format_chat
+    from test_server import KEY, start, stop
+
+    engine = Engine.from_pretrained(make_model_dir(tmp_path, max_position_embeddings=256), max_batch_size=2)
+    server, thread = start(engine, api_key=KEY)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        text = "hi<|end_of_text|>there"
+        out = client.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=1)
+        assert out.choices[0].text == text and "<|end_of_text|>" not in out.choices[0].logprobs.tokens
+        assert out.usage.prompt_tokens == len(engine.tokenizer.encode(text)) > 10
+        messages = [{"role": "user", "content": text}]
+        chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, temperature=0)
+        assert chat.usage.prompt_tokens == len(engine.tokenizer.encode(format_chat(messages)))
+    finally:
+        stop(server, thread)
