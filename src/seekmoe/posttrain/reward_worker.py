@@ -30,7 +30,7 @@ class RewardError(ValueError):
 def check_reward(value, prompt: str) -> float:
     """`value` as a float; RewardError unless it is a real number with |value| <= MAX_ABS_REWARD (NaN and +-inf
     included: one of them makes every advantage of its group NaN)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not isinstance(value, (int, float)):  # a bool is an int: True counts as 1
         raise RewardError(f"the task's reward({prompt[:40]!r}, ...) returned {repr(value)[:80]}: expected a number")
     if not (abs(value) <= MAX_ABS_REWARD):  # false for NaN too; an int of any size compares without overflow
         raise RewardError(f"the task's reward({prompt[:40]!r}, ...) returned {value!r}: expected a finite number "
@@ -110,6 +110,7 @@ def _kill(proc: subprocess.Popen) -> None:
 def _serve(reward_file: str) -> None:
     """The child: load the file, then answer one {"prompt", "completion"} line with one {"reward"} line."""
     import importlib.util
+    import numbers
     import traceback
 
     # The answers go to the original stdout; whatever the reward code prints goes to stderr instead.
@@ -147,10 +148,10 @@ def _serve(reward_file: str) -> None:
         value, error = guarded(lambda: reward(request["prompt"], request["completion"]))
         if error is not None:
             reply(error=error)
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif not isinstance(value, numbers.Real):
             reply(not_a_number=repr(value)[:80])
-        else:
-            reply(reward=value)  # json writes inf and nan as Infinity and NaN, which the parent reads back
+        else:  # numpy's numbers too; json writes inf and nan as Infinity and NaN, which the parent reads back
+            reply(reward=value if isinstance(value, int) else float(value))
 
 
 if __name__ == "__main__":
