@@ -46,9 +46,9 @@ def test_idle_and_half_sent_sockets_do_not_lock_out_health_or_authenticated_requ
             assert raw(server, "GET", "/health", key=None) == (200, {"status": "ok"})
             status, answer = complete(server)
             assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
-        closed = 0
+        closed = 0  # eviction is synchronous with each new connection: no need to wait for it
         for s in idle + half:
-            s.settimeout(5)
+            s.settimeout(0.2)
             try:
                 closed += s.recv(100) == b""
             except (socket.timeout, ConnectionError):
@@ -157,7 +157,7 @@ def test_a_short_request_is_served_while_another_clients_long_one_runs(model_dir
 def test_the_engine_prefills_a_short_prompt_at_once_beside_a_long_one_and_the_long_one_keeps_going(model_dir):
     engine = Engine.from_pretrained(model_dir, max_batch_size=2, max_prefill_tokens=8)
     params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
-    long = engine.add(Request(list(range(5, 105)), params))
+    long = engine.add(Request(list(range(5, 45)), params))
     engine.step()  # the long prompt alone gets the whole budget
     assert long.prefilled == 8
     short = engine.add(Request([7, 8, 9, 10], params))
@@ -167,9 +167,9 @@ def test_the_engine_prefills_a_short_prompt_at_once_beside_a_long_one_and_the_lo
         engine.step()
         steps += 1
         assert long.prefilled - before >= 4  # the oldest keeps its share (8 / 2) while the short one runs
-    assert steps == 3  # prefill + first token, then two decode steps: it never waited for the 100-token prefill
+    assert steps == 3  # prefill + first token, then two decode steps: it never waited for the 40-token prefill
     while not long.done:
         engine.step()
     alone = Engine.from_pretrained(model_dir, max_batch_size=1)
     assert short.output_ids == alone.generate([[7, 8, 9, 10]], params)[0].output_ids
-    assert long.output_ids == alone.generate([list(range(5, 105))], params)[0].output_ids
+    assert long.output_ids == alone.generate([list(range(5, 45))], params)[0].output_ids
