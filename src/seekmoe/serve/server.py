@@ -47,6 +47,8 @@ class ConnectionCap:
 
     def opened(self, connection: "TimedH11Protocol") -> None:
         self.open[connection] = None
+        if len(self.open) <= self.limit:
+            return
         for other in list(self.open):
             if len(self.open) <= self.limit:
                 break
