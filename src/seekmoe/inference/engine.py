@@ -9,8 +9,9 @@ Prefill is chunked: a step prefills at most `max_prefill_tokens` prompt tokens, 
 steps while the running requests keep decoding, and no forward scores more than that many queries against the
 cache. The tokens go to the prompts with the fewest left first, so a short prompt is not stuck behind a long one
 (one client's 400-token prompts used to hold an 8-token one for their whole prefill), except that the request
-waiting longest always gets its share (max_prefill_tokens / prompts waiting), so short ones cannot starve it. A forward or sampling that raises fails only the requests it was computing (finish_reason
-"error", `Request.error` says why) and frees their slots; everything else keeps going.
+waiting longest always gets its share (max_prefill_tokens / prompts waiting), so short ones cannot starve it.
+A forward or sampling that raises fails only the requests it was computing (finish_reason "error",
+`Request.error` says why) and frees their slots; everything else keeps going.
 """
 
 from __future__ import annotations
