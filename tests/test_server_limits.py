@@ -54,6 +54,7 @@ def test_idle_and_half_sent_sockets_do_not_lock_out_health_or_authenticated_requ
             except (socket.timeout, ConnectionError):
                 pass
         assert closed >= 30  # the server closed them rather than holding 40 sockets against a cap of 8
+        assert server.metrics.connections_evicted >= 30
     finally:
         for s in idle + half:
             s.close()

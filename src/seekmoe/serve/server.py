@@ -41,8 +41,8 @@ STREAM_END_GRACE_S = 2.0  # after the graceful-shutdown time, for cut streams to
 class ConnectionCap:
     """The open connections of one server, oldest first; beyond `limit`, the oldest idle ones are closed."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, on_evict=None):
+        self.limit, self.on_evict = limit, on_evict
         self.open: OrderedDict[TimedH11Protocol, None] = OrderedDict()
 
     def opened(self, connection: "TimedH11Protocol") -> None:
@@ -55,6 +55,8 @@ class ConnectionCap:
             if other is not connection and other.idle:
                 self.closed(other)
                 other.transport.close()
+                if self.on_evict is not None:
+                    self.on_evict()
 
     def closed(self, connection: "TimedH11Protocol") -> None:
         self.open.pop(connection, None)
@@ -144,7 +146,8 @@ class Server:
         self.socket.listen(2048)  # connections wait in the backlog until uvicorn has started
         self.server_address = self.socket.getsockname()
         state.max_requests = max_connections
-        protocol = functools.partial(TimedH11Protocol, connection_cap=ConnectionCap(max_connections))
+        cap = ConnectionCap(max_connections, on_evict=state.metrics.connection_evicted)
+        protocol = functools.partial(TimedH11Protocol, connection_cap=cap)
         config = uvicorn.Config(self.app, http=protocol, lifespan="on", log_level="warning", access_log=False,
                                 timeout_keep_alive=timeout_keep_alive,
                                 timeout_graceful_shutdown=graceful_shutdown_s + STREAM_END_GRACE_S)
