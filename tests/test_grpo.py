@@ -169,3 +169,58 @@ def test_rl_resumes_exactly(arithmetic_sft, tmp_path):
     assert_resume_is_exact(main, args, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout"] for r in records] == [0, 0, 1, 1] and records[0]["clip_fraction"] == 0.0
+
+
+def _user_task(tmp_path, body: str, **kwargs):
+    (tmp_path / "task.py").write_text(body)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    return load_task(str(tmp_path / "task.py"), tmp_path / "prompts.jsonl", **kwargs)
+
+
+@pytest.mark.parametrize("value", ["float('inf')", "-float('inf')", "1e308", "-10**400", "float('nan')", "'1'",
+                                   "None"])
+def test_a_non_finite_or_absurd_reward_is_refused_like_nan(tmp_path, value):
+    from seekmoe.posttrain.reward_worker import MAX_ABS_REWARD, RewardError, check_reward
+
+    task = _user_task(tmp_path, f"def reward(prompt, completion):\n    return {value}\n")
+    with pytest.raises(RewardError, match=r"reward\('hi', \.\.\.\) returned .*: expected a (finite )?number"):
+        task.reward("hi", "x")
+    assert check_reward(MAX_ABS_REWARD, "hi") == MAX_ABS_REWARD  # the bound itself is a valid reward
+    with pytest.raises(RewardError, match="|reward| <= 1e"):
+        check_reward(float("inf"), "hi")  # the built-in tasks' rewards pass the same check in the rollout
+
+
+def test_a_hanging_reward_times_out_and_an_exiting_one_is_an_error(tmp_path):
+    from seekmoe.posttrain.reward_worker import RewardError
+
+    hang = _user_task(tmp_path, "import time\ndef reward(prompt, completion):\n"
+                                "    if completion == 'loop':\n        time.sleep(60)\n    return 1.0\n",
+                      reward_timeout=0.5)
+    assert hang.reward("hi", "x") == 1.0
+    with pytest.raises(RewardError, match=r"did not return within reward_timeout=0.5 s"):
+        hang.reward("hi", "loop")
+    assert hang.reward("hi", "x") == 1.0  # a fresh worker replaces the killed one
+    for exit_call, message in (("sys.exit(0)", r"failed: it called sys.exit\(0\)"),
+                               ("os._exit(0)", r"ended its worker process \(exit status 0\)")):
+        task = _user_task(tmp_path, f"import os, sys\ndef reward(prompt, completion):\n    print('noise')\n"
+                                    f"    {exit_call}\n")
+        with pytest.raises(RewardError, match=message):
+            task.reward("hi", "x")
+    with pytest.raises(RewardError, match=r"task.py: the task's loading .* failed: loading it: ZeroDivisionError"):
+        _user_task(tmp_path, "1 / 0\n")
+    assert _user_task(tmp_path, "def reward(prompt, completion):\n    return completion == 'x'\n").reward("hi", "x") == 1.0
+    with pytest.raises(ValueError, match=r"reward_timeout=inf is invalid: expected a finite number"):
+        GRPOConfig(reward_timeout=float("inf"))
+
+
+def test_rl_with_an_exiting_reward_exits_2_with_one_line(arithmetic_sft, tmp_path, capsys):
+    _, model_dir = arithmetic_sft
+    (tmp_path / "task.py").write_text("import sys\ndef reward(prompt, completion):\n    sys.exit(0)\n")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Compute 1 + 2."}\n')
+    status = main(["rl", "--model", str(model_dir), "--task", str(tmp_path / "task.py"), "--prompts",
+                   str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "rl"), "--max-steps", "1",
+                   "--no-progress", "num_generations=2", "prompts_per_step=1", "max_new_tokens=2",
+                   "eval_prompts=1", "num_threads=1", "precision=fp32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1].startswith("seekmoe rl: error: the task's reward('Compute 1 + 2.', ...) failed: "
+                                              "it called sys.exit(0)"), err

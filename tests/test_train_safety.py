@@ -85,3 +85,54 @@ def test_non_finite_gradients_with_a_finite_loss_skip_the_step():
     result = step(ids, lr=1e-3, mtp_loss_weight=0.3, bias_update_speed=0.1)
     assert result.skipped is None
     assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
+
+
+def _train(corpus: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--data", str(corpus), "--max-steps", "2",
+            "--no-progress", "seq_len=32", "batch_size=2", "precision=fp32", "eval_every=5000", "num_threads=1",
+            f"cache_dir={tmp_path / 'cache'}", *extra]
+
+
+@pytest.mark.parametrize("field, value", [("lr", "inf"), ("lr", "nan"), ("lr", "-1e-3"), ("eps", "inf"),
+                                          ("weight_decay", "nan"), ("grad_clip", "inf"), ("beta2", "nan"),
+                                          ("val_fraction", "nan")])
+def test_non_finite_or_negative_hyperparameters_are_refused_at_config_time(field, value, tmp_path, capsys):
+    from seekmoe.cli import main
+
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}=.* is invalid: expected"):
+        TrainConfig(**{field: float(value)})
+    assert main(_train(tmp_path / "nothing", tmp_path, f"{field}={value}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"TrainConfig.{field}=" in err[0] and "is invalid: expected" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_every_step_is_skipped_says_so_and_exits_nonzero(corpus, tmp_path, monkeypatch, capsys):
+    from seekmoe.cli import main
+    from seekmoe.train import step
+
+    monkeypatch.setattr(step, "_grad_norm", lambda *args: float("inf"))
+    assert main(_train(corpus, tmp_path, "max_bad_steps=5")) == 1
+    err = capsys.readouterr().err
+    assert "no step completed: all 2 steps were skipped" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "final").exists()  # nothing was trained: no model folder that looks like one
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final"])
+def test_a_full_disk_is_one_line_and_exit_2(corpus, tmp_path, monkeypatch, capsys, where):
+    import errno
+
+    from seekmoe.cli import main
+    from seekmoe.model.transformer import CausalLM
+    from seekmoe.train.trainer import Trainer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x.safetensors"))
+
+    monkeypatch.setattr(Trainer if where == "checkpoint" else CausalLM,
+                        "save_checkpoint" if where == "checkpoint" else "save_pretrained", full)
+    assert main(_train(corpus, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"seekmoe train: error: no space left on device writing {tmp_path / 'run' / 'x.safetensors'}: "
+                       "free some space, then run the same command with --resume"), err
+    assert "Traceback" not in "\n".join(err)

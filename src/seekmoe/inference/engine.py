@@ -5,10 +5,13 @@ request that arrives mid-generation joins the next step instead of waiting for t
 batching). Prompts of different lengths share a forward: each slot keeps its own length and positions, and
 padding never enters another token's attention.
 
-Prefill is chunked: a step prefills at most `max_prefill_tokens` prompt tokens (in arrival order), so a long prompt
-takes several steps while the running requests keep decoding, and no forward scores more than that many queries
-against the cache. A forward or sampling that raises fails only the requests it was computing (finish_reason
-"error", `Request.error` says why) and frees their slots; everything else keeps going.
+Prefill is chunked: a step prefills at most `max_prefill_tokens` prompt tokens, so a long prompt takes several
+steps while the running requests keep decoding, and no forward scores more than that many queries against the
+cache. The tokens go to the prompts with the fewest left first, so a short prompt is not stuck behind a long one
+(one client's 400-token prompts used to hold an 8-token one for their whole prefill), except that the request
+waiting longest always gets its share (max_prefill_tokens / prompts waiting), so short ones cannot starve it.
+A forward or sampling that raises fails only the requests it was computing (finish_reason "error",
+`Request.error` says why) and frees their slots; everything else keeps going.
 """
 
 from __future__ import annotations
@@ -167,13 +170,7 @@ class Engine:
         new ones; returns what each produced."""
         self._release([r for r in self.running + self._new if r.cancelled])
         decoding = self.running
-        chunks, budget = [], self.max_prefill_tokens
-        for r in self._new:
-            if budget <= 0:
-                break
-            n = min(len(r.prompt_ids) - r.prefilled, budget)
-            chunks.append((r, n))
-            budget -= n
+        chunks = self._prefill_chunks()
         events: list[Event] = []
         if decoding:
             events += self._guarded(decoding, self._decode_speculative if self.drafter else self._decode)
@@ -184,6 +181,22 @@ class Engine:
         self._new = [r for r in self._new if r not in prefilled and not r.done]
         self._release([r for r in decoding + [r for r, _ in chunks] if r.done])
         return events
+
+    def _prefill_chunks(self) -> list[tuple[Request, int]]:
+        """(request, prompt tokens to prefill this step) within `max_prefill_tokens`: the oldest waiting request
+        its share, then the rest to the fewest-tokens-left first (ties in arrival order)."""
+        if not self._new:
+            return []
+        left = {r: len(r.prompt_ids) - r.prefilled for r in self._new}
+        oldest = self._new[0]
+        grant = {oldest: min(left[oldest], max(1, self.max_prefill_tokens // len(self._new)))}
+        budget = self.max_prefill_tokens - grant[oldest]
+        for r in sorted(self._new, key=left.get):  # sorted() is stable: equal lengths stay in arrival order
+            extra = min(left[r] - grant.get(r, 0), budget)
+            if extra > 0:
+                grant[r] = grant.get(r, 0) + extra
+                budget -= extra
+        return [(r, grant[r]) for r in self._new if grant.get(r)]
 
     def fail_all(self, error: str) -> list[Event]:
         """End every request holding a slot with finish_reason "error" and free the slots (after a failed step)."""

@@ -16,6 +16,7 @@ How per-token losses are averaged is TRL's `loss_type`:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -40,6 +41,7 @@ class GRPOConfig:
     num_iterations: int = 1  # optimizer steps per rollout batch (mu); > 1 makes the clipping bite
     routing_replay: bool = True  # train on the experts each token was sampled with
     eval_prompts: int = 64  # held-out prompts scored greedily before and after
+    reward_timeout: float = 30.0  # seconds one reward(prompt, completion) call may take (a user task's)
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -51,12 +53,14 @@ class GRPOConfig:
                 raise bad(name, "a positive integer")
         if self.num_generations < 2:
             raise bad("num_generations", "at least 2 (a group's advantage compares its completions)")
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise bad("temperature", "a number > 0 (GRPO samples)")
+        if not _finite_number(self.temperature) or self.temperature <= 0:
+            raise bad("temperature", "a finite number > 0 (GRPO samples)")
         for name in ("beta", "epsilon"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                raise bad(name, "a number >= 0")
-        if self.epsilon_high is not None and (not isinstance(self.epsilon_high, (int, float))
+            if not _finite_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "a finite number >= 0")
+        if not _finite_number(self.reward_timeout) or self.reward_timeout <= 0:
+            raise bad("reward_timeout", "a finite number of seconds > 0")
+        if self.epsilon_high is not None and (not _finite_number(self.epsilon_high)
                                               or self.epsilon_high < self.epsilon):
             raise bad("epsilon_high", f"None or a number >= epsilon={self.epsilon}")
         if self.loss_type not in LOSS_TYPES:
@@ -75,6 +79,10 @@ class GRPOConfig:
     def to_dict(self) -> dict:
         """The fields as a JSON-able dict."""
         return dataclasses.asdict(self)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:

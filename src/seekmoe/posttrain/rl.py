@@ -52,7 +52,7 @@ def rl(model_dir: str | Path, task_name: str, out: str | Path, overrides: dict |
     if config.activation_checkpointing and grpo.routing_replay:
         raise ValueError("activation_checkpointing=true cannot be combined with routing replay (the recomputed "
                          "forward would route afresh): set one of them off")
-    task = load_task(task_name, prompts_file, task_options)
+    task = load_task(task_name, prompts_file, task_options, grpo.reward_timeout)
     tokenizer = Tokenizer(model_dir, model_config.bos_token_id, model_config.eos_token_id)
     rollouts: Rollouts | None = None
 

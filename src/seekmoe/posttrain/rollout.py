@@ -20,6 +20,7 @@ from ..inference.sampling import SamplingParams
 from ..train.config import TrainConfig
 from .evaluate import chat_prompt_ids
 from .grpo import GRPOConfig, group_advantages, grpo_loss
+from .reward_worker import check_reward
 from .routing_replay import RoutingRecorder, capture_routing, main_moe_layers, mismatch_rate, replay_routing
 from .sft_data import IGNORE
 
@@ -182,7 +183,8 @@ class Rollouts:
                 completion = [eos]
             sequences.append(r.prompt_ids + completion)
             starts.append(len(r.prompt_ids))
-            rewards.append(self.task.reward(prompts[i // g.num_generations], r.text))
+            prompt = prompts[i // g.num_generations]
+            rewards.append(check_reward(self.task.reward(prompt, r.text), prompt))  # any Task, built-in or not
             lengths.append(len(completion))
             routes.append(recorder.routes.get(r.id))
         rewards_t = torch.tensor(rewards)

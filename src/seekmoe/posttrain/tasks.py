@@ -10,12 +10,12 @@ A user task is a Python file defining `reward(prompt: str, completion: str) -> f
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 from pathlib import Path
 from typing import Protocol
 
+from .reward_worker import RewardError, RewardWorker
 from .sft_data import read_jsonl
 
 
@@ -103,19 +103,15 @@ class Reverse:
 
 class UserTask:
     """A user's reward function (`reward(prompt, completion) -> float` in a Python file) over the prompts of a JSONL
-    file; prompts are drawn from the file with replacement, seeded."""
+    file; prompts are drawn from the file with replacement, seeded. The reward runs in a worker process
+    (reward_worker.py): a call that outlasts `reward_timeout` seconds, exits, raises or returns a non-finite or
+    absurd value is a RewardError."""
 
-    def __init__(self, reward_file: str | Path, prompts_file: str | Path):
+    def __init__(self, reward_file: str | Path, prompts_file: str | Path, reward_timeout: float = 30.0):
         reward_file = Path(reward_file)
         if not reward_file.is_file():
             raise FileNotFoundError(f"--task {reward_file}: no such file (expected a built-in task name, one of "
                                     f"{sorted(BUILTIN_TASKS)}, or a Python file defining reward(prompt, completion))")
-        spec = importlib.util.spec_from_file_location(f"seekmoe_user_task_{reward_file.stem}", reward_file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not callable(getattr(module, "reward", None)):
-            raise ValueError(f"--task {reward_file} defines no reward(prompt, completion) function")
-        self._reward = module.reward
         self.name = reward_file.stem
         records = read_jsonl(prompts_file)
         bad = next((r for r in records if not isinstance(r.get("prompt"), str)), None)
@@ -123,24 +119,26 @@ class UserTask:
             raise ValueError(f"--prompts {prompts_file}: expected one {{\"prompt\": \"...\"}} object a line, got "
                              f"{str(bad)[:80] if bad else 'no records'}")
         self._prompts = [r["prompt"] for r in records]
+        try:
+            self._reward = RewardWorker(reward_file, reward_timeout)
+        except RewardError as e:
+            raise RewardError(f"--task {reward_file}: {e}") from None
 
     def prompts(self, n: int, seed: int) -> list[str]:
         rng = random.Random(f"{self.name}-{seed}")
         return [rng.choice(self._prompts) for _ in range(n)]
 
     def reward(self, prompt: str, completion: str) -> float:
-        value = self._reward(prompt, completion)
-        if not isinstance(value, (int, float)) or value != value:
-            raise ValueError(f"the task's reward({prompt[:40]!r}, ...) returned {value!r}: expected a number")
-        return float(value)
+        return self._reward(prompt, completion)
 
 
 BUILTIN_TASKS = {"arithmetic": ChainSum, "reverse": Reverse}
 
 
-def load_task(task: str, prompts_file: str | Path | None = None, options: dict | None = None) -> Task:
+def load_task(task: str, prompts_file: str | Path | None = None, options: dict | None = None,
+              reward_timeout: float = 30.0) -> Task:
     """A built-in task by name (with its constructor's `options`), or a user task from a Python file and
-    `prompts_file`."""
+    `prompts_file` (its reward calls limited to `reward_timeout` seconds each)."""
     if task in BUILTIN_TASKS:
         try:
             return BUILTIN_TASKS[task](**(options or {}))
@@ -150,7 +148,7 @@ def load_task(task: str, prompts_file: str | Path | None = None, options: dict |
     if prompts_file is None:
         raise ValueError(f"--task {task!r} is not a built-in task ({sorted(BUILTIN_TASKS)}): a Python file of "
                          f"reward(prompt, completion) also needs --prompts FILE.jsonl")
-    return UserTask(task, prompts_file)
+    return UserTask(task, prompts_file, reward_timeout)
 
 
 def sft_records(task, n: int, seed: int) -> list[dict]:

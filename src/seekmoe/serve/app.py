@@ -44,12 +44,21 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     started: int = field(default_factory=lambda: int(time.time()))
     scheduler: Scheduler = None  # type: ignore[assignment]
+    max_requests: int | None = None  # requests handled at once (beyond: 503), /health and /metrics exempt
+    in_flight: int = 0
+    generations: set = field(default_factory=set)  # the Generations not yet finished (end_generations ends them)
 
     def __post_init__(self):
         if self.engine.tokenizer is None:
             raise ValueError("the server needs an engine with a tokenizer (Engine.from_pretrained loads "
                              "tokenizer.json)")
         self.scheduler = Scheduler(self.engine, self.metrics, self.max_queue)
+
+    def end_generations(self) -> None:
+        """End every unfinished generation (the graceful-shutdown time is up): streams send an error event and
+        [DONE], requests still waiting answer 503, and their engine slots are freed. On the event loop."""
+        for generation in list(self.generations):
+            generation.end("the server is shutting down and its graceful-shutdown time ran out")
 
     def completed(self, generation: Generation) -> None:
         """Count a finished request's latency and tokens in the metrics."""
@@ -144,9 +153,13 @@ def _field_path(loc) -> list[str]:
                                                          (x in ("str", "int", "float", "bool") or "[" in x or "-" in x))]
 
 
+UNCAPPED_PATHS = ("/health", "/metrics")  # cheap, engine-free, and what a liveness probe or monitor calls
+
+
 class Guard:
-    """ASGI middleware in front of the app: the API key on /v1/ paths, a bound on the body's size and on the time
-    it takes to arrive (read here in full, so the app never sees a partial body), and request counts by status."""
+    """ASGI middleware in front of the app: the API key on /v1/ paths, the cap on requests handled at once
+    (`ServerState.max_requests`, not applied to UNCAPPED_PATHS), a bound on the body's size and on the time it
+    takes to arrive (read here in full, so the app never sees a partial body), and request counts by status."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
@@ -162,8 +175,15 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        capped = path not in UNCAPPED_PATHS
+        if capped:
+            self.state.in_flight += 1  # on the event loop: no lock needed
         try:
             error = self._check_key(scope, path)
+            limit = self.state.max_requests
+            if error is None and capped and limit is not None and self.state.in_flight > limit:
+                error = APIError(503, f"the server is busy: {limit} requests are already being handled; retry "
+                                      f"later", type="server_error")
             if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body, error = await self._read_body(scope, receive)
                 if error is None:
@@ -174,6 +194,8 @@ class Guard:
                 return
             await self.app(scope, receive, counted_send)
         finally:
+            if capped:
+                self.state.in_flight -= 1
             known = path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
             self.state.metrics.request_done(path if known else "other", status[0])
 

@@ -33,7 +33,7 @@ async def create_chat_completion(body: ChatCompletionRequest, http: HTTPRequest,
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     request = Request(ids, sampling_params(body, max_new_tokens(engine, len(ids), requested, None, param),
                                            body.stop_list() + CHAT_STOP, logprobs, None))
-    generation = Generation(state.scheduler, [request])
+    generation = Generation(state.scheduler, [request], state.generations)
     generation.start()
     rid = new_id(chat=True)
     if body.stream:

@@ -33,9 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 64: on 2 CPU cores, smaller chunks keep running streams' inter-token latency "
                         "lower while long prompts arrive; see benchmarks/serve.py)")
     p.add_argument("--max-connections", type=int, default=256, metavar="C",
-                   help="concurrent connections before the server answers 503 (default 256)")
+                   help="open connections kept (past C, the oldest without a request in progress is closed) and "
+                        "requests handled at once (past C, 503; /health and /metrics are always answered) "
+                        "(default 256)")
     p.add_argument("--timeout-keep-alive", type=int, default=5, metavar="S",
-                   help="seconds an idle keep-alive connection stays open (default 5)")
+                   help="seconds an idle keep-alive connection, or a new one that has sent nothing, stays open "
+                        "(default 5)")
     p.add_argument("--graceful-shutdown", type=int, default=30, metavar="S",
                    help="on SIGTERM or Ctrl-C, seconds in-flight requests get to finish (default 30)")
 

@@ -36,7 +36,7 @@ async def create_completion(body: CompletionRequest, http: HTTPRequest, state: S
         prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
         requests.append(Request(ids, sampling_params(body, max_tokens, body.stop_list(), body.logprobs,
                                                      prompt_logprobs)))
-    generation = Generation(state.scheduler, requests)
+    generation = Generation(state.scheduler, requests, state.generations)
     generation.start()
     rid = new_id(chat=False)
     if body.stream:

@@ -15,12 +15,16 @@ from starlette.responses import StreamingResponse
 
 from ..inference.engine import Engine, Event, Request
 from ..inference.sampling import SamplingParams
-from .protocol import APIError, SamplingFields
+from .protocol import APIError, SamplingFields, sse
 from .scheduler import QueueFull, Scheduler
 
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was complete."""
+
+
+class ServerStopping(Exception):
+    """The server's graceful-shutdown time ran out before the generation finished (`Generation.end`)."""
 
 
 async def tokenize(engine: Engine, prompt: str | list[int], param: str) -> list[int]:
@@ -77,11 +81,12 @@ def sampling_params(body: SamplingFields, max_tokens: int, stop: list[str], logp
 class Generation:
     """One HTTP request's engine requests (one per prompt) and the events they produce, read on the event loop."""
 
-    def __init__(self, scheduler: Scheduler, requests: list[Request]):
+    def __init__(self, scheduler: Scheduler, requests: list[Request], registry: set | None = None):
         self.scheduler = scheduler
         self.requests = requests
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._queue: asyncio.Queue[Event | ServerStopping] = asyncio.Queue()
         self._open = len(requests)
+        self._registry = registry  # the server's unfinished generations, which a shutdown ends
         self.started = time.perf_counter()
 
     def start(self) -> None:
@@ -95,10 +100,17 @@ class Generation:
             self.scheduler.submit(self.requests, deliver)
         except QueueFull as e:
             raise APIError(503, f"the server is busy: {e}; retry later", type="server_error") from None
+        if self._registry is not None:
+            self._registry.add(self)
+
+    def end(self, reason: str) -> None:
+        """Make `events()` raise ServerStopping(reason) next, even while requests are unfinished (on the loop)."""
+        if self._open:
+            self._queue.put_nowait(ServerStopping(reason))
 
     async def events(self, client: HTTPRequest | None = None) -> AsyncIterator[Event]:
         """Every event until all requests have finished; raises ClientGone if `client` disconnects first
-        (streams leave that to the response, which calls `cancel`)."""
+        (streams leave that to the response, which calls `cancel`), or ServerStopping after `end`."""
         watcher = asyncio.ensure_future(_disconnected(client)) if client is not None else None
         try:
             while self._open:
@@ -111,29 +123,38 @@ class Generation:
                         get.cancel()
                         raise ClientGone()
                     event = get.result()
+                if isinstance(event, ServerStopping):
+                    self.cancel()
+                    raise event
                 self._open -= event.finished
                 yield event
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if self._registry is not None:
+                self._registry.discard(self)
 
     async def collect(self, client: HTTPRequest) -> bool:
         """Wait until every request has finished; False, with their slots freed, if the client went away first.
-        Raises APIError(500) if the engine failed any of them."""
+        Raises APIError(500) if the engine failed any of them, APIError(503) if the server ended it (shutdown)."""
         try:
             async for _ in self.events(client):
                 pass
         except ClientGone:
             self.cancel()
             return False
+        except ServerStopping as e:
+            raise APIError(503, f"{e}; retry on another server", type="server_error") from None
         raise_if_failed(self.requests)
         return True
 
     def cancel(self) -> None:
-        """Free the slots of whatever has not finished (the client went away)."""
+        """Free the slots of whatever has not finished (the client went away, or the server is stopping)."""
         for r in self.requests:
             if not r.done:
                 self.scheduler.cancel(r)
+        if self._registry is not None:
+            self._registry.discard(self)
 
 
 async def _disconnected(client: HTTPRequest) -> None:
@@ -145,10 +166,12 @@ async def _disconnected(client: HTTPRequest) -> None:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that call `on_close` however the response ends (finished, or the client gone)."""
+    """Server-sent events that call `on_close` however the response ends (finished, or the client gone); a stream
+    that the server ends (ServerStopping) sends an error event and [DONE] instead of being cut off."""
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(_ended_cleanly(content), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -164,6 +187,17 @@ def check_model(requested: str, served: str) -> None:
     if requested != served:
         raise APIError(404, f"model={requested[:100]!r} is not served here: expected {served!r}", "model",
                        "model_not_found")
+
+
+async def _ended_cleanly(content: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for chunk in content:
+            yield chunk
+    except ServerStopping as e:
+        yield sse(APIError(503, f"{e}; the stream was cut", type="server_error").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        await content.aclose()
 
 
 def raise_if_failed(requests: list[Request]) -> None:

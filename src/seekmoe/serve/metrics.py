@@ -26,6 +26,7 @@ class Metrics:
         self.accepted = 0
         self.queue_depth = 0
         self.running = 0
+        self.connections_evicted = 0  # idle connections closed to make room under --max-connections
 
     def request_done(self, endpoint: str, status: int) -> None:
         """Count one answered HTTP request."""
@@ -44,6 +45,11 @@ class Metrics:
             self.generation_tokens += generated
             self.drafted += drafted
             self.accepted += accepted
+
+    def connection_evicted(self) -> None:
+        """Count one idle connection closed to make room."""
+        with self._lock:
+            self.connections_evicted += 1
 
     def step(self, batch: int, queue_depth: int, running: int) -> None:
         """Record one engine step over `batch` requests."""
@@ -80,6 +86,9 @@ class Metrics:
                              self.drafted)
             lines += _metric("seekmoe_spec_accepted_tokens_total", "counter", "MTP draft tokens accepted.",
                              self.accepted)
+            lines += _metric("seekmoe_connections_evicted_total", "counter",
+                             "Idle connections closed to make room for new ones (--max-connections).",
+                             self.connections_evicted)
             rate = self.accepted / self.drafted if self.drafted else 0.0
             lines += _metric("seekmoe_spec_acceptance_rate", "gauge", "Accepted / drafted MTP tokens.", f"{rate:.6f}")
         return "\n".join(lines) + "\n"

@@ -4,6 +4,11 @@ HTTP handlers (on the event loop) `submit` requests with a callback that receive
 the loop admits waiting requests into free engine slots before every step, so new requests join the running batch
 at the next step. The engine knows nothing of HTTP, and this module nothing of the API's shapes.
 
+Admission is round-robin over submissions (one HTTP request's prompts), not first come first served over prompts:
+a request of 64 prompts used to hold a later one-prompt request until all 64 had run. Now the later one takes the
+next free slot, and the engine prefills the shortest prompts first (engine.py), so it is answered while the big
+one runs. Nothing is preempted: a slot frees when one of its requests ends.
+
 A step that raises is answered by failing the requests it held (each gets a finished Event with finish_reason
 "error") and freeing their slots; `health()` is false while steps keep failing, when the thread has died, or
 when one step has been running for longer than `wedged_after` seconds.
@@ -35,7 +40,8 @@ class Scheduler:
         self.metrics = metrics
         self.max_queue = max_queue
         self.wedged_after = wedged_after
-        self._waiting: deque[Request] = deque()
+        self._waiting: deque[deque[Request]] = deque()  # per submission, served in turn (round-robin)
+        self._depth = 0  # requests waiting, over every submission
         self._deliver_to: dict[int, Callable[[Event], None]] = {}  # request id -> its handler's callback
         self._cond = threading.Condition()
         self._stopped = False
@@ -56,7 +62,7 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return self._depth
 
     def health(self) -> tuple[bool, str]:
         """(healthy, why not): false when the loop thread is dead, steps keep failing, or a step is stuck."""
@@ -73,13 +79,23 @@ class Scheduler:
         """Queue requests (all or none); `deliver(event)` is called on the decode thread with each of their
         events, the last one finished. Raises QueueFull."""
         with self._cond:
-            if len(self._waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the queue holds "
-                                f"{self.max_queue})")
+            if self._depth + len(requests) > self.max_queue:
+                raise QueueFull(f"{self._depth} requests are already waiting (the queue holds {self.max_queue})")
             for r in requests:
                 self._deliver_to[r.id] = deliver
-                self._waiting.append(r)
+            if requests:
+                self._waiting.append(deque(requests))
+                self._depth += len(requests)
             self._cond.notify()
+
+    def _next_waiting(self) -> Request:
+        """The next request to admit: the first of the submission whose turn it is (then at the back of the line)."""
+        turn = self._waiting.popleft()
+        request = turn.popleft()
+        if turn:
+            self._waiting.append(turn)
+        self._depth -= 1
+        return request
 
     def cancel(self, request: Request) -> None:
         """Stop a request (its client went away): it leaves the queue, or its slot is freed at the next step."""
@@ -97,8 +113,8 @@ class Scheduler:
                     return
                 admitted, free = [], len(self.engine.free_slots)
                 while self._waiting and len(admitted) < free:
-                    admitted.append(self._waiting.popleft())
-                depth = len(self._waiting)
+                    admitted.append(self._next_waiting())
+                depth = self._depth
             events = []
             for r in admitted:
                 if r.cancelled:

@@ -4,6 +4,7 @@ model + training settings from a preset, a YAML/TOML file and `field=value` over
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -92,15 +93,19 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise bad(name, "a non-negative integer")
+        # Every float here multiplies weights or gradients: inf or nan would pass a `> 0` check and turn the
+        # weights non-finite after one step (lr=inf did, with exit 0), so each must be a finite number.
         for name in ("lr", "eps"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
-                raise bad(name, "a positive number")
+            if not _finite_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise bad(name, "a finite number > 0")
         for name in ("min_lr_ratio", "decay_fraction", "beta1", "beta2"):
-            if not isinstance(getattr(self, name), (int, float)) or not 0 <= getattr(self, name) <= 1:
+            if not _finite_number(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
                 raise bad(name, "a number in [0, 1]")
+        if not _finite_number(self.val_fraction) or not 0 <= self.val_fraction < 1:
+            raise bad("val_fraction", "a number in [0, 1)")
         for name in ("weight_decay", "grad_clip", "new_expert_bias_update_speed"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                raise bad(name, "a non-negative number")
+            if not _finite_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "a finite number >= 0")
         if not isinstance(self.trainable, str) or not self.trainable.strip():
             raise bad("trainable", "'all' or a comma-separated list of parameter names and globs (see --train)")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -115,14 +120,20 @@ class TrainConfig:
             phases = getattr(self, name)
             if (not isinstance(phases, list) or not phases
                     or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in phases)
+                    or not all(_finite_number(p[0]) and _finite_number(p[1]) for p in phases)
                     or phases[0][0] != 0 or [p[0] for p in phases] != sorted(p[0] for p in phases)
                     or any(p[1] < 0 for p in phases)):
                 raise bad(name, "a list of [start fraction, multiplier] pairs, the first starting at 0, "
-                                "in increasing order, multipliers >= 0")
+                                "in increasing order, multipliers finite and >= 0")
 
     def to_dict(self) -> dict:
         """The fields as a JSON-able dict."""
         return dataclasses.asdict(self)
+
+
+def _finite_number(value) -> bool:
+    """A real number (not a bool) that is neither infinite nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def stepwise(phases: list, step: int, max_steps: int) -> float:

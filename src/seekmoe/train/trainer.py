@@ -4,6 +4,7 @@ cleanly on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import threading
@@ -53,7 +54,7 @@ class TrainingInterrupted(RuntimeError):
 
 def exit_status(command: str, run) -> int:
     """Call `run()` for `seekmoe COMMAND`: 0 when it finishes, 1 when training diverged, 128 + the signal when it
-    was stopped (after saving a checkpoint); the reason goes to stderr."""
+    was stopped (after saving a checkpoint), 2 when the disk is full; the reason goes to stderr."""
     import sys
 
     try:
@@ -64,7 +65,29 @@ def exit_status(command: str, run) -> int:
     except TrainingInterrupted as e:
         print(f"seekmoe {command}: {e}", file=sys.stderr)
         return 128 + e.signum
+    except Exception as e:
+        full = disk_full(e)
+        if full is None:
+            raise
+        # A full disk is the user's to fix, not a bug: one line (not 30 of traceback), and checkpoints are written
+        # atomically, so the newest complete one is still there to resume from.
+        print(f"seekmoe {command}: error: no space left on device{full}: free some space, then run the same "
+              f"command with --resume", file=sys.stderr)
+        return 2
     return 0
+
+
+def disk_full(error: BaseException) -> str | None:
+    """' writing PATH' (or '') if `error`, or an error it was raised from, is a full disk or quota; else None.
+    safetensors reports it as its own error type with the OS error in its text, so the text is checked too."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f" writing {seen.filename}" if seen.filename else ""
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return ""
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -390,8 +413,8 @@ class Trainer:
             model.save_pretrained(tmp)
             write_tokenizer_files(self.data.tokenizer, tmp, self.model_config.max_position_embeddings)
 
+        summary = self.summary()  # first: a run without one completed step has no model worth writing
         write_atomically(self.out / "final", write_final)
-        summary = self.summary()
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         plots = plot_run(self.out)
         self.log(f"final model: {self.out / 'final'}" + (f"; plots: {', '.join(map(str, plots))}" if plots else ""))
@@ -403,6 +426,9 @@ class Trainer:
 
         c, tokenized = self.config, getattr(self.data, "tokenized", None)
         records = [r for r in read_metrics(self.out) if "skipped" not in r]
+        if not records:  # every step was skipped (a non-finite loss or gradients, fewer than max_bad_steps times)
+            raise TrainingDiverged(f"no step completed: all {c.max_steps} steps were skipped for a non-finite loss "
+                                   f"or gradients (see metrics.jsonl); lower lr (now {c.lr}) or check the data")
         tail = records[-min(10, len(records)):]
         evals = [r for r in records if "val_loss" in r]
         sizes = model_summary(self.model_config)
@@ -419,7 +445,7 @@ class Trainer:
             "steps": c.max_steps,
             "tokens_trained": tokens,
             "train_seconds": self.train_seconds,  # optimizer steps only: no evaluation, checkpoints or data prep
-            "tokens_per_s": tokens / self.train_seconds,
+            "tokens_per_s": tokens / self.train_seconds if self.train_seconds else 0.0,
             "precision": self.precision,
             "device": str(self.device),
             "processes": self.world_size,
