@@ -232,16 +232,17 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     files = checkpoint_files(path)
     config = _without_absent_mtp(config, files, path)
+    if dtype is None:
+        dtype = _checkpoint_dtype(path, files)
+    # Counted from the config alone (one block of each kind), before even the meta-device model is built.
+    check_fits_memory(config, dtype.itemsize, f"{str(dtype).removeprefix('torch.')} weights", device,
+                      source=str(path))
     with torch.device("meta"):
         model = CausalLM(config)
     # Every shape and every required tensor is checked against the safetensors headers while the model is still on
     # the meta device: a config.json that does not match its weights (or a hostile one) never allocates anything.
     _Loader(model, path, files, (128, 128)).check()
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-    if dtype is None:
-        dtype = _checkpoint_dtype(path, files)
-    check_fits_memory(config, dtype.itemsize, f"{str(dtype).removeprefix('torch.')} weights", device,
-                      source=str(path))
     # Cast on the meta device, then allocate: each tensor is allocated once, in its final dtype and place.
     model = model.to(dtype).to_empty(device=device)
     model.model.rotary_emb.reset_parameters()  # a non-persistent buffer: to_empty left it uninitialized

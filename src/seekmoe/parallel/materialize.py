@@ -9,11 +9,11 @@ The order is: build on meta (`build_model(config, device="meta")`), check the fo
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from ..checkpoint import _Loader, checkpoint_files, dequantize_fp8
@@ -46,6 +46,9 @@ def materialize(model: nn.Module, device: torch.device, folder: str | Path | Non
     """Allocate this rank's shards of the meta-device `model` on `device` and fill them from `folder`'s weights, or
     (no folder) as one process would initialize them after the same `torch.manual_seed`."""
     model.to_empty(device=device)
+    embedding, head = model.model.embed_tokens.weight, model.lm_head.weight
+    if model.config.tie_word_embeddings and not isinstance(head, DTensor) and head is not embedding:
+        model.lm_head.weight = embedding  # to_empty gave each module its own new tensor (FSDP keeps one)
     with torch.no_grad():
         if folder is None:
             init_shards(model)
@@ -59,7 +62,10 @@ def materialize(model: nn.Module, device: torch.device, folder: str | Path | Non
 
 def _twin(module: nn.Module) -> nn.Module:
     """A shallow copy of `module` whose own parameters and buffers are fresh full-size CPU tensors (no children)."""
-    twin = copy.copy(module)
+    # The module's own class, not FSDP2's wrapper class (whose __new__ would re-run __init__), same attributes.
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    twin = object.__new__(cls)
+    twin.__dict__.update(module.__dict__)
     twin.__dict__["_parameters"] = {n: None if p is None else torch.empty(p.shape, dtype=p.dtype)
                                     for n, p in module._parameters.items()}
     twin.__dict__["_buffers"] = {n: None if b is None else torch.empty(b.shape, dtype=b.dtype)
@@ -102,7 +108,12 @@ class ShardedLoader(_Loader):
 
     def load(self) -> None:
         I = self.config.moe_intermediate_size
-        for key, name, index in self._targets():
+        current = None
+        for key, name, index in self._targets():  # file by file
+            if self.files[key] != current:
+                # One shard file mapped at a time: the pages read from a file leave this process with it.
+                current = self.files[key]
+                self.handles.clear()
             local, box = local_box(self.params[name])
             if index is None:
                 local.copy_(self.read(key, box))

@@ -23,6 +23,7 @@ from ..grow.freeze import select_trainable
 from ..grow.onboarding import NewExpertOnboarding
 from ..info import model_summary
 from ..model.moe import device_groups_for
+from ..model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, ranks_on_this_machine
 from ..parallel import ParallelConfig, consolidated_model, init_processes, parallelize
 from .balance import max_violation
 from .checkpointing import (latest_checkpoint, load_checkpoint, save_checkpoint, set_aside_newer_checkpoints,
@@ -138,6 +139,14 @@ class Trainer:
         self.parallel = ParallelConfig.from_dict(config.parallel)
         self.processes = init_processes(self.parallel, model_config)  # one process unless launched by torchrun
         self.rank, self.world_size = self.processes.rank, self.processes.world_size
+        # Before any data is read or tensor allocated: a model this machine cannot train is refused with the sums.
+        # (With --train a subset, only the fp32 weights are counted: the frozen rest needs no gradient or moments.)
+        every = config.trainable == "all"
+        check_fits_memory(model_config, TRAINING_BYTES_PER_PARAM if every else 4,
+                          "fp32 weights, gradients and AdamW's two moments" if every else "fp32 weights",
+                          self.processes.device, shards=self.world_size,
+                          ranks_here=ranks_on_this_machine() if self.world_size > 1 else 1,
+                          source=f"the model of {init_from or 'this run'}")
         self.reduce = self.processes.all_reduce_sum if self.processes.distributed else None
         self.resume_from = latest_checkpoint(self.out) if resume else None
         checkpoints = self.out / "checkpoints"
@@ -204,7 +213,6 @@ class Trainer:
         Under torchrun (and for any folder) the model is built on the meta device, checked against the folder's
         headers, parallelized, and only then materialized: each rank allocates and fills its own shards
         (parallel/materialize.py), so no rank holds the whole model."""
-        from ..model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, ranks_on_this_machine
         from ..parallel.materialize import check_folder, materialize
 
         full_weights = None
@@ -213,10 +221,6 @@ class Trainer:
         elif self.init_from is not None and self.resume_from is None:
             full_weights = self.init_from
             self.log(f"initialized from {self.init_from}")
-        check_fits_memory(self.model_config, TRAINING_BYTES_PER_PARAM,
-                          "fp32 weights, gradients and AdamW's two moments", self.device,
-                          shards=self.world_size, ranks_here=ranks_on_this_machine() if self.world_size > 1 else 1,
-                          source=f"the model ({full_weights or 'config'})")
         if full_weights is None and not self.processes.distributed:
             model = build_model(self.model_config)  # one process, fresh: built and initialized in place
         else:
