@@ -17,6 +17,8 @@ from seekmoe.model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, re
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     seekmoe.build_model(ModelConfig.preset("tiny")).save_pretrained(path)
+    import seekmoe.inference.cli  # noqa: F401 (imported once here, so each case times its checks alone)
+    import seekmoe.inference.engine  # noqa: F401
     return path
 
 
@@ -67,6 +69,7 @@ def test_a_hostile_config_json_is_one_line_and_exit_2_before_any_model_is_built(
         seekmoe.from_pretrained(path)
 
 
+@pytest.mark.filterwarnings("ignore::seekmoe.checkpoint.MissingMTPWarning")
 def test_a_model_too_big_for_this_machine_is_refused_with_the_arithmetic(folder, tmp_path, no_model_built):
     # Within every bound, yet ~ 1.8T parameters: the count comes from one block of each kind on the meta device.
     path = hostile(folder, tmp_path, lambda c: {**c, "hidden_size": 32768, "vocab_size": 4_000_000,
