@@ -68,7 +68,8 @@ def read_config_json(path: str | os.PathLike) -> dict:
     depth = _max_depth(text)
     if depth > MAX_JSON_DEPTH:
         # json.loads recurses once per level: checked first, so a 100,000-deep file is no RecursionError.
-        raise ValueError(f"{path} nests {depth} levels deep: expected a config.json of at most {MAX_JSON_DEPTH}")
+        raise ValueError(f"{path} nests more than {MAX_JSON_DEPTH} levels deep: expected a config.json of at most "
+                         f"{MAX_JSON_DEPTH}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -79,13 +80,16 @@ def read_config_json(path: str | os.PathLike) -> dict:
     return data
 
 
-def _max_depth(text: str) -> int:
-    """How deep brackets nest in the JSON `text`, strings skipped (one pass, no recursion)."""
+def _max_depth(text: str, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep brackets nest in the JSON `text`, strings skipped (one pass, no recursion); the scan stops at the
+    first bracket past `limit` and reports that depth."""
     depth = deepest = 0
     for m in _JSON_TOKEN.finditer(text):
         c = m.group()
         if c in "[{":
             depth += 1
+            if depth > limit:
+                return depth
             deepest = max(deepest, depth)
         elif c in "]}":
             depth -= 1
