@@ -18,7 +18,8 @@ from seekmoe.model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, re
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     seekmoe.build_model(ModelConfig.preset("tiny")).save_pretrained(path)
-    importlib.import_module("seekmoe.inference.cli")  # imported once here: each case then costs its checks alone
+    for module in ("seekmoe.inference.cli", "seekmoe.train.trainer", "seekmoe.posttrain.rl"):
+        importlib.import_module(module)  # imported once here: each case then costs its checks alone
     return path
 
 
@@ -61,7 +62,10 @@ def test_a_hostile_config_json_is_one_line_and_exit_2_before_any_model_is_built(
                                                                                no_model_built, case):
     change, message = HOSTILE[case]
     path = hostile(folder, tmp_path, change)
-    for command in (["info", "--model", path], ["generate", "--model", path, "--prompt", "hi"]):
+    out = str(tmp_path / "out")
+    for command in (["info", "--model", path], ["generate", "--model", path, "--prompt", "hi"],
+                    ["train", "--init-from", path, "--out", out], ["sft", "--model", path, "--data", path, "--out", out],
+                    ["rl", "--model", path, "--task", "arithmetic", "--out", out]):
         assert main(command) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
