@@ -79,12 +79,28 @@ def test_fp8_rows_are_dequantized_slice_by_slice_as_the_whole_matrix_is(tmp_path
     save_file({"model.embed_tokens.weight": q, "model.embed_tokens.weight_scale_inv": scale_inv},
               str(tmp_path / "model.safetensors"))
     config = ModelConfig.preset("tiny", vocab_size=70, hidden_size=40)
-    config.extra["quantization_config"] = {"weight_block_size": list(block)}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": list(block)}}))
     model = build_model(config, device="meta")
     loader = ShardedLoader(model, tmp_path)
     whole = dequantize_fp8(q, scale_inv, block)
     for rows in (slice(0, 70), slice(0, 35), slice(35, 70), slice(17, 18), slice(31, 49)):
         assert torch.equal(loader.read("model.embed_tokens.weight", (rows, slice(0, 40))), whole[rows])
+
+
+def test_an_fp8_folder_materializes_into_what_from_pretrained_dequantizes(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    block = (16, 16)
+    build_model(ModelConfig.preset("tiny")).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    for key in [k for k, w in state.items() if k.endswith("proj.weight") and w.dim() == 2]:
+        state[key], state[key + "_scale_inv"] = quantize_fp8(state[key], block)
+    save_file(state, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    got = materialize(build_model(ModelConfig.from_json_file(tmp_path), device="meta"), torch.device("cpu"), tmp_path)
+    assert_same_model(got, seekmoe.from_pretrained(tmp_path, dtype=torch.float32))
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 240) -> None:

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from ..checkpoint import _Loader, checkpoint_files, dequantize_fp8
 from ..model.rope import RotaryEmbedding
+from ..model_folder import read_config_json
 from ..model.transformer import init_module
 
 # torch.nn modules that draw their weights once in __init__ (before CausalLM.reset_parameters draws them again):
@@ -103,7 +104,8 @@ class ShardedLoader(_Loader):
     sharded matrix, whole experts for the stacked expert weights (sharded by expert)."""
 
     def __init__(self, model: nn.Module, path: Path):
-        block = tuple((model.config.extra.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+        quantization = read_config_json(path / "config.json").get("quantization_config") or {}
+        block = tuple(quantization.get("weight_block_size", (128, 128)))
         super().__init__(model, path, checkpoint_files(path), block)
 
     def load(self) -> None:
