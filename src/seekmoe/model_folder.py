@@ -156,6 +156,7 @@ def check_fits_memory(config: ModelConfig, bytes_per_param: int, what: str, devi
     fit `device`'s free memory (on a CPU shared by `ranks_here` ranks of the run)."""
     from .info import parameter_count
 
+    check_config_bounds(config, source)  # counting walks the layers once: bounded first
     params = parameter_count(config)
     total = params * bytes_per_param
     per_rank = math.ceil(total / shards)

@@ -5,6 +5,11 @@ initialization, drawing each tensor in full one at a time and keeping its slice.
 The order is: build on meta (`build_model(config, device="meta")`), check the folder's headers against it
 (`check_folder`), `parallelize` (FSDP2 shards dim 0 of every parameter; expert parallelism owns whole experts), then
 `materialize`. Works on a plain (one-process) meta model too: every tensor is then its own whole shard.
+
+Costs: a load reads each rank's slices (`safe_open(...).get_slice`), whole experts for the stacked expert weights, and
+FP8 rows with the scale blocks around them; one shard file is mapped at a time. A fresh initialization draws every
+tensor in full on every rank (the random stream must advance as in one process): time as for the whole model,
+memory for its largest tensor only.
 """
 
 from __future__ import annotations
