@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import CausalLM
+from .model_folder import check_fits_memory, config_from_dict, read_config_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -221,10 +222,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
-    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
-    if raw is None:
-        raise FileNotFoundError(f"no config.json in {path}")
-    config = ModelConfig.from_dict(raw)
+    raw = read_config_json(path / "config.json")
+    config = config_from_dict(raw, str(path / "config.json"))
     device = torch.device(device or "cpu")
     if device.type == "meta":
         with torch.device("meta"):
@@ -233,15 +232,19 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     files = checkpoint_files(path)
     config = _without_absent_mtp(config, files, path)
+    if dtype is None:
+        dtype = _checkpoint_dtype(path, files)
+    # Counted from the config alone (one block of each kind), before even the meta-device model is built.
+    check_fits_memory(config, dtype.itemsize, f"{str(dtype).removeprefix('torch.')} weights", device,
+                      source=str(path))
     with torch.device("meta"):
         model = CausalLM(config)
     # Every shape and every required tensor is checked against the safetensors headers while the model is still on
     # the meta device: a config.json that does not match its weights (or a hostile one) never allocates anything.
     _Loader(model, path, files, (128, 128)).check()
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-    if dtype is None:
-        dtype = _checkpoint_dtype(path, files)
-    model = model.to_empty(device=device).to(dtype)
+    # Cast on the meta device, then allocate: each tensor is allocated once, in its final dtype and place.
+    model = model.to(dtype).to_empty(device=device)
     model.model.rotary_emb.reset_parameters()  # a non-persistent buffer: to_empty left it uninitialized
     loader = _Loader(model, path, files, block)
     loader.load()

@@ -291,16 +291,11 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ModelConfig":
-        """Read `path` (a config.json, or a directory holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        """Read `path` (a config.json, or a directory holding one), refusing a hostile one before it allocates
+        anything (model_folder.py: size, nesting, a JSON object, bounded sizes)."""
+        from .model_folder import read_model_config
+
+        return read_model_config(path)
 
     def to_dict(self) -> dict:
         """A config.json dict that transformers' AutoConfig reads as DeepseekV2Config or DeepseekV3Config."""

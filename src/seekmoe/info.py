@@ -56,6 +56,29 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
     }
 
 
+def parameter_count(config: ModelConfig) -> int:
+    """Every parameter of the model `config` describes, MTP modules included (the tied LM head once), counted from
+    one block of each kind built on the meta device: a config of a thousand layers costs no more than one of two,
+    so a hostile config.json is sized before anything is built."""
+    from .model.block import DecoderBlock
+    from .model.mtp import MTPModule
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    n_moe = config.n_moe_layers
+    total = V * H * (1 if config.tie_word_embeddings else 2) + H  # embedding, LM head, final norm
+    with torch.device("meta"):
+        if n_moe:
+            total += n_moe * count(DecoderBlock(config, moe=True))
+        if L - n_moe:
+            total += (L - n_moe) * count(DecoderBlock(config, moe=False))
+        if config.num_nextn_predict_layers:
+            total += config.num_nextn_predict_layers * count(MTPModule(config))
+    return total
+
+
 def _human(n: float, unit: str = "") -> str:
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= scale:

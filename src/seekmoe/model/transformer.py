@@ -65,23 +65,8 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) for every matrix, ones for norms, zeros for router biases."""
-        std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, Router):
-                module.weight.normal_(0.0, std)
-                if module.e_score_correction_bias is not None:
-                    module.e_score_correction_bias.zero_()
-            elif isinstance(module, tuple(LITERATURE_ROUTERS.values())):
-                module.reset_parameters(std)
-            elif isinstance(module, RoutedExperts):
-                module.gate_up_proj.normal_(0.0, std)
-                module.down_proj.normal_(0.0, std)
-            elif isinstance(module, RotaryEmbedding):
-                module.reset_parameters()
+            init_module(module, self.config.initializer_range)
 
     def moe_layers(self) -> list[MoE]:
         """Every MoE layer, main blocks first, then MTP modules: the order of `expert_counts` rows."""
@@ -165,3 +150,28 @@ class CausalLM(nn.Module):
 def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits[:, i] against labels[:, i + 1] (fp32), ignoring -100."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def init_module(module: nn.Module, std: float) -> bool:
+    """Give `module`'s own parameters and buffers (not its children's) their initial values: normal(0, std) for
+    matrices, ones for norms, zeros for router biases. False for a module this table does not know: it has no
+    tensors of its own to set. parallel/materialize.py calls it module by module to initialize shards."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.normal_(0.0, std)
+    elif isinstance(module, RMSNorm):
+        module.weight.fill_(1.0)
+    elif isinstance(module, Router):
+        module.weight.normal_(0.0, std)
+        if module.e_score_correction_bias is not None:
+            module.e_score_correction_bias.zero_()
+    elif isinstance(module, tuple(LITERATURE_ROUTERS.values())):
+        module.reset_parameters(std)
+    elif isinstance(module, RoutedExperts):
+        module.gate_up_proj.normal_(0.0, std)
+        module.down_proj.normal_(0.0, std)
+    elif isinstance(module, RotaryEmbedding):
+        module.reset_parameters()
+    else:
+        return False
+    return True

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..model_folder import check_config_bounds
 from ..config import ModelConfig
 
 LR_SCHEDULES = ("cosine", "wsd")
@@ -186,6 +187,7 @@ def load_run_config(preset: str | None = None, config_file: str | Path | None = 
         model = model.replace(**model_fields) if model_fields else model
     else:
         model = ModelConfig.preset(base, **model_fields)
+    check_config_bounds(model, "the run's model config")  # before anything counts or builds its layers
     seq_len = train_fields.get("seq_len", train_defaults.get("seq_len", TrainConfig.seq_len))
     if init_from is None and model.rope_scaling and "rope_scaling" not in model_fields:
         original = model.rope_scaling["original_max_position_embeddings"]

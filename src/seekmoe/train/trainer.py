@@ -24,6 +24,7 @@ from ..grow.freeze import select_trainable
 from ..grow.onboarding import NewExpertOnboarding
 from ..info import model_summary
 from ..model.moe import device_groups_for
+from ..model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, ranks_on_this_machine
 from ..parallel import ParallelConfig, consolidated_model, init_processes, parallelize
 from .balance import max_violation
 from .checkpointing import (latest_checkpoint, load_checkpoint, save_checkpoint, set_aside_newer_checkpoints,
@@ -161,6 +162,14 @@ class Trainer:
         self.parallel = ParallelConfig.from_dict(config.parallel)
         self.processes = init_processes(self.parallel, model_config)  # one process unless launched by torchrun
         self.rank, self.world_size = self.processes.rank, self.processes.world_size
+        # Before any data is read or tensor allocated: a model this machine cannot train is refused with the sums.
+        # (With --train a subset, only the fp32 weights are counted: the frozen rest needs no gradient or moments.)
+        every = config.trainable == "all"
+        check_fits_memory(model_config, TRAINING_BYTES_PER_PARAM if every else 4,
+                          "fp32 weights, gradients and AdamW's two moments" if every else "fp32 weights",
+                          self.processes.device, shards=self.world_size,
+                          ranks_here=ranks_on_this_machine() if self.world_size > 1 else 1,
+                          source=f"the model of {init_from or 'this run'}")
         self.reduce = self.processes.all_reduce_sum if self.processes.distributed else None
         self.resume_from = latest_checkpoint(self.out) if resume else None
         checkpoints = self.out / "checkpoints"
@@ -222,26 +231,37 @@ class Trainer:
     # ----- setup -----
     def _build_model(self) -> torch.nn.Module:
         """The model on the run's device, initialized or loaded from `init_from` (or from a single-process
-        checkpoint being resumed by several processes), parallelized under torchrun, in training mode."""
-        from ..checkpoint import from_pretrained
+        checkpoint being resumed by several processes), parallelized under torchrun, in training mode.
 
-        model = build_model(self.model_config)
+        Under torchrun (and for any folder) the model is built on the meta device, checked against the folder's
+        headers, parallelized, and only then materialized: each rank allocates and fills its own shards
+        (parallel/materialize.py), so no rank holds the whole model."""
+        from ..parallel.materialize import check_folder, materialize
+
         full_weights = None
         if self.resume_from is not None and self.processes.distributed and not is_sharded(self.resume_from):
             full_weights = self.resume_from
         elif self.init_from is not None and self.resume_from is None:
             full_weights = self.init_from
             self.log(f"initialized from {self.init_from}")
-        if full_weights is not None:
+        if full_weights is None and not self.processes.distributed:
+            model = build_model(self.model_config)  # one process, fresh: built and initialized in place
+        else:
             # The weights (and router biases) of the folder, into a model of this run's config: an extension stage
             # changes rope_scaling, which lives in no tensor.
-            model.load_state_dict(from_pretrained(full_weights, dtype=torch.float32).state_dict())
+            model = build_model(self.model_config, device="meta")
+            if full_weights is not None:
+                check_folder(model, full_weights)
+            if not self.processes.distributed:
+                model = materialize(model, self.device, full_weights)  # one process: read straight into place
         if self.config.trainable != "all":
             if self.processes.distributed:
                 raise ValueError(f"--train {self.config.trainable} (trainable=) runs in one process only for now")
             self.log(select_trainable(model, self.config.trainable).describe())
-        model = model.to(self.device)
-        model = parallelize(model, self.processes, self.parallel)
+        on_meta = next(model.parameters()).is_meta
+        model = parallelize(model if on_meta else model.to(self.device), self.processes, self.parallel)
+        if on_meta:
+            model = materialize(model, self.device, full_weights)  # each rank its own shards only
         for moe in model.moe_layers():
             device_groups_for(self.model_config, moe.device_groups)
         model.train()
