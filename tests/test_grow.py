@@ -154,11 +154,11 @@ def test_training_new_experts_and_router_leaves_every_other_weight_bit_identical
     groups = json.loads((tmp_path / "post" / "checkpoints" / "step-00000006" / "optimizer.json").read_text())
     names = sorted(n for g in groups["param_groups"] for n in g["params"])
     assert names == sorted(f"model.{p}.mlp.{t}" for p in ("layers.1", "mtp.0")
-                           for t in ("gate.weight", "experts.trainable_gate_up_proj", "experts.trainable_down_proj"))
+                           for t in ("gate.weight", "experts.trainable_gate_up_proj", "experts.providers.trainable.down_proj"))
 
 
 def test_train_selection_names_an_unknown_item_clearly():
-    from seekmoe.grow.freeze import select_trainable
+    from seekmoe.train.freeze import select_trainable
 
     model = build_model(ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="'attn' matches no parameter"):
@@ -214,7 +214,7 @@ def test_upcycle_command_writes_a_moe_folder(tmp_path, capsys):
 
 def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts():
     """What a checkpoint holds (and what resuming loads back) is the usual [E, ...] stack, new rows merged in."""
-    from seekmoe.grow.freeze import make_partly_trainable
+    from seekmoe.train.freeze import make_partly_trainable
 
     config = ModelConfig.preset("tiny")
     model = build_model(config)
@@ -222,7 +222,7 @@ def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts():
     plain = {k: v.clone() for k, v in model.state_dict().items()}
     make_partly_trainable(experts, [2, 5], ["gate_up_proj", "down_proj"])
     with torch.no_grad():
-        experts.trainable_down_proj.add_(1.0)
+        experts.providers.trainable.down_proj.add_(1.0)
     state = model.state_dict()
     assert set(state) == set(plain)
     assert torch.equal(state["model.layers.1.mlp.experts.down_proj"][[2, 5]],
@@ -230,7 +230,7 @@ def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts():
     other = build_model(config)
     make_partly_trainable(other.model.layers[1].mlp.experts, [2, 5], ["gate_up_proj", "down_proj"])
     other.load_state_dict(state)
-    assert torch.equal(other.model.layers[1].mlp.experts.trainable_down_proj, experts.trainable_down_proj)
+    assert torch.equal(other.model.layers[1].mlp.experts.providers.trainable.down_proj, experts.providers.trainable.down_proj)
     ids = torch.randint(0, config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, other.eval()(ids).logits)

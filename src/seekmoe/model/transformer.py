@@ -90,7 +90,7 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 cache: list[LatentCacheLayer] | None = None, mtp: bool | None = None,
-                balance_window: BalanceWindow | None = None) -> CausalLMOutput:
+                balance_window: BalanceWindow | None = None, mtp_loss_weight: float | None = None) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] (usually input_ids); position_ids [S] or [B, S]; attn_mask, if given,
         a boolean [B, 1, S, S] (True = may attend) replacing the causal mask.
 
@@ -99,7 +99,8 @@ class CausalLM(nn.Module):
 
         With labels, the MTP modules run (and `mtp_loss` is reported) when `mtp` says so, by default in training
         mode only: the validation loss needs no MTP. `balance_window` makes the expert- and device-level balance
-        losses count over a whole optimizer step's micro-batches (see `BalanceWindow`)."""
+        losses count over a whole optimizer step's micro-batches (see `BalanceWindow`). `mtp_loss_weight` is the
+        lambda of the MTP loss in `loss` (None = config.mtp_loss_weight); a trainer's schedule passes it here."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
@@ -128,7 +129,8 @@ class CausalLM(nn.Module):
             mtp = self.training
         if mtp and body.mtp and S > 1 + len(body.mtp):
             out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats, attn_mask)
-            out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
+            lam = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+            out.loss = out.loss + lam * out.mtp_loss
         if stats:
             out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
             batch_loss = batch_balance_loss(stats, self.config, B * S, balance_window)

@@ -7,6 +7,7 @@ import logging
 from torch import nn
 
 from ..config import ModelConfig
+from ..model.experts import RoutedExperts
 
 
 def consolidated_model(model: nn.Module, config: ModelConfig, rank: int) -> nn.Module | None:
@@ -22,6 +23,10 @@ def consolidated_model(model: nn.Module, config: ModelConfig, rank: int) -> nn.M
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
+    # Weight providers' own tensors (the trainable rows of partly frozen experts) go back into the plain stacks.
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedExperts):
+            module.fold_state(state, f"{name}.")
     plain = build_model(config)
     plain.load_state_dict(state)
     return plain

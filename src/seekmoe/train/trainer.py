@@ -19,8 +19,6 @@ from tqdm.auto import tqdm
 from .. import build_model
 from ..config import ModelConfig
 from ..inference.tokenizer import write_tokenizer_files
-from ..grow.freeze import select_trainable
-from ..grow.onboarding import NewExpertOnboarding
 from ..info import model_summary
 from ..model.moe import device_groups_for
 from ..parallel import ParallelConfig, consolidated_model, init_processes, parallelize
@@ -31,10 +29,12 @@ from .sharded_checkpoint import (is_sharded, load_full_optimizer_state, load_sha
                                  save_sharded_checkpoint)
 from .config import TrainConfig, stepwise
 from .data import TrainData, select_corpus
+from .freeze import select_trainable
 from .metrics import MetricsLog
+from .onboarding import NewExpertOnboarding
 from .optim import build_optimizer, lr_at
 from .plots import plot_run
-from .step import Forward, StepResult, TrainStep, autocast_context, compile_blocks, language_model_forward
+from .step import Forward, StepResult, TrainStep, autocast_context, language_model_forward
 
 SUMMARY_FILE = "summary.json"
 
@@ -190,8 +190,6 @@ class Trainer:
             self.start_step, self.bad_steps = state["step"], state["bad_steps"]
             self.train_seconds = state["train_seconds"]
             self.log(f"resuming from {self.resume_from} (step {self.start_step})")
-        if config.compile:
-            compile_blocks(self.model)
         self.forward = forward or language_model_forward
         self.step = TrainStep(self.model, self.optimizer, config.grad_clip, self.autocast_dtype, self.device,
                               self.reduce, config.balance_scope, self.forward)
@@ -214,15 +212,14 @@ class Trainer:
             # changes rope_scaling, which lives in no tensor.
             model.load_state_dict(from_pretrained(full_weights, dtype=torch.float32).state_dict())
         if self.config.trainable != "all":
-            if self.processes.distributed:
-                raise ValueError(f"--train {self.config.trainable} (trainable=) runs in one process only for now")
             self.log(select_trainable(model, self.config.trainable).describe())
         model = model.to(self.device)
-        model = parallelize(model, self.processes, self.parallel)
+        model = parallelize(model, self.processes, self.parallel, compile=self.config.compile,
+                            activation_checkpointing=self.config.activation_checkpointing,
+                            compute_dtype=self.autocast_dtype)
         for moe in model.moe_layers():
             device_groups_for(self.model_config, moe.device_groups)
         model.train()
-        model.gradient_checkpointing = self.config.activation_checkpointing
         return model
 
     def _load_checkpoint(self, directory: Path) -> dict:
