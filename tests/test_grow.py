@@ -154,7 +154,8 @@ def test_training_new_experts_and_router_leaves_every_other_weight_bit_identical
     groups = json.loads((tmp_path / "post" / "checkpoints" / "step-00000006" / "optimizer.json").read_text())
     names = sorted(n for g in groups["param_groups"] for n in g["params"])
     assert names == sorted(f"model.{p}.mlp.{t}" for p in ("layers.1", "mtp.0")
-                           for t in ("gate.weight", "experts.trainable_gate_up_proj", "experts.providers.trainable.down_proj"))
+                           for t in ("gate.weight", "experts.providers.trainable.gate_up_proj",
+                                     "experts.providers.trainable.down_proj"))
 
 
 def test_train_selection_names_an_unknown_item_clearly():
