@@ -152,8 +152,8 @@ def test_backend_table_gathers_only_for_inference():
 
 def _count_gathered(monkeypatch) -> list:
     calls = []
-    real = experts_module._gathered_swiglu
-    monkeypatch.setattr(experts_module, "_gathered_swiglu", lambda *a: calls.append(1) or real(*a))
+    real = experts_module.gathered_swiglu
+    monkeypatch.setattr(experts_module, "gathered_swiglu", lambda *a: calls.append(1) or real(*a))
     return calls
 
 

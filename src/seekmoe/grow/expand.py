@@ -6,7 +6,7 @@ weights, dilutes the others. Two starts:
 - `zero`: each new expert is unselectable (its selection bias `e_score_correction_bias` sits more than the whole
   range of sigmoid scores below every old expert's) and its down projection is zero, so the expanded model computes
   exactly what the old one did. Training then brings traffic to it through the auxiliary-loss-free bias update,
-  which raises an underloaded expert's bias by `bias_update_speed` a step (onboarding.py can make that faster for
+  which raises an underloaded expert's bias by `bias_update_speed` a step (train/onboarding.py can make that faster for
   the new experts). Its gate/up projections and router row start random, as a fresh model's would.
 - `copy`: each new expert is a copy of an old expert of its group, with small relative noise on its weights, router
   row and bias, so it starts as a second specialist of what it copies; the output moves (the copy takes slots).

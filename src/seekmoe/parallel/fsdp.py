@@ -43,7 +43,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, world
             # itself needs PREMUL_SUM, which gloo lacks).
             moe.experts.providers["shards"].grad_scale = 1.0 / config.ep
     for mtp in model.model.mtp:
-        # The LM-head norm of an MTP module runs outside the module's forward (CausalLM._mtp_loss): a unit of its own.
+        # The LM-head norm of an MTP module runs outside the module's forward (CausalLM.mtp_logits): a unit of its own.
         fully_shard(mtp.shared_head["norm"], mesh=dp_mesh, **options)
     for block in list(model.model.layers) + list(model.model.mtp):
         fully_shard(block, mesh=dp_mesh, **options)
