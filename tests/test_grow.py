@@ -235,3 +235,34 @@ def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts():
     ids = torch.randint(0, config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, other.eval()(ids).logits)
+
+
+def test_trainable_rows_compose_with_a_provider_that_holds_a_slice_of_the_experts():
+    """Expert parallelism's place in the chain, without processes: a provider handing on experts 4..7 only. The
+    trainable rows of experts there are written in; the others get a zero gradient (another rank owns them)."""
+    from dataclasses import replace
+
+    from seekmoe.model.experts import RoutedExperts, WeightProvider
+    from seekmoe.train.freeze import make_partly_trainable
+
+    class SecondHalf(WeightProvider):
+        order = 10
+
+        def forward(self, w):
+            return replace(w, gate_up_proj=w.gate_up_proj[4:], down_proj=w.down_proj[4:], first_expert=4)
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(8, 16, 8)
+    torch.nn.init.normal_(experts.gate_up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    make_partly_trainable(experts, [2, 5], ["gate_up_proj", "down_proj"])
+    experts.add_provider("shards", SecondHalf())
+    assert list(experts.providers) == ["shards", "trainable"]
+    rows = experts.providers.trainable
+    with torch.no_grad():
+        rows.down_proj.add_(1.0)
+    gate_up, down = experts.expert_weights()
+    assert torch.equal(down[1], experts.down_proj[5] + 1) and torch.equal(down[0], experts.down_proj[4])
+    (gate_up.sum() + down.sum()).backward()
+    assert rows.down_proj.grad[0].abs().sum() == 0 and rows.down_proj.grad[1].abs().sum() > 0
+    assert experts.gate_up_proj.grad is None  # the stacks are frozen
