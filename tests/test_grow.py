@@ -213,8 +213,10 @@ def test_upcycle_command_writes_a_moe_folder(tmp_path, capsys):
     assert (config.n_routed_experts, config.first_k_dense_replace, config.routed_scaling_factor) == (8, 0, 1.0)
 
 
-def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts():
-    """What a checkpoint holds (and what resuming loads back) is the usual [E, ...] stack, new rows merged in."""
+def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts(tmp_path):
+    """What the Hugging Face layout holds (and what resuming loads back) is the usual [E, ...] stack, new rows merged
+    in; the state dict keeps the trainable rows apart, the same in one process and sharded."""
+    from seekmoe.model.experts import fold_weight_providers
     from seekmoe.train.freeze import make_partly_trainable
 
     config = ModelConfig.preset("tiny")
@@ -224,14 +226,22 @@ def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts():
     make_partly_trainable(experts, [2, 5], ["gate_up_proj", "down_proj"])
     with torch.no_grad():
         experts.providers.trainable.down_proj.add_(1.0)
-    state = model.state_dict()
+    raw = model.state_dict()
+    assert set(raw) - set(plain) == {f"model.layers.1.mlp.experts.providers.trainable.{t}"
+                                     for t in ("gate_up_proj", "down_proj")}
+    state = fold_weight_providers(model, dict(raw))
     assert set(state) == set(plain)
     assert torch.equal(state["model.layers.1.mlp.experts.down_proj"][[2, 5]],
                        plain["model.layers.1.mlp.experts.down_proj"][[2, 5]] + 1)
-    other = build_model(config)
-    make_partly_trainable(other.model.layers[1].mlp.experts, [2, 5], ["gate_up_proj", "down_proj"])
-    other.load_state_dict(state)
-    assert torch.equal(other.model.layers[1].mlp.experts.providers.trainable.down_proj, experts.providers.trainable.down_proj)
+    model.save_pretrained(tmp_path)
+    saved = seekmoe.from_pretrained(tmp_path).state_dict()
+    assert torch.equal(saved["model.layers.1.mlp.experts.down_proj"], state["model.layers.1.mlp.experts.down_proj"])
+    for source in (state, raw):  # plain stacks (a Hugging Face folder) or the raw state dict
+        other = build_model(config)
+        make_partly_trainable(other.model.layers[1].mlp.experts, [2, 5], ["gate_up_proj", "down_proj"])
+        other.load_state_dict(source)
+        assert torch.equal(other.model.layers[1].mlp.experts.providers.trainable.down_proj,
+                           experts.providers.trainable.down_proj)
     ids = torch.randint(0, config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, other.eval()(ids).logits)

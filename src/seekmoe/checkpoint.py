@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import CausalLM
+from .model.experts import fold_weight_providers
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -37,7 +38,7 @@ def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """(disk key, tensor) pairs in DeepSeek's layout, one expert matrix at a time (views, no copies)."""
     config = model.config
     L, I = config.num_hidden_layers, config.moe_intermediate_size
-    state = model.state_dict(keep_vars=False)
+    state = fold_weight_providers(model, model.state_dict(keep_vars=False))  # partly frozen experts: plain stacks
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for key, tensor in state.items():

@@ -148,7 +148,9 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
         self.providers = nn.ModuleDict()
-        self._register_state_dict_hook(_fold_providers)
+        # The state dict holds what the module holds (the stacks and each provider's own tensors), the same keys and
+        # shapes in one process and sharded, so a checkpoint resumes under another layout; the Hugging Face layout
+        # folds them into the stacks (`fold_weight_providers`). A state dict of plain stacks loads too.
         self._register_load_state_dict_pre_hook(_unfold_providers, with_module=True)
         self.select_backend()
 
@@ -221,19 +223,18 @@ class RoutedExperts(nn.Module):
         return y.to(dtype)
 
 
-def _fold_providers(module: RoutedExperts, state: dict, prefix: str, local_metadata) -> None:
-    """State-dict hook: a plain model's state dict holds the plain stacks. A parallelized model's (DTensors) keeps
-    each provider's tensors apart, for a sharded checkpoint to save every rank's part (folding would need the whole
-    stack on one rank); `consolidated_model` folds them after gathering."""
-    from torch.distributed.tensor import DTensor
-
-    if module.providers and not isinstance(state.get(prefix + "gate_up_proj"), DTensor):
-        module.fold_state(state, prefix)
-
-
 def _unfold_providers(module: RoutedExperts, state: dict, prefix: str, *args) -> None:
     for name, provider in module.providers.items():
         provider.unfold_state(state, prefix, f"{prefix}providers.{name}.")
+
+
+def fold_weight_providers(model: nn.Module, state: dict) -> dict:
+    """Fold the weight providers' own entries of `model`'s full (unsharded) state dict into the plain [E, ...]
+    stacks, in place: what the Hugging Face layout saves. Returns `state`."""
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedExperts) and module.providers:
+            module.fold_state(state, f"{name}." if name else "")
+    return state
 
 
 def configure_experts(model: nn.Module, *, dtype: torch.dtype | None = None, compiled: bool | None = None,

@@ -7,7 +7,7 @@ import logging
 from torch import nn
 
 from ..config import ModelConfig
-from ..model.experts import RoutedExperts
+from ..model.experts import fold_weight_providers
 
 
 def consolidated_model(model: nn.Module, config: ModelConfig, rank: int) -> nn.Module | None:
@@ -24,9 +24,7 @@ def consolidated_model(model: nn.Module, config: ModelConfig, rank: int) -> nn.M
     if rank != 0:
         return None
     # Weight providers' own tensors (the trainable rows of partly frozen experts) go back into the plain stacks.
-    for name, module in model.named_modules():
-        if isinstance(module, RoutedExperts):
-            module.fold_state(state, f"{name}.")
+    fold_weight_providers(model, state)
     plain = build_model(config)
     plain.load_state_dict(state)
     return plain
