@@ -129,6 +129,12 @@ def test_grow_training_new_experts_under_ep2_and_fsdp2_reproduces_one_process(co
                 frozen = [e for e in range(before[key].shape[0]) if e not in ids]
                 assert torch.equal(before[key][frozen], after[key][frozen]), (name, key)
                 assert not torch.equal(before[key][ids], after[key][ids]), (name, key, "the new experts trained")
+    # Stopped under expert parallelism, resumed in one process: the trainable rows come back from the checkpoint.
+    cut = tmp_path / "ep2_then_one"
+    torchrun(2, WORKER, "train", str(cut), str(corpus), json.dumps({**grow, "batch_size": 2, "parallel": {"ep": 2},
+                                                                     "stop_at": 2}))
+    one_process(cut, corpus, cache, resume=True, overrides=grow)
+    assert_same_losses(losses(cut), want)
 
 
 def _children(pid: int) -> list[int]:
