@@ -6,8 +6,9 @@ A selection is a comma-separated list of names (`all`, `new-experts`, `router`, 
 (`model.layers.*.mlp.gate.weight`). The routed experts of a layer are two stacked tensors ([E, 2I, H] and
 [E, H, I]), so `new-experts` cannot just flag them: their new rows become parameters of their own
 (`experts.providers.trainable.gate_up_proj`, [N, 2I, H]) of a weight provider, `TrainableRows`, that writes them into
-a copy of the frozen stack in the forward, and the checkpoint keeps the usual per-expert keys. As a provider it
-composes with expert parallelism (it then writes the rows of this rank's experts into this rank's shard).
+a copy of the frozen stack in the forward. The state dict keeps the rows apart (the same keys in one process and
+sharded); the Hugging Face layout folds them into the usual per-expert keys. As a provider it composes with expert
+parallelism: it then writes the rows of this rank's experts into this rank's shard.
 """
 
 from __future__ import annotations
