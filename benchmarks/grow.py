@@ -43,7 +43,7 @@ from common import RESULTS, header, packed_sequences, pyplot, save_figure, table
 import seekmoe  # noqa: E402
 from seekmoe.data import default_corpus  # noqa: E402
 from seekmoe.grow import GrowRecord, expand_model, upcycle_model  # noqa: E402
-from seekmoe.grow.freeze import select_trainable  # noqa: E402
+from seekmoe.train.freeze import select_trainable  # noqa: E402
 from seekmoe.grow.upcycle import upcycle_config  # noqa: E402
 from seekmoe.info import model_summary  # noqa: E402
 from seekmoe.train import load_run_config, train  # noqa: E402
@@ -164,7 +164,7 @@ def distill_arm(args, base: Path, grown_dir: Path, a_train: list[str], b_train: 
     import torch.nn.functional as F
     from tokenizers import Tokenizer
 
-    from seekmoe.grow.onboarding import NewExpertOnboarding
+    from seekmoe.train.onboarding import NewExpertOnboarding
     from seekmoe.train.balance import update_router_biases
     from seekmoe.train.config import TrainConfig
     from seekmoe.train.optim import build_optimizer, lr_at

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, header, median_times, table, write_json  # noqa: E402
 
 import seekmoe  # noqa: E402
-from seekmoe.train.step import compile_blocks  # noqa: E402
+from seekmoe.parallel import compile_blocks  # noqa: E402
 
 
 def training_step(model, ids: torch.Tensor, dtype: torch.dtype | None, setup=None):

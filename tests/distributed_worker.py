@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py grads EP
     python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py train OUT CORPUS JSON_OVERRIDES
+    (JSON_OVERRIDES may hold `stop_at` and `init_from`, a model folder to start from)
 
 `grads`: forward and backward of an expert-parallel + FSDP2 model on each rank's slice of a global batch equal the
 single-process model's on the whole batch (logits, loss, every gradient), for a random routing, a routing that
@@ -117,8 +118,10 @@ def run_training(out: str, corpus: str, overrides: str) -> None:
 
     settings = json.loads(overrides)
     stop_at = settings.pop("stop_at", None)
-    model_config, config = load_run_config("tiny", overrides=settings)
-    trainer = Trainer(model_config, config, out, data=[corpus], resume=True, stop_at=stop_at, progress=False)
+    init_from = settings.pop("init_from", None)  # grow-training: the expanded model's folder
+    model_config, config = load_run_config(None if init_from else "tiny", overrides=settings, init_from=init_from)
+    trainer = Trainer(model_config, config, out, data=[corpus], resume=True, stop_at=stop_at, progress=False,
+                      init_from=init_from)
     trainer.run()
     biases = torch.stack([m.gate.e_score_correction_bias for m in trainer.model.moe_layers()])
     gathered = [torch.empty_like(biases) for _ in range(trainer.world_size)]

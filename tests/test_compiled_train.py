@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 import seekmoe
 from seekmoe import ModelConfig
 from seekmoe.model import experts
-from seekmoe.train.step import compile_blocks
+from seekmoe.parallel import compile_blocks
 
 
 def loss_and_grads(model, ids):

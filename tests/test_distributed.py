@@ -40,9 +40,13 @@ def settings(cache: str, per_rank_batch: int, **extra) -> dict:
             "bias_update_speed": 0.01, "aux_loss_alpha": 0.001, "keep_checkpoints": 5, **extra}
 
 
-def one_process(out: Path, corpus: Path, cache: str, resume: bool = False, stop_at: int | None = None) -> None:
-    model_config, config = load_run_config("tiny", overrides=settings(cache, 4))
-    Trainer(model_config, config, out, data=[str(corpus)], resume=resume, stop_at=stop_at, progress=False).run()
+def one_process(out: Path, corpus: Path, cache: str, resume: bool = False, stop_at: int | None = None,
+                overrides: dict | None = None) -> None:
+    overrides = dict(overrides or settings(cache, 4))
+    init_from = overrides.pop("init_from", None)
+    model_config, config = load_run_config(None if init_from else "tiny", overrides=overrides, init_from=init_from)
+    Trainer(model_config, config, out, data=[str(corpus)], resume=resume, stop_at=stop_at, progress=False,
+            init_from=init_from).run()
 
 
 def losses(out: Path) -> list[float]:
@@ -92,6 +96,45 @@ def test_stop_with_two_processes_resume_with_one_and_the_reverse(corpus, cache, 
     one_process(one_then_two, corpus, cache, stop_at=10)
     torchrun(2, WORKER, "train", str(one_then_two), str(corpus), json.dumps(settings(cache, 2, parallel={"ep": 2})))
     assert_same_losses(losses(one_then_two), reference)
+
+
+def test_grow_training_new_experts_under_ep2_and_fsdp2_reproduces_one_process(corpus, cache, tmp_path):
+    """`--train new-experts,router` composes with expert parallelism and FSDP: the losses equal one process's and
+    the frozen experts stay bit-identical (the trainable rows are a weight provider over the sharded experts)."""
+    import torch
+
+    from seekmoe import from_pretrained
+    from seekmoe.cli import main
+    from seekmoe.grow import GrowRecord
+
+    base = settings(cache, 4, max_steps=2, save_every=2)
+    one_process(tmp_path / "pre", corpus, cache, overrides=base)
+    assert main(["expand", "--model", str(tmp_path / "pre" / "final"), "--add-experts", "4", "--init", "zero",
+                 "--out", str(tmp_path / "grown")]) == 0
+    grow = {**settings(cache, 4, max_steps=4, save_every=4, eval_every=100), "trainable": "new-experts,router",
+            "new_expert_bias_update_speed": 0.5, "new_expert_onboarding_steps": 4, "init_from": str(tmp_path / "grown")}
+    one_process(tmp_path / "one", corpus, cache, overrides=grow)
+    want = losses(tmp_path / "one")
+    before = from_pretrained(tmp_path / "grown").state_dict()
+    new = GrowRecord.of(from_pretrained(tmp_path / "grown").config).new
+    for name, ep in (("ep2", 2), ("dp2", 1)):
+        out = tmp_path / name
+        torchrun(2, WORKER, "train", str(out), str(corpus), json.dumps({**grow, "batch_size": 2,
+                                                                        "parallel": {"ep": ep}}))
+        assert_same_losses(losses(out), want)
+        after = from_pretrained(out / "final").state_dict()
+        for layer, ids in new.items():
+            for tensor in ("gate_up_proj", "down_proj"):
+                key = f"{layer}.experts.{tensor}"
+                frozen = [e for e in range(before[key].shape[0]) if e not in ids]
+                assert torch.equal(before[key][frozen], after[key][frozen]), (name, key)
+                assert not torch.equal(before[key][ids], after[key][ids]), (name, key, "the new experts trained")
+    # Stopped under expert parallelism, resumed in one process: the trainable rows come back from the checkpoint.
+    cut = tmp_path / "ep2_then_one"
+    torchrun(2, WORKER, "train", str(cut), str(corpus), json.dumps({**grow, "batch_size": 2, "parallel": {"ep": 2},
+                                                                     "stop_at": 2}))
+    one_process(cut, corpus, cache, resume=True, overrides=grow)
+    assert_same_losses(losses(cut), want)
 
 
 def _children(pid: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""Every routed-experts backend equals a per-expert Python loop, in the forward and in every gradient."""
+"""Every routed-experts backend equals a per-expert Python loop, in the forward and in every gradient; the backend is
+chosen from the table once (build, move, mode switch, configure), never from global state in the forward."""
 
 import zlib
 
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 import seekmoe
 from hf_oracle import hf_config, hf_model, rel_error
 from seekmoe.model.dispatch import LocalDispatcher
-from seekmoe.model.experts import BACKEND_ENV, BACKENDS, RoutedExperts, resolve_backend
+from seekmoe.model import experts as experts_module
+from seekmoe.model.experts import BACKENDS, RoutedExperts, configure_experts, select_backend
 
 E, H, I, T, TOP_K = 6, 16, 8, 40, 2
 
@@ -94,17 +96,16 @@ def test_dispatch_counts_tokens_per_expert_and_groups_rows_by_expert():
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch build has no torch._grouped_mm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_mm_is_the_default_backend_where_torch_has_it(dtype, monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert resolve_backend(None, torch.device("cpu"), dtype) == "grouped_mm"
+def test_grouped_mm_is_the_training_backend_where_torch_has_it(dtype):
+    chosen = select_backend(torch.device("cpu"), dtype, training=True, compiled=False)
+    assert (chosen.many_rows, chosen.few_rows) == ("grouped_mm", "grouped_mm")
 
 
-def test_unknown_backend_is_named_in_the_error(monkeypatch):
-    monkeypatch.setenv(BACKEND_ENV, "cutlass")
-    experts = RoutedExperts(E, H, I)
-    rows, row_weights, plan = LocalDispatcher(E).dispatch(torch.randn(T, H), *_routing("random", torch.Generator()))
+def test_unknown_backend_is_named_in_the_error():
     with pytest.raises(ValueError, match="'cutlass'.*grouped_mm"):
-        experts(rows, row_weights, plan)
+        RoutedExperts(E, H, I, backend="cutlass")
+    with pytest.raises(ValueError, match="'cutlass'.*grouped_mm"):
+        configure_experts(seekmoe.build_model(seekmoe.ModelConfig.preset("tiny")), backend="cutlass")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,11 +120,11 @@ def test_bf16_autocast_stays_close_to_fp32(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_model_logits_match_transformers_with_each_backend(backend, monkeypatch, tmp_path):
-    monkeypatch.setenv(BACKEND_ENV, backend)
+def test_model_logits_match_transformers_with_each_backend(backend, tmp_path):
     ref_model = hf_model(hf_config("deepseek_v3"))
     ref_model.save_pretrained(tmp_path)
     ours = seekmoe.from_pretrained(tmp_path, dtype=torch.float32)
+    configure_experts(ours, backend=backend)
     ids = torch.randint(0, ref_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert rel_error(ours(ids).logits, ref_model(ids).logits) < 1e-4
@@ -139,13 +140,64 @@ def test_gathered_backend_equals_the_reference_without_autograd(load):
     assert rel_error(got, want) < 1e-5
 
 
-def test_decoding_takes_the_gathered_backend_and_training_never_does(monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+def test_backend_table_gathers_only_for_inference():
     cpu = torch.device("cpu")
+    for compiled in (False, True):
+        chosen = select_backend(cpu, torch.float32, training=True, compiled=compiled)
+        assert "gathered" not in (chosen.many_rows, chosen.few_rows)
+    eager = select_backend(cpu, torch.float32, training=False, compiled=False)
+    assert eager.few_rows == "gathered" and eager.many_rows != "gathered"  # decode gathers, prefill groups
+    assert select_backend(cpu, torch.float32, training=False, compiled=True).many_rows == "gathered"  # static shapes
+
+
+def _count_gathered(monkeypatch) -> list:
+    calls = []
+    real = experts_module.gathered_swiglu
+    monkeypatch.setattr(experts_module, "gathered_swiglu", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_backend_follows_the_module_mode_not_grad_mode(monkeypatch):
+    """Decided by train()/eval() (when the model is built, moved or switched), not by torch.no_grad() in forward."""
+    calls = _count_gathered(monkeypatch)
+    g, x, gate_up_proj, down_proj = _leaves(seed=5)
+    indices, weights = _routing("random", g)
+    few = slice(0, 2)  # 4 rows for 6 experts: decoding's case
     with torch.no_grad():
-        assert resolve_backend(None, cpu, torch.float32, rows=8, n_experts=64) == "gathered"
-        assert resolve_backend(None, cpu, torch.float32, rows=512, n_experts=64) != "gathered"
-    assert resolve_backend("gathered", cpu, torch.float32, rows=8, n_experts=64) != "gathered"  # autograd on
+        experts, _ = _routed_experts(None, gate_up_proj, down_proj, x[few], indices[few], weights[few])
+    assert experts.training and not calls  # a training module under no_grad still runs the grouped operator
+    experts.eval()
+    dispatcher = LocalDispatcher(E)
+    rows, row_weights, plan = dispatcher.dispatch(x[few], indices[few], weights[few])
+    got = dispatcher.combine(experts(rows, row_weights, plan), plan)  # grad mode on: the same gathered path
+    assert calls
+    ref = reference_experts(x[few], indices[few], weights[few], gate_up_proj, down_proj)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert experts.gate_up_proj.grad is not None
+
+
+def test_a_set_backend_survives_moves_and_mode_switches():
+    experts = RoutedExperts(E, H, I, backend="padded_bmm")
+    experts.to(torch.float64).eval().train()
+    assert (experts.backend.many_rows, experts.backend.few_rows) == ("padded_bmm", "padded_bmm")
+
+
+def test_experts_backward_saves_only_rows_and_gate_up_pre_activations():
+    """The operator keeps the rows, their weights, the expert weights and h [M, 2I] for the backward: never the
+    [M, I] activation nor the expert outputs."""
+    g, x, gate_up_proj, down_proj = _leaves(seed=13)
+    indices, weights = _routing("random", g)
+    experts = RoutedExperts(E, H, I)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(gate_up_proj)
+        experts.down_proj.copy_(down_proj)
+    rows, row_weights, plan = LocalDispatcher(E).dispatch(x, indices, weights.requires_grad_())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        experts(rows, row_weights, plan)
+    M = rows.shape[0]
+    assert sorted(saved) == sorted([(M, H), (M,), (E, 2 * I, H), (E, H, I), (M, 2 * I), (E,)]), saved
 
 
 def test_expert_widths_grouped_mm_cannot_take_fall_back_to_padded_groups():

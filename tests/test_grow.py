@@ -154,11 +154,12 @@ def test_training_new_experts_and_router_leaves_every_other_weight_bit_identical
     groups = json.loads((tmp_path / "post" / "checkpoints" / "step-00000006" / "optimizer.json").read_text())
     names = sorted(n for g in groups["param_groups"] for n in g["params"])
     assert names == sorted(f"model.{p}.mlp.{t}" for p in ("layers.1", "mtp.0")
-                           for t in ("gate.weight", "experts.trainable_gate_up_proj", "experts.trainable_down_proj"))
+                           for t in ("gate.weight", "experts.providers.trainable.gate_up_proj",
+                                     "experts.providers.trainable.down_proj"))
 
 
 def test_train_selection_names_an_unknown_item_clearly():
-    from seekmoe.grow.freeze import select_trainable
+    from seekmoe.train.freeze import select_trainable
 
     model = build_model(ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="'attn' matches no parameter"):
@@ -212,9 +213,11 @@ def test_upcycle_command_writes_a_moe_folder(tmp_path, capsys):
     assert (config.n_routed_experts, config.first_k_dense_replace, config.routed_scaling_factor) == (8, 0, 1.0)
 
 
-def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts():
-    """What a checkpoint holds (and what resuming loads back) is the usual [E, ...] stack, new rows merged in."""
-    from seekmoe.grow.freeze import make_partly_trainable
+def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts(tmp_path):
+    """What the Hugging Face layout holds (and what resuming loads back) is the usual [E, ...] stack, new rows merged
+    in; the state dict keeps the trainable rows apart, the same in one process and sharded."""
+    from seekmoe.model.experts import fold_weight_providers
+    from seekmoe.train.freeze import make_partly_trainable
 
     config = ModelConfig.preset("tiny")
     model = build_model(config)
@@ -222,15 +225,54 @@ def test_partly_trainable_experts_save_and_load_as_plain_stacked_experts():
     plain = {k: v.clone() for k, v in model.state_dict().items()}
     make_partly_trainable(experts, [2, 5], ["gate_up_proj", "down_proj"])
     with torch.no_grad():
-        experts.trainable_down_proj.add_(1.0)
-    state = model.state_dict()
+        experts.providers.trainable.down_proj.add_(1.0)
+    raw = model.state_dict()
+    assert set(raw) - set(plain) == {f"model.layers.1.mlp.experts.providers.trainable.{t}"
+                                     for t in ("gate_up_proj", "down_proj")}
+    state = fold_weight_providers(model, dict(raw))
     assert set(state) == set(plain)
     assert torch.equal(state["model.layers.1.mlp.experts.down_proj"][[2, 5]],
                        plain["model.layers.1.mlp.experts.down_proj"][[2, 5]] + 1)
-    other = build_model(config)
-    make_partly_trainable(other.model.layers[1].mlp.experts, [2, 5], ["gate_up_proj", "down_proj"])
-    other.load_state_dict(state)
-    assert torch.equal(other.model.layers[1].mlp.experts.trainable_down_proj, experts.trainable_down_proj)
+    model.save_pretrained(tmp_path)
+    saved = seekmoe.from_pretrained(tmp_path).state_dict()
+    assert torch.equal(saved["model.layers.1.mlp.experts.down_proj"], state["model.layers.1.mlp.experts.down_proj"])
+    for source in (state, raw):  # plain stacks (a Hugging Face folder) or the raw state dict
+        other = build_model(config)
+        make_partly_trainable(other.model.layers[1].mlp.experts, [2, 5], ["gate_up_proj", "down_proj"])
+        other.load_state_dict(source)
+        assert torch.equal(other.model.layers[1].mlp.experts.providers.trainable.down_proj,
+                           experts.providers.trainable.down_proj)
     ids = torch.randint(0, config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, other.eval()(ids).logits)
+
+
+def test_trainable_rows_compose_with_a_provider_that_holds_a_slice_of_the_experts():
+    """Expert parallelism's place in the chain, without processes: a provider handing on experts 4..7 only. The
+    trainable rows of experts there are written in; the others get a zero gradient (another rank owns them)."""
+    from dataclasses import replace
+
+    from seekmoe.model.experts import RoutedExperts, WeightProvider
+    from seekmoe.train.freeze import make_partly_trainable
+
+    class SecondHalf(WeightProvider):
+        order = 10
+
+        def forward(self, w):
+            return replace(w, gate_up_proj=w.gate_up_proj[4:], down_proj=w.down_proj[4:], first_expert=4)
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(8, 16, 8)
+    torch.nn.init.normal_(experts.gate_up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    make_partly_trainable(experts, [2, 5], ["gate_up_proj", "down_proj"])
+    experts.add_provider("shards", SecondHalf())
+    assert list(experts.providers) == ["shards", "trainable"]
+    rows = experts.providers.trainable
+    with torch.no_grad():
+        rows.down_proj.add_(1.0)
+    gate_up, down = experts.expert_weights()
+    assert torch.equal(down[1], experts.down_proj[5] + 1) and torch.equal(down[0], experts.down_proj[4])
+    (gate_up.sum() + down.sum()).backward()
+    assert rows.down_proj.grad[0].abs().sum() == 0 and rows.down_proj.grad[1].abs().sum() > 0
+    assert experts.gate_up_proj.grad is None  # the stacks are frozen

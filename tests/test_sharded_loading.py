@@ -127,3 +127,27 @@ def test_under_fsdp_and_expert_parallelism_each_rank_reads_only_its_shards_and_p
         assert r["model_bytes"] > 30e6
         assert r["local_param_bytes"] < 0.55 * r["model_bytes"]
         assert r["peak_growth_bytes"] < 0.75 * r["model_bytes"]
+
+
+def test_trainable_rows_split_on_the_meta_device_fill_as_in_one_process(tmp_path):
+    """`--train new-experts` under torchrun splits the new experts' rows off before parallelize: a fresh
+    initialization and a folder's weights must reach those rows too, as they do in one process."""
+    from seekmoe.grow.expand import expand_model
+    from seekmoe.train.freeze import select_trainable
+
+    grown = expand_model(build_model(ModelConfig.preset("tiny")), 4, init="copy")[0]
+    grown.save_pretrained(tmp_path)
+    want = seekmoe.from_pretrained(tmp_path, dtype=torch.float32)
+    select_trainable(want, "new-experts,router")
+    model = build_model(want.config, device="meta")
+    select_trainable(model, "new-experts,router")
+    check_folder(model, tmp_path)
+    assert_same_model(materialize(model, torch.device("cpu"), tmp_path), want)
+
+    torch.manual_seed(3)
+    fresh = build_model(want.config)
+    select_trainable(fresh, "new-experts,router")
+    torch.manual_seed(3)
+    model = build_model(want.config, device="meta")
+    select_trainable(model, "new-experts,router")
+    assert_same_model(materialize(model, torch.device("cpu")), fresh)

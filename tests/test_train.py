@@ -180,3 +180,33 @@ def test_no_weight_decay_on_norms_biases_and_embeddings(tiny_config):
     assert no_decay["weight_decay"] == 0
     assert {names[id(p)] for p in no_decay["params"]} >= {"model.embed_tokens.weight", "model.norm.weight"}
     assert all(p.ndim >= 2 for p in decay["params"])
+
+
+def test_the_step_passes_the_mtp_weight_to_the_objective_and_leaves_the_config_alone():
+    """The MTP lambda of the schedule reaches the loss as an argument: the model's config is never rewritten."""
+    from seekmoe.train.step import TrainStep, language_model_forward
+
+    config = seekmoe.ModelConfig.preset("tiny", mtp_loss_weight=0.3)
+    torch.manual_seed(0)
+    model = seekmoe.build_model(config).train()
+    seen = []
+
+    def objective(model, ids, device, window, mtp_loss_weight=None):
+        seen.append((model.config.mtp_loss_weight, mtp_loss_weight))
+        return language_model_forward(model, ids, device, window, mtp_loss_weight=mtp_loss_weight)
+
+    step = TrainStep(model, build_optimizer(model, TrainConfig()), 1.0, None, torch.device("cpu"), forward=objective)
+    result = step([torch.randint(0, config.vocab_size, (2, 16))], lr=0.0, mtp_loss_weight=2.0, bias_update_speed=0.0)
+    assert seen == [(0.3, 2.0)]
+    assert result.loss == pytest.approx(result.lm_loss + 2.0 * result.mtp_loss + result.balance_loss, rel=1e-5)
+
+
+def test_parallelize_applies_activation_checkpointing_and_compile_in_one_process():
+    from seekmoe.parallel import ParallelConfig, Processes, parallelize
+
+    model = seekmoe.build_model(seekmoe.ModelConfig.preset("tiny")).train()
+    assert not model.gradient_checkpointing
+    parallelize(model, Processes(), ParallelConfig(), activation_checkpointing=True, compile=True)
+    assert model.gradient_checkpointing
+    assert all(block._compiled_call_impl is not None for block in model.model.layers)
+    assert all(m.compiled for m in model.modules() if hasattr(m, "compiled"))

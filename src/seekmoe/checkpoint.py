@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import CausalLM
+from .model.experts import fold_weight_providers
 from .model_folder import check_fits_memory, config_from_dict, read_config_json
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -38,7 +39,7 @@ def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """(disk key, tensor) pairs in DeepSeek's layout, one expert matrix at a time (views, no copies)."""
     config = model.config
     L, I = config.num_hidden_layers, config.moe_intermediate_size
-    state = model.state_dict(keep_vars=False)
+    state = fold_weight_providers(model, model.state_dict(keep_vars=False))  # partly frozen experts: plain stacks
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for key, tensor in state.items():
@@ -292,6 +293,24 @@ class _Loader:
         self.params.update(dict(model.named_buffers()))
         self.filled: set[tuple[str, tuple[int, str] | None]] = set()
         self.handles: dict[str, object] = {}
+        # Experts split into a frozen stack and trainable rows (train/freeze.py's TrainableRows, which a sharded
+        # load sets before parallelize): the rows are copies of some experts of the stack, kept apart.
+        # stack parameter name -> (the rows' parameter name, {expert id: row})
+        self.rows_of: dict[str, tuple[str, dict[int, int]]] = {}
+        for module_name, module in model.named_modules():
+            ids = getattr(module, "ids", None)
+            if ".providers." in module_name and ids is not None:
+                experts = module_name.rsplit(".providers.", 1)[0]
+                for tensor, _ in module.named_parameters(recurse=False):
+                    self.rows_of[f"{experts}.{tensor}"] = (f"{module_name}.{tensor}",
+                                                           {e: r for r, e in enumerate(ids)})
+
+    def _split_row(self, name: str, index) -> tuple[str, int] | None:
+        """(the trainable rows' parameter name, the row) that also take expert slice `index` of `name`, or None."""
+        if index is None or name not in self.rows_of or index[0] not in self.rows_of[name][1]:
+            return None
+        rows_name, row_of = self.rows_of[name]
+        return rows_name, row_of[index[0]]
 
     def _open(self, name: str):
         if name not in self.handles:
@@ -338,6 +357,9 @@ class _Loader:
                 raise ValueError(f"checkpoint tensor {key} has shape {shape}, the model expects "
                                  f"{tuple(dest.shape)} (does config.json match the weights?)")
             self.filled.add((name, index))
+            split = self._split_row(name, index)
+            if split is not None:
+                self.filled.add((split[0], (split[1], index[1])))
         self.handles.clear()
         self._raise_if_missing()
         self.filled.clear()
@@ -351,6 +373,12 @@ class _Loader:
                                  f"the model expects {tuple(dest.shape)} (does config.json match the weights?)")
             with torch.no_grad():
                 dest.copy_(tensor.to(dest.dtype))
+                split = self._split_row(name, index)
+                if split is not None:
+                    rows = self.params[split[0]]
+                    self._expert_slice(rows, (split[1], index[1]), self.config.moe_intermediate_size).copy_(
+                        tensor.to(rows.dtype))
+                    self.filled.add((split[0], (split[1], index[1])))
             self.filled.add((name, index))
         self.handles.clear()
         self._raise_if_missing()
@@ -362,7 +390,8 @@ class _Loader:
                 continue
             if name_.endswith("lm_head.weight") and self.config.tie_word_embeddings:
                 continue
-            if name_.endswith(".mlp.experts.gate_up_proj") or name_.endswith(".mlp.experts.down_proj"):
+            # The stacked expert weights (and trainable rows split off them) are filled expert by expert.
+            if ".mlp.experts." in name_ and name_.endswith((".gate_up_proj", ".down_proj")):
                 parts = ("gate_proj", "up_proj") if name_.endswith("gate_up_proj") else ("down_proj",)
                 want = {(name_, (e, p)) for e in range(param.shape[0]) for p in parts}
                 if want <= self.filled:

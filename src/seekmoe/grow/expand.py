@@ -6,7 +6,7 @@ weights, dilutes the others. Two starts:
 - `zero`: each new expert is unselectable (its selection bias `e_score_correction_bias` sits more than the whole
   range of sigmoid scores below every old expert's) and its down projection is zero, so the expanded model computes
   exactly what the old one did. Training then brings traffic to it through the auxiliary-loss-free bias update,
-  which raises an underloaded expert's bias by `bias_update_speed` a step (onboarding.py can make that faster for
+  which raises an underloaded expert's bias by `bias_update_speed` a step (train/onboarding.py can make that faster for
   the new experts). Its gate/up projections and router row start random, as a fresh model's would.
 - `copy`: each new expert is a copy of an old expert of its group, with small relative noise on its weights, router
   row and bias, so it starts as a second specialist of what it copies; the output moves (the copy takes slots).
@@ -27,11 +27,9 @@ import torch
 from ..config import ModelConfig
 from ..model import CausalLM
 from ..model.moe import MoE
-from .record import RECORD_KEY, GrowRecord
+from ..train.grown_experts import RECORD_KEY, UNSELECTABLE_MARGIN, GrowRecord, unselectable_bias
 
 INITS = ("copy", "zero")
-# How far past the reach of the sigmoid scores (which span at most 1) an unselectable expert's bias is put.
-UNSELECTABLE_MARGIN = 0.01
 
 
 @dataclass
@@ -193,8 +191,3 @@ def _fill_layer(old: MoE, new: MoE, layout: ExpertLayout, init: str, noise: floa
     if old_bias is not None:
         router.e_score_correction_bias.index_copy_(0, added, unselectable_bias(old_bias).expand(n))
 
-
-def unselectable_bias(old_bias: torch.Tensor) -> torch.Tensor:
-    """A selection bias that keeps an expert out of every top-k: sigmoid scores lie in [0, 1], so score + bias stays
-    below every old expert's score + bias when the bias is more than 1 below the smallest old bias."""
-    return old_bias.min() - 1.0 - UNSELECTABLE_MARGIN

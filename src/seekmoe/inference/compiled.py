@@ -61,13 +61,10 @@ def mtp_forward(model, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, s
                 k_pe: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MTP module `depth` (1-based) over h_prev [B, S, hidden] and the tokens `depth` ahead [B, S], cached as `step`
     says in its own one-layer cache: (h [B, S, hidden], logits [B, vocab] at each row's position `last` [B])."""
-    body = model.model
-    mtp = body.mtp[depth - 1]
-    cos, sin = body.rotary_emb(step.positions)
-    h, _ = mtp(h_prev, body.embed_tokens(tokens), cos, sin, step.attn_mask, cache_layers(c_kv, k_pe, step)[0],
-               tokens)
+    cos, sin = model.model.rotary_emb(step.positions)
+    h, _ = model.mtp_forward(depth, h_prev, tokens, cos, sin, step.attn_mask, cache_layers(c_kv, k_pe, step)[0])
     h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, hidden]
-    return h, model.lm_head(mtp.shared_head["norm"](h_last))
+    return h, model.mtp_logits(depth, h_last)
 
 
 def greedy_speculative_forward(model, tokens: torch.Tensor, step: CacheStep, c_kv: torch.Tensor, k_pe: torch.Tensor,

@@ -75,7 +75,7 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 cache: list[LatentCacheLayer] | None = None, mtp: bool | None = None,
-                balance_window: BalanceWindow | None = None) -> CausalLMOutput:
+                balance_window: BalanceWindow | None = None, mtp_loss_weight: float | None = None) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] (usually input_ids); position_ids [S] or [B, S]; attn_mask, if given,
         a boolean [B, 1, S, S] (True = may attend) replacing the causal mask.
 
@@ -84,7 +84,8 @@ class CausalLM(nn.Module):
 
         With labels, the MTP modules run (and `mtp_loss` is reported) when `mtp` says so, by default in training
         mode only: the validation loss needs no MTP. `balance_window` makes the expert- and device-level balance
-        losses count over a whole optimizer step's micro-batches (see `BalanceWindow`)."""
+        losses count over a whole optimizer step's micro-batches (see `BalanceWindow`). `mtp_loss_weight` is the
+        lambda of the MTP loss in `loss` (None = config.mtp_loss_weight); a trainer's schedule passes it here."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
@@ -113,7 +114,8 @@ class CausalLM(nn.Module):
             mtp = self.training
         if mtp and body.mtp and S > 1 + len(body.mtp):
             out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats, attn_mask)
-            out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
+            lam = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+            out.loss = out.loss + lam * out.mtp_loss
         if stats:
             out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
             batch_loss = batch_balance_loss(stats, self.config, B * S, balance_window)
@@ -129,16 +131,27 @@ class CausalLM(nn.Module):
         forward's attn_mask, when it has one: packed examples stay apart in the MTP modules too)."""
         S = input_ids.shape[1]
         losses = []
-        for k, mtp in enumerate(self.model.mtp, start=1):
+        for k in range(1, len(self.model.mtp) + 1):
             n = S - k  # positions i that have an input token t_{i+k}
             mask = None if attn_mask is None else attn_mask[..., :n, :n]
-            h, s = mtp(h[:, :n], self.model.embed_tokens(input_ids[:, k:]), cos[..., :n, :, :], sin[..., :n, :, :],
-                       mask, token_ids=input_ids[:, k:])
+            h, s = self.mtp_forward(k, h[:, :n], input_ids[:, k:], cos[..., :n, :, :], sin[..., :n, :, :], mask)
             if s is not None:
                 stats.append(s)
-            logits = self.lm_head(mtp.shared_head["norm"](h))
-            losses.append(_next_token_loss(logits, labels[:, k:]))
+            losses.append(_next_token_loss(self.mtp_logits(k, h), labels[:, k:]))
         return torch.stack(losses).mean()
+
+    def mtp_forward(self, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    cache: LatentCacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """MTP module `depth` (1-based) over h_prev [B, S, hidden] (the previous depth's states) and the tokens
+        `depth` ahead [B, S]: (h [B, S, hidden], its MoE stats). The one MTP forward of training (`_mtp_loss`) and
+        of drafting while decoding (inference/compiled.py, with `cache`)."""
+        mtp = self.model.mtp[depth - 1]
+        return mtp(h_prev, self.model.embed_tokens(tokens), cos, sin, attn_mask, cache, tokens)
+
+    def mtp_logits(self, depth: int, h: torch.Tensor) -> torch.Tensor:
+        """MTP module `depth`'s predictions from its states h [..., hidden]: the shared LM head after its own norm."""
+        return self.lm_head(self.model.mtp[depth - 1].shared_head["norm"](h))
 
     def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
         """Write config.json and safetensors in the Hugging Face DeepSeek layout (per-expert keys)."""

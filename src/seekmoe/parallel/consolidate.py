@@ -7,6 +7,7 @@ import logging
 from torch import nn
 
 from ..config import ModelConfig
+from ..model.experts import fold_weight_providers
 
 
 def consolidated_model(model: nn.Module, config: ModelConfig, rank: int) -> nn.Module | None:
@@ -22,6 +23,8 @@ def consolidated_model(model: nn.Module, config: ModelConfig, rank: int) -> nn.M
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
+    # Weight providers' own tensors (the trainable rows of partly frozen experts) go back into the plain stacks.
+    fold_weight_providers(model, state)
     plain = build_model(config)
     plain.load_state_dict(state)
     return plain

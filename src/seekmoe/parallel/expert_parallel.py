@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from ..model.dispatch import DispatchPlan
-from ..model.experts import RoutedExperts
+from ..model.experts import ExpertWeights, WeightProvider
 
 
 class _AllToAll(torch.autograd.Function):
@@ -123,15 +123,24 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class ExpertParallelExperts(RoutedExperts):
-    """RoutedExperts whose weights are DTensors sharded by expert over the mesh's `ep` dimension; the grouped GEMMs
-    run on the local shard. `grad_scale` multiplies the local weights' gradients (see fsdp.py for why)."""
+class ExpertShards(WeightProvider):
+    """The weight provider of expert parallelism: the experts' stacks are DTensors sharded by expert over the mesh's
+    `ep` dimension, and the grouped GEMMs run on this rank's shard, experts [rank * E_local, (rank + 1) * E_local).
+    `grad_scale` multiplies the local weights' gradients (see fsdp.py for why). It comes first: the providers after
+    it (freezing, adapters) see the local experts only."""
 
-    grad_scale: float = 1.0
+    order = 10
 
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        local = (w.to_local() if isinstance(w, DTensor) else w for w in (self.gate_up_proj, self.down_proj))
-        return tuple(_ScaleGrad.apply(w, self.grad_scale) if self.grad_scale != 1.0 else w for w in local)
+    def __init__(self, first_expert: int):
+        super().__init__()
+        self.first_expert = first_expert
+        self.grad_scale = 1.0
+
+    def forward(self, weights: ExpertWeights) -> ExpertWeights:
+        local = [w.to_local() if isinstance(w, DTensor) else w for w in (weights.gate_up_proj, weights.down_proj)]
+        if self.grad_scale != 1.0:
+            local = [_ScaleGrad.apply(w, self.grad_scale) if w.requires_grad else w for w in local]
+        return ExpertWeights(*local, first_expert=self.first_expert)
 
 
 def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -141,7 +150,7 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     ep = mesh["ep"].size()
     for moe in model.moe_layers():
         experts = moe.experts
-        experts.__class__ = ExpertParallelExperts
+        experts.add_provider("shards", ExpertShards(mesh["ep"].get_local_rank() * (experts.n_experts // ep)))
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)
             shard = distribute_tensor(full.data, mesh, [Replicate(), Shard(0)])

@@ -27,6 +27,13 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, world
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         for moe in model.moe_layers():
             fully_shard(moe.gate, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=config.reshard_after_forward)
+    for moe in model.moe_layers():
+        for provider in moe.experts.providers.values():
+            # A weight provider's own parameters (the trainable rows of partly frozen experts) are plain tensors
+            # holding every expert they concern on every rank: a unit of their own over all ranks. Their gradients
+            # are then averaged over every rank, as the experts' must be (the ranks without the expert add zeros).
+            if any(True for _ in provider.parameters(recurse=False)):
+                fully_shard(provider, mesh=dp_mesh, **options)
     if config.ep > 1:
         for moe in model.moe_layers():
             fully_shard(moe.experts, mesh=mesh, dp_mesh_dims=DataParallelMeshDims(shard="dp_mod_ep"), **options)
@@ -34,9 +41,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, world
             # brings them home), so the mean over ranks must divide by every rank, while FSDP averages over the
             # dp_mod_ep ranks only: the missing 1/ep is applied in the experts' backward (a divide factor in FSDP
             # itself needs PREMUL_SUM, which gloo lacks).
-            moe.experts.grad_scale = 1.0 / config.ep
+            moe.experts.providers["shards"].grad_scale = 1.0 / config.ep
     for mtp in model.model.mtp:
-        # The LM-head norm of an MTP module runs outside the module's forward (CausalLM._mtp_loss): a unit of its own.
+        # The LM-head norm of an MTP module runs outside the module's forward (CausalLM.mtp_logits): a unit of its own.
         fully_shard(mtp.shared_head["norm"], mesh=dp_mesh, **options)
     for block in list(model.model.layers) + list(model.model.mtp):
         fully_shard(block, mesh=dp_mesh, **options)

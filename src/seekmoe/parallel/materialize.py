@@ -86,19 +86,27 @@ def init_shards(model: nn.Module) -> None:
     process after the same seed: the random draws of construction are replayed, then each module's tensors are
     drawn in full on the CPU (one module at a time, so at most the largest tensor is ever whole) and sliced."""
     std = model.config.initializer_range
-    modules = list(model.modules())
-    for module in modules:  # construction: nn.Linear / nn.Embedding draw their own initial weights
+    for module in model.modules():  # construction: nn.Linear / nn.Embedding draw their own initial weights
         if isinstance(module, _DRAWN_AT_CONSTRUCTION):
             type(module).reset_parameters(_twin(module))
-    for module in modules:
+    drawn: dict[str, dict[str, torch.Tensor]] = {}  # module name -> its full tensors, for trainable rows below
+    for module_name, module in model.named_modules():
         own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
         if not own:
             continue
-        twin = _twin(module)
-        if not init_module(twin, std):
-            raise TypeError(f"no initialization known for {type(module).__name__} (it holds {sorted(own)}): "
-                            f"add it to model.transformer.init_module")
-        full = dict(twin.named_parameters(recurse=False)) | dict(twin.named_buffers(recurse=False))
+        ids = getattr(module, "ids", None)
+        if ".providers." in module_name and ids is not None:
+            # Trainable rows (train/freeze.py) are copies of some experts of the stack drawn just before: no draw.
+            stack = drawn[module_name.rsplit(".providers.", 1)[0]]
+            full = {name: stack[name][torch.tensor(ids)] for name in own}
+        else:
+            twin = _twin(module)
+            if not init_module(twin, std):
+                raise TypeError(f"no initialization known for {type(module).__name__} (it holds {sorted(own)}): "
+                                f"add it to model.transformer.init_module")
+            full = dict(twin.named_parameters(recurse=False)) | dict(twin.named_buffers(recurse=False))
+            if module_name.endswith(".experts"):
+                drawn[module_name] = full
         for name, tensor in own.items():
             local, box = local_box(tensor)
             local.copy_(full[name][box])
@@ -131,9 +139,19 @@ class ShardedLoader(_Loader):
                 first, last = box[0].start, box[0].stop
                 if first <= e < last:
                     self._expert_slice(local, (e - first, part), I).copy_(self.read(key, None))
+                split = self._split_row(name, index)
+                if split is not None:
+                    self._fill_row(*split, part, key, I)
             self.filled.add((name, index))
         self.handles.clear()
         self._raise_if_missing()
+
+    def _fill_row(self, rows_name: str, row: int, part: str, key: str, I: int) -> None:
+        """An expert's `part` into its row `row` of the trainable rows `rows_name`, where this rank holds that row."""
+        local, box = local_box(self.params[rows_name])
+        if box[0].start <= row < box[0].stop:
+            self._expert_slice(local, (row - box[0].start, part), I).copy_(self.read(key, None))
+        self.filled.add((rows_name, (row, part)))
 
     def read(self, key: str, box: tuple[slice, ...] | None) -> torch.Tensor:
         """The slices `box` (None = all) of checkpoint tensor `key`, FP8 block-scaled weights dequantized (only

@@ -69,7 +69,8 @@ def make_grpo_forward(grpo: GRPOConfig):
     model's balance losses; with routing replay the MoE layers use the rollout's experts, without it the share of
     (token, layer) choices that differ from the rollout's is logged as `routing_mismatch`."""
 
-    def grpo_forward(model, batch: RolloutBatch, device: torch.device, window):
+    def grpo_forward(model, batch: RolloutBatch, device: torch.device, window, mtp_loss_weight: float | None = None):
+        # The MTP modules do not run in GRPO (mtp=False): their weight has nothing to weigh.
         b = batch.to(device)
         replay = b.experts if grpo.routing_replay else None
         with replay_routing(model, replay), capture_routing(model) as chosen:

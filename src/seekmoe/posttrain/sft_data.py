@@ -228,9 +228,9 @@ class SFTData:
         self.order.load_state_dict(state)
 
 
-def sft_forward(model, batch: PackedBatch, device: torch.device, window):
+def sft_forward(model, batch: PackedBatch, device: torch.device, window, mtp_loss_weight: float | None = None):
     """The SFT objective for TrainStep: next-token loss on the labelled (assistant) tokens of packed rows, examples
-    kept apart by their positions and mask; the balance losses as in pretraining."""
+    kept apart by their positions and mask; the MTP and balance losses as in pretraining."""
     b = batch.to(device)
     return model(b.input_ids, labels=b.labels, position_ids=b.position_ids, attn_mask=b.attn_mask,
-                 balance_window=window)
+                 balance_window=window, mtp_loss_weight=mtp_loss_weight)

@@ -57,8 +57,8 @@ class TrainConfig:
     # on every data-parallel rank (global, "Demons in the Detail", Qwen 2025), or each micro-batch alone (micro)
     balance_scope: str = "global"
     # growing a model (seekmoe expand, grow/): which parameters train ("all", or names and globs such as
-    # "new-experts,router", see grow/freeze.py), and the selection-bias speed of the experts expand added, used
-    # instead of bias_update_speed for the first new_expert_onboarding_steps steps (grow/onboarding.py; 0 = off)
+    # "new-experts,router", see train/freeze.py), and the selection-bias speed of the experts expand added, used
+    # instead of bias_update_speed for the first new_expert_onboarding_steps steps (train/onboarding.py; 0 = off)
     trainable: str = "all"
     new_expert_bias_update_speed: float = 0.0
     new_expert_onboarding_steps: int = 0

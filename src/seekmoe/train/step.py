@@ -17,16 +17,18 @@ from .balance import update_router_biases
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over every data-parallel rank (identity alone)
 LOSS_PARTS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
-# The objective of a micro-batch: forward(model, batch, device, balance_window) -> an output with the LOSS_PARTS
-# (None where absent), `expert_counts`, and optionally `metrics`, a dict of scalar tensors averaged over the step.
-Forward = Callable[[nn.Module, object, torch.device, BalanceWindow | None], object]
+# The objective of a micro-batch: forward(model, batch, device, balance_window, mtp_loss_weight=lambda) -> an output
+# with the LOSS_PARTS (None where absent), `expert_counts`, and optionally `metrics`, a dict of scalar tensors averaged
+# over the step. Its weights come as arguments (the MTP lambda of this step's schedule), never through model.config.
+Forward = Callable[..., object]
 
 
 def language_model_forward(model: nn.Module, ids: torch.Tensor, device: torch.device,
-                           window: BalanceWindow | None):
-    """Pretraining's objective: the next-token loss over every token of ids [B, S]."""
+                           window: BalanceWindow | None, mtp_loss_weight: float | None = None):
+    """Pretraining's objective: the next-token loss over every token of ids [B, S], plus `mtp_loss_weight` times
+    the MTP loss (None = the model config's lambda) and the balance losses."""
     ids = ids.to(device, non_blocking=True)
-    return model(ids, labels=ids, balance_window=window)
+    return model(ids, labels=ids, balance_window=window, mtp_loss_weight=mtp_loss_weight)
 
 
 @dataclass
@@ -41,14 +43,6 @@ class StepResult:
     grad_norm: float | None = None
     skipped: str | None = None  # why the optimizer step was skipped (non-finite loss or gradients), else None
     metrics: dict = field(default_factory=dict)  # the objective's own figures (a `forward`'s `metrics`), step means
-
-
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
-    """torch.compile each decoder block and MTP module in place, as torchtitan does: FSDP2's hooks stay outside
-    the compiled graphs, and one graph per block shape is compiled once however deep the model is. The routed
-    experts run as one opaque operator inside each graph (see model/experts.py), so a block is a single graph."""
-    for block in list(model.model.layers) + list(model.model.mtp):
-        block.compile(backend=backend)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -78,16 +72,18 @@ class TrainStep:
         self.window = BalanceWindow(reduce) if balance_scope == "global" else None
         self.moe_layers = model.moe_layers()
 
-    def forward_backward(self, micro_batches: list) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Accumulate the gradients of the mean loss over `micro_batches`; returns (summed loss parts as tensors,
-        expert counts of this rank [layers, E] or None)."""
+    def forward_backward(self, micro_batches: list, mtp_loss_weight: float | None = None,
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Accumulate the gradients of the mean loss over `micro_batches` (the MTP loss weighted by
+        `mtp_loss_weight`, None = the model config's); returns (summed loss parts as tensors, expert counts of this
+        rank [layers, E] or None)."""
         sums = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
         counts = None
         if self.window is not None:
             self.window.reset()
         for batch in micro_batches:
             with autocast_context(self.device, self.autocast_dtype):
-                out = self.forward(self.model, batch, self.device, self.window)
+                out = self.forward(self.model, batch, self.device, self.window, mtp_loss_weight=mtp_loss_weight)
             (out.loss / len(micro_batches)).backward()
             for key in LOSS_PARTS:
                 value = getattr(out, key)
@@ -106,12 +102,7 @@ class TrainStep:
         not finite on any rank."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        config = self.model.config
-        base_lambda, config.mtp_loss_weight = config.mtp_loss_weight, mtp_loss_weight
-        try:
-            sums, counts = self.forward_backward(micro_batches)
-        finally:
-            config.mtp_loss_weight = base_lambda
+        sums, counts = self.forward_backward(micro_batches, mtp_loss_weight)
         # One reduction carries the losses, the number of ranks and, when there are MoE layers, the counts.
         # float64: token counts stay exact integers far beyond fp32's 2**24
         extra = sorted(set(sums) - set(LOSS_PARTS))

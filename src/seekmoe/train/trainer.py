@@ -19,13 +19,11 @@ from tokenizers import Tokenizer
 from .. import build_model
 from ..config import ModelConfig
 from ..inference.tokenizer import write_tokenizer_files
-from ..progress import show_progress
-from ..grow.freeze import select_trainable
-from ..grow.onboarding import NewExpertOnboarding
 from ..info import model_summary
 from ..model.moe import device_groups_for
 from ..model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, ranks_on_this_machine
 from ..parallel import ParallelConfig, consolidated_model, init_processes, parallelize
+from ..progress import show_progress
 from .balance import max_violation
 from .checkpointing import (latest_checkpoint, load_checkpoint, save_checkpoint, set_aside_newer_checkpoints,
                             write_atomically)
@@ -33,10 +31,12 @@ from .sharded_checkpoint import (is_sharded, load_full_optimizer_state, load_sha
                                  save_sharded_checkpoint)
 from .config import TrainConfig, stepwise
 from .data import TrainData, select_corpus
+from .freeze import select_trainable
 from .metrics import MetricsLog
+from .onboarding import NewExpertOnboarding
 from .optim import build_optimizer, lr_at
 from .plots import plot_run
-from .step import Forward, StepResult, TrainStep, autocast_context, compile_blocks, language_model_forward
+from .step import Forward, StepResult, TrainStep, autocast_context, language_model_forward
 
 SUMMARY_FILE = "summary.json"
 
@@ -222,8 +222,6 @@ class Trainer:
             self.start_step, self.bad_steps = state["step"], state["bad_steps"]
             self.train_seconds = state["train_seconds"]
             self.log(f"resuming from {self.resume_from} (step {self.start_step})")
-        if config.compile:
-            compile_blocks(self.model)
         self.forward = forward or language_model_forward
         self.step = TrainStep(self.model, self.optimizer, config.grad_clip, self.autocast_dtype, self.device,
                               self.reduce, config.balance_scope, self.forward)
@@ -255,17 +253,16 @@ class Trainer:
             if not self.processes.distributed:
                 model = materialize(model, self.device, full_weights)  # one process: read straight into place
         if self.config.trainable != "all":
-            if self.processes.distributed:
-                raise ValueError(f"--train {self.config.trainable} (trainable=) runs in one process only for now")
             self.log(select_trainable(model, self.config.trainable).describe())
         on_meta = next(model.parameters()).is_meta
-        model = parallelize(model if on_meta else model.to(self.device), self.processes, self.parallel)
+        model = parallelize(model if on_meta else model.to(self.device), self.processes, self.parallel,
+                            compile=self.config.compile, activation_checkpointing=self.config.activation_checkpointing,
+                            compute_dtype=self.autocast_dtype)
         if on_meta:
             model = materialize(model, self.device, full_weights)  # each rank its own shards only
         for moe in model.moe_layers():
             device_groups_for(self.model_config, moe.device_groups)
         model.train()
-        model.gradient_checkpointing = self.config.activation_checkpointing
         return model
 
     def _load_checkpoint(self, directory: Path) -> dict:

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from ..model.moe import MoE
-from .expand import unselectable_bias
-from .record import GrowRecord
+from .grown_experts import GrowRecord, unselectable_bias
 
 
 class NewExpertOnboarding:

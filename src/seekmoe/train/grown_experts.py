@@ -1,18 +1,22 @@
-"""What `seekmoe expand` wrote down about the experts it added, kept in config.json under `grown_experts`.
+"""What `seekmoe expand` (grow/) wrote down about the experts it added, kept in config.json under `grown_experts`.
 
 The trainer reads it back to train only the new experts (`--train new-experts`, see freeze.py) and to bring traffic
-to them faster (onboarding.py). It lives in config.json (ModelConfig.extra, which every save writes back unchanged)
-rather than in a sidecar file, so that it follows the model through training runs and checkpoints; transformers
-ignores the key.
+to them faster (onboarding.py); it is part of train/ so that training needs nothing of grow/. It lives in config.json
+(ModelConfig.extra, which every save writes back unchanged) rather than in a sidecar file, so that it follows the
+model through training runs and checkpoints; transformers ignores the key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..config import ModelConfig
 
 RECORD_KEY = "grown_experts"
+# How far past the reach of the sigmoid scores (which span at most 1) an unselectable expert's bias is put.
+UNSELECTABLE_MARGIN = 0.01
 
 
 @dataclass
@@ -44,3 +48,9 @@ class GrowRecord:
                    new={k: [int(i) for i in v] for k, v in raw["new"].items()},
                    dormant={k: [int(i) for i in v] for k, v in (raw.get("dormant") or {}).items()},
                    unselectable_bias_margin=float(raw.get("unselectable_bias_margin", 0.0)))
+
+
+def unselectable_bias(old_bias: torch.Tensor) -> torch.Tensor:
+    """A selection bias that keeps an expert out of every top-k: sigmoid scores lie in [0, 1], so score + bias stays
+    below every old expert's score + bias when the bias is more than 1 below the smallest old bias."""
+    return old_bias.min() - 1.0 - UNSELECTABLE_MARGIN

@@ -5,8 +5,10 @@ A selection is a comma-separated list of names (`all`, `new-experts`, `router`, 
 `attention`, `dense-mlp`, `embeddings`, `norms`, `mtp`) and glob patterns of parameter names
 (`model.layers.*.mlp.gate.weight`). The routed experts of a layer are two stacked tensors ([E, 2I, H] and
 [E, H, I]), so `new-experts` cannot just flag them: their new rows become parameters of their own
-(`experts.trainable_gate_up_proj`, [N, 2I, H]) that the forward writes into a copy of the frozen stack
-(`PartlyTrainableExperts`), and the checkpoint keeps the usual per-expert keys.
+(`experts.providers.trainable.gate_up_proj`, [N, 2I, H]) of a weight provider, `TrainableRows`, that writes them into
+a copy of the frozen stack in the forward. The state dict keeps the rows apart (the same keys in one process and
+sharded); the Hugging Face layout folds them into the usual per-expert keys. As a provider it composes with expert
+parallelism: it then writes the rows of this rank's experts into this rank's shard.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from ..model.experts import RoutedExperts
-from .record import GrowRecord
+from ..model.experts import ExpertWeights, RoutedExperts, WeightProvider
+from .grown_experts import GrowRecord
 
 NAMED: dict[str, tuple[str, ...]] = {
     "router": ("*.mlp.gate.weight",),
@@ -95,44 +97,63 @@ def _selection(model: nn.Module) -> TrainableSelection:
 
 
 def make_partly_trainable(experts: RoutedExperts, ids: list[int], tensors: list[str]) -> None:
-    """Train only experts `ids` of `tensors` (of 'gate_up_proj', 'down_proj'): their rows become the parameters
-    `trainable_{tensor}` [len(ids), ...]; the stacked tensor is frozen."""
-    experts.__class__ = PartlyTrainableExperts
-    experts.register_buffer("trainable_ids", torch.tensor(ids, device=experts.gate_up_proj.device),
-                            persistent=False)
-    for name in tensors:
-        full = getattr(experts, name)
-        full.requires_grad_(False)
-        experts.register_parameter(f"trainable_{name}", nn.Parameter(full.detach()[experts.trainable_ids].clone()))
+    """Train only experts `ids` of `tensors` (of 'gate_up_proj', 'down_proj'): their rows become the parameters of a
+    `TrainableRows` provider; the stacked tensors are frozen."""
+    experts.add_provider("trainable", TrainableRows(experts, ids, tensors))
 
 
-class PartlyTrainableExperts(RoutedExperts):
-    """RoutedExperts of which only some experts train: the forward uses the frozen stack with the trainable rows
-    written in (a copy: one layer's expert weights of extra activation memory, against no gradient or optimizer
-    state for the frozen experts). Its state dict is a plain RoutedExperts' one, the trainable rows merged in."""
+class TrainableRows(WeightProvider):
+    """Experts of which only some train: their rows of `tensors` are parameters here ([N, ...], N = len(ids), in
+    the order of `ids`), written into a copy of the frozen stack in the forward (one layer's expert weights of extra
+    activation memory, against no gradient or optimizer state for the frozen experts).
 
-    trainable_ids: torch.Tensor  # [N] long
+    The rows are every trainable expert's, on every rank: under expert parallelism each rank writes those of its own
+    experts and gets zero gradient for the others', so that averaging the gradients over every rank (fsdp.py makes
+    this provider a unit over all ranks) gives each row the gradient of the whole batch."""
 
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up_proj, down_proj) with the trainable experts' rows in place (differentiable in those rows)."""
-        return tuple(self._merged(name) for name in EXPERT_TENSORS)
+    order = 20  # after expert parallelism's shards: it sees this rank's experts
 
-    def _merged(self, name: str) -> torch.Tensor:
-        full, part = getattr(self, name), getattr(self, f"trainable_{name}", None)
-        return full if part is None else full.index_copy(0, self.trainable_ids, part.to(full.dtype))
+    def __init__(self, experts: RoutedExperts, ids: list[int], tensors: list[str]):
+        super().__init__()
+        self.ids = [int(i) for i in ids]
+        self._local: dict = {}  # (first expert, experts here, device) -> (rows to take, where they go)
+        for name in tensors:
+            full = getattr(experts, name)
+            full.requires_grad_(False)
+            index = torch.tensor(self.ids, device=full.device)
+            self.register_parameter(name, nn.Parameter(full.detach().index_select(0, index).clone()))
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def _placement(self, first: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(which of our rows belong to the local experts first .. first + n - 1, their local expert ids)."""
+        key = (first, n, device)
+        if key not in self._local:
+            mine = [(row, e - first) for row, e in enumerate(self.ids) if first <= e < first + n]
+            rows, local = zip(*mine) if mine else ((), ())
+            self._local[key] = (torch.tensor(rows, dtype=torch.long, device=device),
+                                torch.tensor(local, dtype=torch.long, device=device))
+        return self._local[key]
+
+    def forward(self, weights: ExpertWeights) -> ExpertWeights:
+        """The weights with the trainable rows written in (differentiable in those rows)."""
+        merged = {}
         for name in EXPERT_TENSORS:
-            if destination.pop(f"{prefix}trainable_{name}", None) is not None:
-                merged = self._merged(name)
-                destination[prefix + name] = merged if keep_vars else merged.detach()
+            full, part = getattr(weights, name), getattr(self, name, None)
+            if part is not None:
+                rows, local = self._placement(weights.first_expert, full.shape[0], full.device)
+                full = full.index_copy(0, local, part.index_select(0, rows).to(full.dtype))
+            merged[name] = full
+        return ExpertWeights(merged["gate_up_proj"], merged["down_proj"], weights.first_expert)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def fold_state(self, state: dict, prefix: str, own_prefix: str) -> None:
         for name in EXPERT_TENSORS:
-            if hasattr(self, f"trainable_{name}") and prefix + name in state_dict:
-                rows = state_dict[prefix + name][self.trainable_ids.to(state_dict[prefix + name].device)]
-                state_dict[f"{prefix}trainable_{name}"] = rows
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+            part = state.pop(own_prefix + name, None)
+            if part is not None:
+                full = state[prefix + name]
+                index = torch.tensor(self.ids, device=full.device)
+                state[prefix + name] = full.index_copy(0, index, part.to(full.device, full.dtype))
+
+    def unfold_state(self, state: dict, prefix: str, own_prefix: str) -> None:
+        for name in EXPERT_TENSORS:
+            if hasattr(self, name) and own_prefix + name not in state and prefix + name in state:
+                full = state[prefix + name]
+                state[own_prefix + name] = full.index_select(0, torch.tensor(self.ids, device=full.device))
