@@ -154,3 +154,21 @@ def test_grpo_routing_replay_reproduces_the_recorded_experts_and_logits(name, tm
     with torch.no_grad(), replay_routing(model, scrambled), capture_routing(model) as forced:
         moved = model(batch.input_ids).logits
     assert torch.equal(forced[0][0][fed], scrambled[0][fed]) and not torch.allclose(moved, original)
+
+
+def test_analysis_probes_override_a_literature_routers_choice_and_refuse_hash_routing():
+    from seekmoe.analysis import RoutingCapture, routing_override
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("tiny", num_nextn_predict_layers=0, **ROUTERS["switch"])).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad(), RoutingCapture(model) as natural:
+        model(ids)
+    with torch.no_grad(), routing_override(model, top_k=2, skip_top=1), RoutingCapture(model) as probed:
+        model(ids)
+    best, probed_indices = natural.layers()[0].indices, probed.layers()[0].indices
+    assert probed_indices.shape == (32, 2) and not (probed_indices == best).any()
+    hashed = build_model(ModelConfig.preset("tiny", num_nextn_predict_layers=0, **ROUTERS["hash"]))
+    with pytest.raises(ValueError, match="top_k=2 with skip_top=0: HashRouter does not rank experts"):
+        with routing_override(hashed, top_k=2):
+            pass
