@@ -13,7 +13,9 @@ and the ranking the choice is made from), `select` (top-k of the ranking under t
 two levels, a table) and `weigh` (the gate weights of the chosen experts, computed from this forward's scores the way
 the router weighs its choice). A `RoutingHook` acts between them, the same way for every router: it masks the best
 experts of the ranking, changes k, or replaces the chosen experts (routing replay) — the weights are still this
-router's weighing of the experts used, so the router keeps its gradient.
+router's weighing of the experts used, so the router keeps its gradient. Callers route by calling the module,
+`router(hidden, token_ids)`, not a method: forward hooks (routing capture, the replay recorder) and FSDP's unsharding
+run around `forward`.
 
 Routers still to come fit the same three steps. DeepSeek-V4's first layers route by a fixed hash of the token id (a
 `select` that reads `token_ids`, as `HashRouter` does, with no ranking), and its learned routers score with
