@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seekmoe import ModelConfig
-from seekmoe.model.router import Router
+from seekmoe.model.routing import DeepSeekRouter as Router
 
 
 def _router(**overrides) -> Router:

@@ -11,7 +11,7 @@ import seekmoe
 from seekmoe import ModelConfig
 from seekmoe.inference import Engine, SamplingParams
 from seekmoe.model.moe import MoE
-from seekmoe.model.routers import (GShardRouter, HashRouter, HierarchicalRouter, NoisyTopKRouter, SwitchRouter,
+from seekmoe.model.routing import (GShardRouter, HashRouter, HierarchicalRouter, NoisyTopKRouter, SwitchRouter,
                                    limit_capacity, switch_balance_loss)
 from seekmoe.train import load_run_config, train
 
@@ -140,7 +140,7 @@ def test_capacity_serves_first_choices_before_second_ones():
     weights = torch.ones(4, 2)
     # expert 0: tokens 1, 2 first, tokens 0, 3 second; expert 1: token 0 first, tokens 1, 2 second
     indices = torch.tensor([[1, 0], [0, 1], [0, 1], [2, 0]])
-    from seekmoe.model.router import RouterOutput
+    from seekmoe.model.routing import RouterOutput
 
     route = RouterOutput(weights, indices, torch.zeros(4, 4), torch.zeros(4, 4))
     out, counts, dropped = limit_capacity(route, capacity_factor=1.0, n_experts=4)  # capacity ceil(8/4) = 2

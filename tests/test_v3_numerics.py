@@ -11,7 +11,7 @@ from safetensors import safe_open
 import seekmoe
 from seekmoe import ModelConfig
 from seekmoe.model.moe import MoE, BalanceWindow
-from seekmoe.model.router import Router
+from seekmoe.model.routing import DeepSeekRouter as Router
 from seekmoe.train import load_run_config, train
 from seekmoe.train.metrics import read_metrics
 from seekmoe.train.trainer import Trainer

@@ -13,7 +13,7 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 # greedy: plain top-k (V2-Lite); group_limited_greedy: groups scored by their best expert (V2);
 # noaux_tc: groups scored by the sum of their two best experts, bias-corrected selection (V3).
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-# deepseek: the router above (the default); the others are the MoE literature's, for comparison (model/routers.py).
+# deepseek: the router above (the default); the others are the MoE literature's, for comparison (model/routing/).
 ROUTER_TYPES = ("deepseek", "switch", "gshard", "noisy_topk", "hash", "hierarchical")
 ROPE_SCALING_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 

@@ -2,8 +2,8 @@
 when the shared experts are switched off, and when a different number of routed experts is activated at inference.
 
 The overrides are hooks on the model's main MoE layers, removed on exit: the top-k and excluded-best counts reach
-the router as keyword arguments (`Router.forward(x, top_k, skip_top)`), the shared experts' output is replaced by
-zeros.
+the router as a `RoutingHook` (model/routing/interface.py), which every router that ranks its experts honours; the
+shared experts' output is replaced by zeros.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..model.router import Router
+from ..model.routing import RoutingHook
 from .capture import main_moe_layers
 from .sources import Source, batches
 
@@ -30,37 +30,25 @@ DEFINITIONS = {
 }
 
 
-def reachable_experts(router: Router) -> int:
-    """How many experts a token can be routed to: all E, or the experts of topk_group groups when group-limited."""
-    if router.topk_method != "greedy" and router.n_group > 1:
-        return router.topk_group * router.n_experts // router.n_group
-    return router.n_experts
-
-
 @contextmanager
 def routing_override(model: nn.Module, top_k: int | None = None, skip_top: int = 0,
                      shared: bool = True) -> Iterator[None]:
     """Within the block, every main MoE layer routes to `top_k` experts (None: as trained) after masking each
     token's `skip_top` best ones, and its shared experts are off unless `shared`."""
-    handles = []
+    handles, hooked = [], []
+    hook = RoutingHook(top_k=top_k, skip_top=skip_top) if top_k is not None or skip_top else None
     try:
         for _, moe in main_moe_layers(model):
-            router = moe.gate
-            if top_k is not None or skip_top:
-                if not isinstance(router, Router):
-                    raise ValueError(f"routing probes need DeepSeek's top-k router, got {type(router).__name__}")
-                k = router.top_k if top_k is None else top_k
-                if k < 1 or skip_top < 0 or k + skip_top > reachable_experts(router):
-                    raise ValueError(f"top_k={k} with skip_top={skip_top}: expected top_k >= 1 and top_k + skip_top "
-                                     f"<= {reachable_experts(router)}, the experts a token can reach")
-                handles.append(router.register_forward_pre_hook(
-                    lambda module, args, kwargs, k=k: (args, {**kwargs, "top_k": k, "skip_top": skip_top}),
-                    with_kwargs=True))
+            if hook is not None:
+                moe.gate.set_routing_hook(hook)  # ValueError naming the setting when the router cannot honour it
+                hooked.append(moe.gate)
             if not shared and moe.shared_experts is not None:
                 handles.append(moe.shared_experts.register_forward_hook(
                     lambda module, args, out: torch.zeros_like(out)))
         yield
     finally:
+        for router in hooked:
+            router.set_routing_hook(None)
         for handle in handles:
             handle.remove()
 
@@ -90,19 +78,23 @@ def ablation_probes(model: nn.Module, sources: Sequence[Source], batch_size: int
     if has_shared:
         with routing_override(model, shared=False):
             out["no_shared"] = evaluate_loss(model, sources, batch_size, progress, "probe: no shared")
-    if not isinstance(router, Router):
-        out["note"] = f"routing probes skipped: {type(router).__name__} is not DeepSeek's top-k router"
+    k, reach = router.top_k, router.reachable_experts()
+    problem = router.hook_problem(RoutingHook(top_k=k))
+    if problem:  # a router that does not rank its experts (hash routing)
+        out["note"] = f"routing probes skipped: {problem}"
         return out
-    k, reach = router.top_k, reachable_experts(router)
     out["top_k_trained"], out["reachable_experts"] = k, reach
     out["skip_top"] = {}
     for r in range(1, k + 1):
-        if k + r > reach:
+        problem = router.hook_problem(RoutingHook(skip_top=r))
+        if problem:
+            if r == 1:
+                out["note"] = f"top-r probes skipped: {problem}"
             break
         with routing_override(model, skip_top=r):
             out["skip_top"][r] = evaluate_loss(model, sources, batch_size, progress, f"probe: top-{r} disabled")
     if has_shared:
-        if k + 1 <= reach:
+        if not router.hook_problem(RoutingHook(top_k=k + 1)):
             with routing_override(model, top_k=k + 1, shared=False):
                 out["no_shared_plus_one"] = evaluate_loss(model, sources, batch_size, progress,
                                                           "probe: no shared, k+1")
@@ -110,6 +102,8 @@ def ablation_probes(model: nn.Module, sources: Sequence[Source], batch_size: int
     for kk in range(1, min(2 * k, reach) + 1):
         if kk == k:
             out["top_k"][kk] = out["baseline"]
+            continue
+        if router.hook_problem(RoutingHook(top_k=kk)):  # e.g. k not a multiple of a hierarchical router's groups
             continue
         with routing_override(model, top_k=kk):
             out["top_k"][kk] = evaluate_loss(model, sources, batch_size, progress, f"probe: k={kk}")

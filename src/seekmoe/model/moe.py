@@ -20,8 +20,7 @@ from ..config import ModelConfig
 from .dispatch import LocalDispatcher
 from .experts import RoutedExperts
 from .mlp import MLP
-from .router import Router, RouterOutput
-from .routers import build_router, limit_capacity
+from .routing import RouterOutput, build_router, limit_capacity
 
 
 @dataclass
@@ -42,8 +41,8 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        # DeepSeek's router, or one of the MoE literature's (model/routers.py) when config.router_type says so.
-        self.gate = Router(config) if config.router_type == "deepseek" else build_router(config)
+        # DeepSeek's router, or one of the MoE literature's (model/routing/) when config.router_type says so.
+        self.gate = build_router(config)
         self.dispatcher = LocalDispatcher(config.n_routed_experts)
         self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
@@ -51,25 +50,13 @@ class MoE(nn.Module):
         # Experts are grouped into "devices" for the device-level loss: the router's groups on one process;
         # parallel/ sets the expert-parallel size here when the experts really are spread over several ranks.
         self.device_groups = config.n_group
-        # Routing replay (posttrain/routing_replay.py): experts [B*S, top_k] the next forwards use instead of
-        # choosing; None = the router chooses.
-        self.routing_replay: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x [B, S, hidden] -> (y [B, S, hidden], stats); token_ids [B, S] are read by hash routing only."""
         B, S, H = x.shape
         flat = x.reshape(-1, H)
-        replay = self.routing_replay
-        if replay is not None and replay.shape != (B * S, self.config.num_experts_per_tok):
-            raise ValueError(f"routing_replay holds experts of shape {tuple(replay.shape)}: expected "
-                             f"{(B * S, self.config.num_experts_per_tok)} for this forward's {B}x{S} tokens")
-        if isinstance(self.gate, Router):
-            route = self.gate(flat, replay)  # fp32 whatever the autocast state
-        elif replay is not None:
-            raise ValueError(f"routing replay needs DeepSeek's router: this model has router_type="
-                             f"{self.config.router_type!r}")
-        else:
-            route = self.gate(flat, None if token_ids is None else token_ids.reshape(-1))
+        # fp32 whatever the autocast state; replay and probes act through the router's hook
+        route = self.gate(flat, None if token_ids is None else token_ids.reshape(-1))
         capacity = self.config.train_capacity() if self.training else self.config.eval_capacity()
         routed_counts = dropped = None
         if capacity > 0:
@@ -81,10 +68,10 @@ class MoE(nn.Module):
         stats = MoEStats(plan.routed_counts if routed_counts is None else routed_counts, route.logits.new_zeros(()),
                          device_groups=self.device_groups, dropped_slots=dropped)
         # Balance losses shape training only; evaluation and inference skip them.
-        if self.training and isinstance(self.gate, Router) and _any_balance_loss(self.config):
+        if self.training and self.gate.uses_balance_losses and _any_balance_loss(self.config):
             with torch.autocast(x.device.type, enabled=False):
                 stats.balance_loss, stats.topk_counts, stats.score_mean = _local_balance(route, self.config, B, S)
-        if route.aux_loss is not None:  # a literature router's own balance loss
+        if route.aux_loss is not None:  # the router's own balance loss (the literature routers')
             stats.balance_loss = route.aux_loss
         return y, stats
 

@@ -17,8 +17,7 @@ from .moe import BalanceWindow, MoE, MoEStats, batch_balance_loss
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
-from .router import Router
-from .routers import LITERATURE_ROUTERS
+from .routing import Router
 
 
 @dataclass
@@ -174,11 +173,7 @@ def init_module(module: nn.Module, std: float) -> bool:
         module.weight.normal_(0.0, std)
     elif isinstance(module, RMSNorm):
         module.weight.fill_(1.0)
-    elif isinstance(module, Router):
-        module.weight.normal_(0.0, std)
-        if module.e_score_correction_bias is not None:
-            module.e_score_correction_bias.zero_()
-    elif isinstance(module, tuple(LITERATURE_ROUTERS.values())):
+    elif isinstance(module, Router):  # every router initializes its own parameters
         module.reset_parameters(std)
     elif isinstance(module, RoutedExperts):
         module.gate_up_proj.normal_(0.0, std)

@@ -11,8 +11,9 @@ forward's scores, so the router keeps its gradient.
 `RoutingRecorder` listens to the main decoder layers' routers (forward hooks: the model is not changed) and to
 the Engine's forwards (`Engine.forward_observers`, which says where each request's new tokens sit), and keeps for
 every request the experts [layers, positions, top_k] of every token the engine fed. `replay_routing` sets those
-experts on the MoE layers (`MoE.routing_replay`) for a training forward; `capture_routing` records what a forward
-chose, to measure the mismatch rate when replay is off.
+experts on the main MoE layers' routers (a `RoutingHook`, model/routing/interface.py, which every router honours:
+each weighs the replayed experts from its own scores as it weighs its own choice) for a training forward;
+`capture_routing` records what a forward chose, to measure the mismatch rate when replay is off.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..model.moe import MoE
+from ..model.routing import RoutingHook
 
 
 def main_moe_layers(model: nn.Module) -> list[MoE]:
@@ -85,11 +87,12 @@ def replay_routing(model: nn.Module, experts: list[torch.Tensor] | None):
     try:
         if experts is not None:
             for moe, chosen in zip(layers, experts):
-                moe.routing_replay = chosen
+                moe.gate.set_routing_hook(RoutingHook(experts=chosen))
         yield
     finally:
-        for moe in layers:
-            moe.routing_replay = None
+        if experts is not None:
+            for moe in layers:
+                moe.gate.set_routing_hook(None)
 
 
 @contextlib.contextmanager
