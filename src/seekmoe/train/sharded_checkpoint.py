@@ -43,7 +43,7 @@ def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opt
     any number of processes. Parameters that had no optimizer state when it was saved (they never had a gradient)
     get none."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     directory = Path(directory)
     reader = _SafeReader(str(directory / DCP_DIR))
@@ -74,8 +74,11 @@ def load_dcp_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opt
         if key.startswith("optim."):
             name, _, field = key[len("optim."):].rpartition(".")
             state.setdefault(name, {})[field] = value
+    # strict=False: a parameter that never had a gradient has no saved state, and keeps none (the model's keys were
+    # checked above).
     set_state_dict(model, optimizer, model_state_dict=model_state,
-                   optim_state_dict={"state": state, "param_groups": optim_state["param_groups"]})
+                   optim_state_dict={"state": state, "param_groups": optim_state["param_groups"]},
+                   options=StateDictOptions(strict=False))
 
 
 def optimizer_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
