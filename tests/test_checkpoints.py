@@ -19,6 +19,12 @@ from seekmoe.train.checkpointing import latest_checkpoint
 from seekmoe.train.metrics import read_metrics
 
 LEGACY = Path(__file__).parent / "data" / "legacy_checkpoint"
+# The settings tests/data/legacy_checkpoint/make.py trained with (tiny, shrunk so the stored files stay small).
+LEGACY_OVERRIDES = dict(vocab_size=280, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                        num_attention_heads=2, n_routed_experts=4, n_group=2, topk_group=1, q_lora_rank=8,
+                        kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, seq_len=32, batch_size=2,
+                        warmup_steps=1, max_steps=4, save_every=2, eval_every=2, eval_batches=1, precision="fp32",
+                        keep_checkpoints=1)
 
 
 def tiny(cache, **overrides):
@@ -58,11 +64,7 @@ def test_a_stored_old_format_checkpoint_resumes_and_continues_the_uninterrupted_
     run = tmp_path / "run"
     shutil.copytree(LEGACY, run, ignore=shutil.ignore_patterns("make.py", "uninterrupted.json"))
     corpus = _legacy_corpus(tmp_path / "corpus")
-    overrides = dict(vocab_size=280, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
-                     num_attention_heads=2, n_routed_experts=4, n_group=2, topk_group=1, q_lora_rank=8, kv_lora_rank=8,
-                     qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, seq_len=32, batch_size=2, warmup_steps=1,
-                     max_steps=4, save_every=2, eval_every=2, eval_batches=1, precision="fp32", keep_checkpoints=1,
-                     cache_dir=str(tmp_path / "cache"))
+    overrides = {**LEGACY_OVERRIDES, "cache_dir": str(tmp_path / "cache")}
     model_config, config = load_run_config("tiny", overrides=overrides)
     trainer = Trainer(model_config, config, run, data=[str(corpus)], resume=True, progress=False)
     stored = run / "checkpoints" / "step-00000002"
