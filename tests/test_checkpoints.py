@@ -102,7 +102,8 @@ def test_export_writes_the_checkpoints_model_as_a_hugging_face_folder(corpus, ca
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), hf.state_dict().values()))
     step2 = tmp_path / "run" / "checkpoints" / "step-00000002"
     assert main(["export", "--checkpoint", str(step2), "--out", str(tmp_path / "two")]) == 0
-    two, hf2 = seekmoe.from_pretrained(tmp_path / "two"), seekmoe.from_pretrained(tmp_path / "run" / "hf" / "step-00000002")
+    two = seekmoe.from_pretrained(tmp_path / "two")
+    hf2 = seekmoe.from_pretrained(tmp_path / "run" / "hf" / "step-00000002")
     assert all(torch.equal(a, b) for a, b in zip(two.state_dict().values(), hf2.state_dict().values()))
     assert main(["export", "--checkpoint", str(step2), "--out", str(tmp_path / "two")]) == 2
     assert "not empty" in capsys.readouterr().err
