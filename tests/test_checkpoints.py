@@ -105,6 +105,10 @@ def test_export_writes_the_checkpoints_model_as_a_hugging_face_folder(corpus, ca
     two = seekmoe.from_pretrained(tmp_path / "two")
     hf2 = seekmoe.from_pretrained(tmp_path / "run" / "hf" / "step-00000002")
     assert all(torch.equal(a, b) for a, b in zip(two.state_dict().values(), hf2.state_dict().values()))
+    from seekmoe.train.export import checkpoint_model  # what `seekmoe analyze --compare CHECKPOINT` loads
+
+    assert all(torch.equal(a, b) for a, b in zip(checkpoint_model(step2).state_dict().values(),
+                                                  hf2.state_dict().values()))
     assert main(["export", "--checkpoint", str(step2), "--out", str(tmp_path / "two")]) == 2
     assert "not empty" in capsys.readouterr().err
     (step2 / "dcp" / "__0_0.distcp").write_bytes(b"\0" * 64)
