@@ -102,10 +102,7 @@ def remove_temporaries(out: Path) -> list[Path]:
             elif not (everything and name.startswith(".")) and not (
                     name.startswith((".tmp-", "..tmp-")) or (name.startswith(".") and ".saving-" in name)):
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            _remove(entry)
             removed.append(entry)
     return removed
 
@@ -120,8 +117,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer: torch.optim.Optimize
     final = checkpoint_dir(out, step)
     tmp = final.parent / f".tmp-{final.name}"  # the same name on every rank: they all write into it
     if rank == 0:
-        for stale in final.parent.glob(".*") if final.parent.is_dir() else []:  # left by a killed writer
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        for stale in final.parent.glob(".tmp-*") if final.parent.is_dir() else []:  # a killed writer's
+            _remove(stale)
         tmp.mkdir(parents=True)
     barrier()
     save_dcp_state(tmp / DCP_DIR, model, optimizer)
@@ -260,6 +257,13 @@ def _step_dirs(out: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted((d for d in folder.iterdir() if d.is_dir() and _STEP_DIR.match(d.name)), reverse=True)
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
