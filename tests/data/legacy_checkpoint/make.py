@@ -1,4 +1,9 @@
-"""Writes a checkpoint in the single-process format of seekmoe before the DCP-only change (commit 89b99e2)."""
+"""Writes a checkpoint in the single-process format of seekmoe before the DCP-only change (commit 89b99e2).
+
+Run with that commit's sources: `PYTHONPATH=src python make.py TMP`; this folder holds TMP/cut's `checkpoints/` and
+`metrics.jsonl` (a run stopped at step 2 of 4) and, in uninterrupted.json, the losses of TMP/full (the same run
+without a stop). tests/test_checkpoints.py generates the same corpus and resumes the stored run with today's code.
+"""
 import json, sys
 from pathlib import Path
 from seekmoe.train import load_run_config, train
