@@ -172,3 +172,18 @@ def test_a_killed_rank_ends_the_job_and_resume_continues_from_the_last_checkpoin
     assert trainer.start_step == saved
     trainer.run()
     assert read_metrics(tmp_path)[-1]["step"] == saved + 2
+
+
+def test_a_stored_old_format_checkpoint_resumes_under_two_processes(tmp_path):
+    """The single-process format seekmoe wrote before DCP (tests/data/legacy_checkpoint) resumes sharded over EP=2."""
+    import shutil
+
+    from test_checkpoints import LEGACY, LEGACY_OVERRIDES, _legacy_corpus
+
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY, run, ignore=shutil.ignore_patterns("make.py", "uninterrupted.json"))
+    corpus = _legacy_corpus(tmp_path / "corpus")
+    overrides = {**LEGACY_OVERRIDES, "batch_size": 1, "cache_dir": str(tmp_path / "cache"), "parallel": {"ep": 2}}
+    torchrun(2, WORKER, "train", str(run), str(corpus), json.dumps(overrides))
+    want = json.loads((LEGACY / "uninterrupted.json").read_text())["losses"]
+    assert_same_losses(losses(run), want)

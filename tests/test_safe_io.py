@@ -45,7 +45,7 @@ def test_resume_sets_aside_a_corrupt_newer_checkpoint_and_keeps_the_one_it_write
     train(model_config, config, tmp_path / "run2", data=[str(corpus)], progress=False, stop_at=2)
     good = tmp_path / "run2" / "checkpoints" / "step-00000002"
     good.rename(run / "checkpoints" / "step-00000002")
-    weights = run / "checkpoints" / "step-00000004" / "model.safetensors"
+    weights = run / "checkpoints" / "step-00000004" / "dcp" / "__0_0.distcp"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.warns(CheckpointWarning):
         train(model_config, config, run, data=[str(corpus)], progress=False, resume=True, stop_at=4)

@@ -73,36 +73,58 @@ def test_training_without_resume_refuses_a_folder_with_checkpoints(corpus, cache
         train(model_cfg, cfg, tmp_path, data=[str(corpus)], progress=False)
 
 
-def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(corpus, cache, tmp_path):
-    env = {**os.environ, "SEEKMOE_TEST_CHECKPOINT_PAUSE": "4:60", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "seekmoe.cli", "train", "--preset", "tiny", "--out", str(tmp_path),
-           "--data", str(corpus), "--max-steps", "6", "--save-every", "2", "--no-progress", "seq_len=32",
-           "batch_size=4", "precision=fp32", f"cache_dir={cache}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+# Run by the test below in a subprocess: the writer of checkpoint 4 stops before publishing it, to be killed there.
+_PAUSED_WRITER = """
+import sys, time
+import seekmoe.train.checkpointing as checkpointing
+publish = checkpointing.publish
+def paused(tmp, final):
+    if final.name == "step-00000004":
+        print("paused before publishing step 4", flush=True)
+        time.sleep(60)
+    publish(tmp, final)
+checkpointing.publish = paused
+from seekmoe.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_and_resume_removes_the_rest(corpus, cache,
+                                                                                                tmp_path):
+    args = ["train", "--preset", "tiny", "--out", str(tmp_path), "--data", str(corpus), "--max-steps", "6",
+            "--save-every", "2", "--no-progress", "seq_len=32", "batch_size=4", "precision=fp32",
+            f"cache_dir={cache}"]
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_WRITER, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 90
     lines = []
-    for line in proc.stdout:  # wait until the writer of step 4 has paused halfway
+    for line in proc.stdout:  # wait until the writer of step 4 has written its shards, not its manifest
         lines.append(line)
-        if "pausing mid-write" in line or time.time() > deadline:
+        if "paused before publishing" in line or time.time() > deadline:
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert "pausing mid-write" in "".join(lines), "".join(lines)
-    partial = list((tmp_path / "checkpoints").glob(".tmp-step-00000004-*"))
-    assert partial and (partial[0] / "model.safetensors").is_file()
+    assert "paused before publishing" in "".join(lines), "".join(lines)
+    partial = tmp_path / "checkpoints" / ".tmp-step-00000004"
+    assert (partial / "dcp" / ".metadata").is_file()  # the full model copy a kill used to leave behind
     with pytest.warns(CheckpointWarning, match="incomplete"):
         newest = latest_checkpoint(tmp_path)
     assert newest.name == "step-00000002"
     model_cfg, cfg = tiny_run(cache)
     model = seekmoe.build_model(model_cfg)
-    state = load_checkpoint(newest, model, build_optimizer(model, cfg))
-    assert state["step"] == 2
+    assert load_checkpoint(newest, model, build_optimizer(model, cfg))["step"] == 2
+    from seekmoe.cli import main
+
+    assert main(args + ["--resume"]) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    assert not [p for p in tmp_path.rglob(".*") if p.name != ".metadata"]  # DCP's index is no leftover
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_corrupted_checkpoint_is_skipped_with_a_warning(corpus, cache, tmp_path):
     model_cfg, cfg = tiny_run(cache, max_steps=4, save_every=2, keep_checkpoints=3)
     train(model_cfg, cfg, tmp_path, data=[str(corpus)], progress=False)
-    weights = tmp_path / "checkpoints" / "step-00000004" / "model.safetensors"
+    weights = tmp_path / "checkpoints" / "step-00000004" / "dcp" / "__0_0.distcp"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))

@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "info": ("seekmoe.info_cli", "parameters, FLOPs and KV-cache size of a preset or a model directory"),
     "train": ("seekmoe.train.cli", "pretrain a model on text (the default corpus: Python's standard library)"),
+    "export": ("seekmoe.train.export", "turn a training checkpoint into a Hugging Face model folder"),
     "generate": ("seekmoe.inference.cli", "complete a prompt with a trained model"),
     "chat": ("seekmoe.inference.chat", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),

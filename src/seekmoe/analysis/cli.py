@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help=f"folder for {REPORT_NAME} and {JSON_NAME}")
     p.add_argument("--prompt", metavar="TEXT", help="show each token of TEXT with its experts per layer")
     p.add_argument("--compare", metavar="CHECKPOINT",
-                   help="an earlier checkpoint of the same run (a model directory): router saturation against it")
+                   help="an earlier checkpoint of the same run (OUT/checkpoints/step-N, or a model directory): router "
+                        "saturation against it")
     p.add_argument("--max-tokens", type=int, default=16384, metavar="N",
                    help="tokens read from each source at most (default 16384)")
     p.add_argument("--probe-tokens", type=int, default=4096, metavar="N",
@@ -54,6 +55,7 @@ def _positive(name: str, value: int, minimum: int = 1) -> int:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import from_pretrained
     from ..inference.tokenizer import Tokenizer
+    from ..train.export import checkpoint_model, is_training_checkpoint
 
     for name, value, minimum in (("--batch-size", args.batch_size, 1), ("--top-tokens", args.top_tokens, 1),
                                  ("--min-count", args.min_count, 1), ("--probe-tokens", args.probe_tokens, 0)):
@@ -69,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seq-len {seq_len}: longer than the model's context "
                          f"(max_position_embeddings={model.config.max_position_embeddings})")
     sources = load_sources(args.data, tokenizer, seq_len, args.max_tokens, model.config.vocab_size, args.data_glob)
-    compare = (from_pretrained(args.compare, dtype=DTYPES[args.dtype], device=args.device).eval()
-               if args.compare else None)
+    compare = None
+    if args.compare and is_training_checkpoint(args.compare):  # OUT/checkpoints/step-N of a run
+        compare = checkpoint_model(args.compare).to(dtype=DTYPES[args.dtype], device=args.device).eval()
+    elif args.compare:
+        compare = from_pretrained(args.compare, dtype=DTYPES[args.dtype], device=args.device).eval()
     results = analyze(model, tokenizer, sources, args.batch_size, prompt=args.prompt, compare=compare,
                       compare_name=args.compare, probe_tokens=args.probe_tokens, top_tokens=args.top_tokens,
                       min_count=args.min_count, progress=not args.no_progress)

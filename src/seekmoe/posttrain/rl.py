@@ -30,7 +30,7 @@ EVAL_FILE = "eval.json"
 
 
 def rl(model_dir: str | Path, task_name: str, out: str | Path, overrides: dict | None = None,
-       prompts_file: str | Path | None = None, resume: bool = False, stop_at: int | None = None,
+       prompts_file: str | Path | None = None, resume: bool | str = False, stop_at: int | None = None,
        progress: bool = True) -> dict:
     """GRPO on `task_name` (built-in, or a Python reward file with `prompts_file`) from the model folder
     `model_dir` into `out`; returns {"before": ..., "after": ...} greedy mean rewards on held-out prompts and the
@@ -125,6 +125,7 @@ def plot_rl(out: Path) -> Path | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `rl` command's options."""
+    from ..train.cli import add_resume_arguments
     from .grpo import GRPOConfig
     from .tasks import BUILTIN_TASKS
 
@@ -151,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                   f"{RL_DEFAULTS['max_steps']})")
     parser.add_argument("--stop-at", type=int, metavar="N", help="end after step N with a checkpoint; --resume "
                                                                  "continues")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT")
+    add_resume_arguments(parser)
     parser.add_argument("--seed", type=int, metavar="S", help="seed of the rollouts' prompts and sampling")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
@@ -161,6 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `seekmoe rl`; returns the exit status."""
     from ..train.config import parse_overrides
+    from ..train.cli import resume_mode
     from ..train.trainer import exit_status
 
     overrides = parse_overrides(args.overrides)
@@ -168,4 +170,4 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     return exit_status("rl", lambda: rl(args.model, args.task, args.out, overrides, prompts_file=args.prompts,
-                                        resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress))
+                                        resume=resume_mode(args), stop_at=args.stop_at, progress=not args.no_progress))

@@ -19,7 +19,7 @@ FROZEN_BIAS_SCHEDULE = [[0.0, 0.0]]  # bias_update_speed x 0 for the whole run
 
 
 def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, overrides: dict | None = None,
-        resume: bool = False, stop_at: int | None = None, progress: bool = True,
+        resume: bool | str = False, stop_at: int | None = None, progress: bool = True,
         freeze_router_bias: bool = False) -> dict:
     """Fine-tune the model folder `model_dir` on the JSONL files `data` into `out`; returns the run summary."""
     from ..inference.tokenizer import Tokenizer
@@ -44,6 +44,8 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, override
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `sft` command's options."""
+    from ..train.cli import add_resume_arguments
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "data: JSONL, one record a line, either\n"
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bias updates); the balance losses of the model's config still apply")
     parser.add_argument("--stop-at", type=int, metavar="N", help="end after step N with a checkpoint; --resume "
                                                                  "continues")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT")
+    add_resume_arguments(parser)
     parser.add_argument("--seed", type=int, metavar="S", help="seed of the held-out split and data order")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
@@ -75,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `seekmoe sft`; returns the exit status."""
     from ..train.config import parse_overrides
+    from ..train.cli import resume_mode
     from ..train.trainer import exit_status
 
     # `--data a.jsonl lr=1e-3`: argparse hands the override to --data; a field=value that is no file is one.
@@ -83,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_steps", "seed"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
-    return exit_status("sft", lambda: sft(args.model, data, args.out, overrides, resume=args.resume,
+    return exit_status("sft", lambda: sft(args.model, data, args.out, overrides, resume=resume_mode(args),
                                           stop_at=args.stop_at, progress=not args.no_progress,
                                           freeze_router_bias=args.freeze_router_bias))

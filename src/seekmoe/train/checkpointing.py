@@ -1,14 +1,18 @@
-"""Training checkpoints: written atomically, verified by a manifest of checksums, pruned to the newest K.
+"""Training checkpoints on disk: one format for any number of processes, written atomically, verified by a manifest
+of checksums, pruned to the newest K, and nothing left behind by a writer that was killed.
 
 One checkpoint, `OUT/checkpoints/step-NNNNNNNN/`:
-- `config.json`, `model.safetensors`: the model in Hugging Face DeepSeek layout (router biases included, fp32);
-- `tokenizer.json`;
-- `optimizer.safetensors` + `optimizer.json`: AdamW's moments and step counts, and its parameter groups;
-- `rng.safetensors`: torch's CPU (and CUDA) generator states;
-- `trainer_state.json`: the step, learning rate, data position, training config and bookkeeping;
+- `dcp/`: model weights (router biases included) and AdamW's state in torch.distributed.checkpoint format, each
+  process writing its own shards (see sharded_checkpoint.py); a checkpoint of N processes resumes at any number;
+- `config.json` (the model), `tokenizer.json`, `optimizer.json` (AdamW's parameter groups, by parameter name);
+- `rng.safetensors`: torch's CPU (and CUDA) generator states; `trainer_state.json`: step, data position, config;
 - `manifest.json`, written last: every other file's size and SHA-256.
-It is written into a temporary folder, each file fsynced, then renamed into place, so a checkpoint either exists
-complete or not at all; one that fails its manifest is skipped with a CheckpointWarning, never loaded.
+It is written under a temporary name (`.tmp-step-NNNNNNNN`), every file fsynced, then renamed into place, so a
+checkpoint exists complete or not at all; one that fails its manifest is skipped, never loaded. Every temporary
+name a killed writer can leave (ours and `save_pretrained`'s) starts with a dot and is removed by
+`remove_temporaries` when a run starts. Checkpoints of the older single-process format (a Hugging Face folder plus
+`optimizer.safetensors`) still resume (legacy_checkpoint.py). Hugging Face folders are written for `final/`, every
+`save_hf_every` steps (`OUT/hf/step-NNNNNNNN/`) and by `seekmoe export`.
 """
 
 from __future__ import annotations
@@ -24,12 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-# Tests set this to "STEP:SECONDS" to make the writer of checkpoint STEP pause halfway, so they can kill it there.
-PAUSE_ENV = "SEEKMOE_TEST_CHECKPOINT_PAUSE"
+_WEIGHTS = {"model.safetensors", "model.safetensors.index.json", "dcp/.metadata"}
 
 
 class CheckpointWarning(UserWarning):
@@ -41,7 +44,13 @@ def checkpoint_dir(out: Path, step: int) -> Path:
     return Path(out) / "checkpoints" / f"step-{step:08d}"
 
 
-def write_atomically(final: Path, write: Callable[[Path], None], pause_at: int | None = None) -> None:
+def step_of(directory: Path) -> int:
+    """The optimizer step a checkpoint folder `step-NNNNNNNN` was taken after."""
+    return int(_STEP_DIR.match(Path(directory).name).group(1))
+
+
+# ----------------------------------------------------------------------------------------------- writing atomically
+def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
     """Run write(tmp) into a fresh temporary sibling folder, add a manifest, fsync everything and rename the folder
     to `final` (replacing an older one of that name)."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -49,9 +58,16 @@ def write_atomically(final: Path, write: Callable[[Path], None], pause_at: int |
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
-    _maybe_pause(pause_at)
+    publish(tmp, final)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Write tmp's manifest (fsyncing every file and folder), then rename `tmp` to `final`."""
     write_manifest(tmp)
-    swap_into_place(tmp, final)
+    from ..checkpoint import swap_folder
+
+    swap_folder(tmp, final)
+    _fsync(final.parent)
 
 
 def write_manifest(folder: Path) -> None:
@@ -68,55 +84,117 @@ def write_manifest(folder: Path) -> None:
     _fsync(folder)
 
 
-def swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename the folder `tmp` to `final` without a moment where no complete `final` exists (see swap_folder)."""
-    from ..checkpoint import swap_folder
+def remove_temporaries(out: Path) -> list[Path]:
+    """Remove what killed writers left under `out`: every dot-name in `checkpoints/` and `hf/`, and `.tmp-*`,
+    `..tmp-*` and `.NAME.saving-*` in `out` itself. A `.old-NAME` (swap_folder's copy between its two renames) is
+    put back as NAME when NAME is missing, removed otherwise. Returns what was removed."""
+    out = Path(out)
+    removed = []
+    for folder, everything in ((out, False), (out / "checkpoints", True), (out / "hf", True)):
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            name = entry.name
+            if name.startswith(".old-"):
+                if not (folder / name[len(".old-"):]).exists():
+                    os.rename(entry, folder / name[len(".old-"):])
+                    continue
+            elif not (everything and name.startswith(".")) and not (
+                    name.startswith((".tmp-", "..tmp-")) or (name.startswith(".") and ".saving-" in name)):
+                continue
+            _remove(entry)
+            removed.append(entry)
+    return removed
 
-    swap_folder(tmp, final)
-    _fsync(final.parent)
 
+# ------------------------------------------------------------------------------------------------------ one format
+def save_checkpoint(out: Path, step: int, model, optimizer: torch.optim.Optimizer, tokenizer, model_config,
+                    state: dict, keep: int, rank: int = 0, barrier: Callable[[], None] = lambda: None) -> Path:
+    """Every process calls this: write the checkpoint of `step` (each process its own DCP shards, the first the
+    rest), publish it atomically, and keep the newest `keep` complete checkpoints."""
+    from .sharded_checkpoint import DCP_DIR, optimizer_groups, save_dcp_state
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer: torch.optim.Optimizer, state: dict,
-                    keep: int) -> Path:
-    """Write the training checkpoint of `step` and delete all but the newest `keep` complete ones."""
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+    final = checkpoint_dir(out, step)
+    tmp = final.parent / f".tmp-{final.name}"  # the same name on every rank: they all write into it
+    if rank == 0:
+        for stale in final.parent.glob(".tmp-*") if final.parent.is_dir() else []:  # a killed writer's
+            _remove(stale)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_dcp_state(tmp / DCP_DIR, model, optimizer)
+    groups = optimizer_groups(model, optimizer)  # every rank: the names are the same everywhere
+    if rank == 0:
+        model_config.save(tmp)
         tokenizer.save(str(tmp / "tokenizer.json"))
-        tensors, groups = _optimizer_to_files(optimizer, model)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(groups, indent=2) + "\n")
         save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
-
-    final = checkpoint_dir(out, step)
-    for stale in final.parent.glob(".tmp-*"):  # left by a killed writer; never a checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
-    write_atomically(final, write, pause_at=step)
-    prune_checkpoints(out, keep, final)
+        publish(tmp, final)
+        prune_checkpoints(out, keep, final)
+    barrier()
     return final
 
 
-def prune_checkpoints(out: Path, keep: int, just_written: Path) -> None:
-    """Delete all but the newest `keep` verified checkpoints, never `just_written`."""
-    complete = [d for d in _step_dirs(out) if d != just_written and verify_checkpoint(d) is None]
-    for old in complete[max(keep - 1, 0):]:
-        shutil.rmtree(old, ignore_errors=True)
+def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer) -> dict:
+    """Every process calls this: restore model weights, router biases, optimizer and RNG states from a checkpoint
+    written by any number of processes, in either format; returns trainer_state."""
+    from safetensors.torch import load_file
+
+    from .legacy_checkpoint import is_legacy, load_legacy_state
+    from .sharded_checkpoint import load_dcp_state
+
+    directory = Path(directory)
+    if is_legacy(directory):
+        load_legacy_state(directory, model, optimizer)
+    else:
+        load_dcp_state(directory, model, optimizer)
+    rng = load_file(str(directory / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    return json.loads((directory / "trainer_state.json").read_text())
+
+
+def save_model_folder(folder: Path, model, model_config, tokenizer, rank: int = 0, distributed: bool = False) -> None:
+    """Every process calls this: write the model as one Hugging Face folder (config, safetensors, tokenizer files),
+    gathered from every process's shards, atomically, by the first process."""
+    from ..inference.tokenizer import write_tokenizer_files
+    from ..parallel import consolidated_model
+
+    if distributed:
+        model = consolidated_model(model, model_config, rank)  # collective
+    if rank != 0:
+        return
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        write_tokenizer_files(tokenizer, tmp, model_config.max_position_embeddings)
+
+    write_atomically(Path(folder), write)
+
+
+# ---------------------------------------------------------------------------------------------- finding and pruning
+def scan_checkpoints(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under `out` that passes its manifest (None if none does), and every newer one that
+    does not, with what is wrong with it (incomplete temporaries included), newest first."""
+    folder = Path(out) / "checkpoints"
+    broken = [(stale, "incomplete (its writer stopped before finishing)")
+              for stale in (sorted(folder.glob(".tmp-step-*"), reverse=True) if folder.is_dir() else [])]
+    for directory in _step_dirs(out):
+        problem = verify_checkpoint(directory)
+        if problem is None:
+            return directory, broken
+        broken.append((directory, problem))
+    return None, broken
 
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest checkpoint under `out` that passes its manifest; each one that does not is skipped with a
     CheckpointWarning saying why."""
-    folder = Path(out) / "checkpoints"
-    for stale in sorted(folder.glob(".tmp-*")) if folder.is_dir() else []:
-        warnings.warn(f"skipping {stale}: an incomplete checkpoint (its writer stopped before finishing)",
-                      CheckpointWarning, stacklevel=2)
-    for directory in _step_dirs(out):
-        problem = verify_checkpoint(directory)
-        if problem is None:
-            return directory
+    newest, broken = scan_checkpoints(out)
+    for directory, problem in broken:
         warnings.warn(f"skipping checkpoint {directory}: {problem}", CheckpointWarning, stacklevel=2)
-    return None
+    return newest
 
 
 def verify_checkpoint(directory: Path) -> str | None:
@@ -131,11 +209,12 @@ def verify_checkpoint(directory: Path) -> str | None:
     if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("bytes"), int)
                                               and isinstance(v.get("sha256"), str) for v in files.values()):
         return "manifest.json is malformed (expected {'files': {name: {'bytes', 'sha256'}}})"
-    weights = {"model.safetensors", "model.safetensors.index.json", "dcp/.metadata"}
-    if "trainer_state.json" not in files or not weights & set(files):
+    if "trainer_state.json" not in files or not _WEIGHTS & set(files):
         return "manifest.json lists no model weights or trainer state (incomplete or corrupted)"
     for name, expected in files.items():
         path = directory / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"manifest.json names {name!r}, outside the checkpoint (corrupted)"
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
@@ -143,68 +222,26 @@ def verify_checkpoint(directory: Path) -> str | None:
     return None
 
 
+def prune_checkpoints(out: Path, keep: int, just_written: Path) -> None:
+    """Delete all but the newest `keep` verified checkpoints, never `just_written`."""
+    complete = [d for d in _step_dirs(out) if d != just_written and verify_checkpoint(d) is None]
+    for old in complete[max(keep - 1, 0):]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def set_aside_newer_checkpoints(out: Path, resumed: Path | None) -> list[Path]:
     """Move checkpoints newer than the one a run resumes from (incomplete or corrupted ones, since the newest good
     one is resumed) to `checkpoints/set-aside/`, so that pruning never weighs them against the new ones. Nothing is
     deleted. Returns their new paths."""
-    step = int(_STEP_DIR.match(resumed.name).group(1)) if resumed is not None else 0
+    step = step_of(resumed) if resumed is not None else 0
     moved = []
     for directory in _step_dirs(out):
-        if int(_STEP_DIR.match(directory.name).group(1)) > step:
+        if step_of(directory) > step:
             target = directory.parent / "set-aside" / f"{directory.name}-{int(time.time())}"
             target.parent.mkdir(exist_ok=True)
             os.rename(directory, target)
             moved.append(target)
     return moved
-
-
-def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model weights, router biases, optimizer and RNG states from `directory`; returns trainer_state."""
-    from ..checkpoint import from_pretrained
-
-    loaded = from_pretrained(directory, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    tensors = load_file(str(directory / "optimizer.safetensors"))
-    groups = json.loads((directory / "optimizer.json").read_text())
-    _optimizer_from_files(optimizer, model, tensors, groups)
-    rng = load_file(str(directory / "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(rng["cuda"]))
-    return json.loads((directory / "trainer_state.json").read_text())
-
-
-def _optimizer_to_files(optimizer: torch.optim.Optimizer, model) -> tuple[dict, dict]:
-    """Optimizer state as safetensors entries `{param name}.{exp_avg|exp_avg_sq|step}` and JSON groups."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    sd = optimizer.state_dict()
-    index_to_name = {}
-    for group, live in zip(sd["param_groups"], optimizer.param_groups):
-        for i, p in zip(group["params"], live["params"]):
-            index_to_name[i] = names[id(p)]
-    tensors = {f"{index_to_name[i]}.{k}": v.detach().contiguous()
-               for i, st in sd["state"].items() for k, v in st.items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index_to_name[i] for i in g["params"]]}
-              for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups}
-
-
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, model, tensors: dict, saved: dict) -> None:
-    names = [[n for n in g["params"]] for g in saved["param_groups"]]
-    live = {id(p): n for n, p in model.named_parameters()}
-    current = [[live[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    if names != current:
-        raise ValueError("the checkpoint's optimizer covers different parameters than this model: resume with the "
-                         "same model configuration")
-    index = {}
-    state = {}
-    for i, name in enumerate(n for group in names for n in group):
-        index[name] = i
-        entry = {k[len(name) + 1:]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
-        if entry:
-            state[i] = entry
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _rng_tensors() -> dict:
@@ -222,6 +259,13 @@ def _step_dirs(out: Path) -> list[Path]:
     return sorted((d for d in folder.iterdir() if d.is_dir() and _STEP_DIR.match(d.name)), reverse=True)
 
 
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -236,12 +280,3 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _maybe_pause(step: int | None) -> None:
-    spec = os.environ.get(PAUSE_ENV)
-    if spec and step is not None:
-        at, _, seconds = spec.partition(":")
-        if int(at) == step:
-            print(f"checkpoint {step}: pausing mid-write for {seconds}s ({PAUSE_ENV})", flush=True)
-            time.sleep(float(seconds))

@@ -18,8 +18,9 @@ are sharded with FSDP2 and the routed experts split over parallel.ep processes. 
   parallel.node_limit=M      check that each token's experts lie on at most M EP ranks (node-limited routing)
   parallel.mixed_precision=  FSDP2 bf16 compute with fp32 gradient reduction (default: on CUDA)
   parallel.reshard_after_forward=false   keep gathered parameters between forward and backward (more memory)
-Checkpoints of a multi-process run are in torch.distributed.checkpoint format and resume at any number of
-processes; final/ is always one Hugging Face model folder.
+Checkpoints (OUT/checkpoints/step-N/) are in torch.distributed.checkpoint format at any number of processes, one
+included, and resume at any other number; final/ is one Hugging Face model folder, and so is OUT/hf/step-N/ every
+--save-hf-every N steps. `seekmoe export --checkpoint OUT --out DIR` turns a checkpoint into a model folder.
 """
 
 
@@ -55,10 +56,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default), or comma-separated names (new-experts, router, experts, shared-experts, "
                              "attention, dense-mlp, embeddings, norms, mtp) and globs of parameter names, e.g. "
                              "--train new-experts,router after `seekmoe expand` (sets trainable=)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
+    add_resume_arguments(parser)
+    parser.add_argument("--save-hf-every", type=int, metavar="N",
+                        help="also write a Hugging Face model folder DIR/hf/step-N/ every N steps (save_hf_every=)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
                         help="set any ModelConfig or TrainConfig field, e.g. num_nextn_predict_layers=1 lr=1e-3")
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """--resume and --resume-or-start, shared by every command that trains (train, sft, rl)."""
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue from the newest intact checkpoint in OUT (a new or empty OUT starts at step "
+                             "0); refuses, changing nothing, when OUT holds a run but no intact checkpoint")
+    resume.add_argument("--resume-or-start", action="store_true",
+                        help="as --resume, but when OUT holds a run with no intact checkpoint, move that run to "
+                             "OUT/previous-run-TIME/ and start from step 0")
+
+
+def resume_mode(args: argparse.Namespace) -> bool | str:
+    """The Trainer's `resume` for the flags add_resume_arguments registered."""
+    return "or-start" if args.resume_or_start else args.resume
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,11 +90,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides([p for p in args.data or [] if p not in (data or [])] + args.overrides)
     if args.train is not None:
         overrides["trainable"] = args.train
-    for flag in ("max_steps", "save_every", "eval_every", "seed"):
+    for flag in ("max_steps", "save_every", "eval_every", "seed", "save_hf_every"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     model_config, train_config = load_run_config(args.preset, args.config, overrides, init_from=args.init_from,
                                                  extend_context=args.extend_context)
-    return exit_status("train", lambda: train(model_config, train_config, args.out, data=data, resume=args.resume,
+    resume = resume_mode(args)
+    return exit_status("train", lambda: train(model_config, train_config, args.out, data=data, resume=resume,
                                               stop_at=args.stop_at, progress=not args.no_progress,
                                               init_from=args.init_from))

@@ -72,6 +72,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation micro-batches per evaluation (the same ones every time)
     save_every: int = 500
     keep_checkpoints: int = 2
+    save_hf_every: int = 0  # also write a Hugging Face folder OUT/hf/step-N/ every N steps (0: only final/)
     max_bad_steps: int = 5  # consecutive non-finite losses after which training stops
     # multi-process training under torchrun (`parallel.ep=2` on the command line): see seekmoe.parallel
     parallel: dict = field(default_factory=dict)
@@ -90,7 +91,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, "a positive integer")
-        for name in ("warmup_steps", "num_threads", "seed", "min_file_bytes", "new_expert_onboarding_steps"):
+        for name in ("warmup_steps", "num_threads", "seed", "min_file_bytes", "new_expert_onboarding_steps",
+                     "save_hf_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise bad(name, "a non-negative integer")

@@ -4,6 +4,7 @@ TensorBoard event files under `OUT/tensorboard/`."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -11,16 +12,21 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    """Appends one record per step; a resumed run first drops the records after the step it resumes from, so the
-    file reads as one uninterrupted run."""
+    """Appends one record per step. The file is never rewritten in place: a resumed run whose file holds records
+    past the step it resumes from (or a torn line) writes the records it keeps to a new file and renames it over the
+    old one, so a kill at any moment leaves one complete file, the old or the new."""
 
     def __init__(self, out: Path, resume_step: int | None = None):
         self.path = Path(out) / METRICS_FILE
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [json.dumps(r) for r in read_metrics(out) if r["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(out) if r["step"] <= resume_step]
+            text = self.path.read_text(errors="replace")
+            lines = [line for line in text.splitlines() if line.strip()]
+            # Records past the resumed step, or a torn line (even one that parses): a new file replaces the old.
+            if len(kept) != len(lines) or (text and not text.endswith("\n")):
+                _replace_atomically(self.path, kept)
         self._file = self.path.open("a")
         self._tb = _tensorboard_writer(Path(out) / "tensorboard")
 
@@ -60,6 +66,22 @@ def read_metrics(out: Path) -> list[dict]:
             continue
         records.append(record)
     return records
+
+
+def _replace_atomically(path: Path, records: list[dict]) -> None:
+    """Write `records` to a temporary sibling (`.tmp-` names are removed when a run starts), fsync it, and rename it
+    over `path`."""
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    with tmp.open("w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _tensorboard_writer(directory: Path):

@@ -18,17 +18,13 @@ from tokenizers import Tokenizer
 
 from .. import build_model
 from ..config import ModelConfig
-from ..inference.tokenizer import write_tokenizer_files
 from ..info import model_summary
 from ..model.moe import device_groups_for
 from ..model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, ranks_on_this_machine
-from ..parallel import ParallelConfig, consolidated_model, init_processes, parallelize
+from ..parallel import ParallelConfig, init_processes, parallelize
 from ..progress import show_progress
 from .balance import max_violation
-from .checkpointing import (latest_checkpoint, load_checkpoint, save_checkpoint, set_aside_newer_checkpoints,
-                            write_atomically)
-from .sharded_checkpoint import (is_sharded, load_full_optimizer_state, load_sharded_checkpoint,
-                                 save_sharded_checkpoint)
+from .checkpointing import load_checkpoint, save_checkpoint, save_model_folder
 from .config import TrainConfig, stepwise
 from .data import TrainData, select_corpus
 from .freeze import select_trainable
@@ -36,6 +32,7 @@ from .metrics import MetricsLog
 from .onboarding import NewExpertOnboarding
 from .optim import build_optimizer, lr_at
 from .plots import plot_run
+from .resume import plan_start, prepare_out
 from .step import Forward, StepResult, TrainStep, autocast_context, language_model_forward
 
 SUMMARY_FILE = "summary.json"
@@ -136,8 +133,9 @@ class StopSignals:
 
 class Trainer:
     """One training run into OUT: from scratch, or from the weights of a model folder (`init_from`), or (`resume`)
-    from OUT's newest checkpoint when there is one. `stop_at` ends the run early after that step, with a
-    checkpoint.
+    from OUT's newest intact checkpoint when there is one (refusing when OUT holds a run but nothing intact;
+    `resume="or-start"` then moves that run aside and starts over). `stop_at` ends the run early after that step,
+    with a checkpoint.
 
     Post-training stages reuse the loop with their own data and objective: `make_data(tokenizer, rank,
     world_size)` returns the
@@ -146,7 +144,7 @@ class Trainer:
     `describe()` for the start-up line), and `forward` is TrainStep's objective for its micro-batches."""
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, out: str | Path,
-                 data: list[str] | None = None, resume: bool = False, stop_at: int | None = None,
+                 data: list[str] | None = None, resume: bool | str = False, stop_at: int | None = None,
                  progress: bool = True, init_from: str | Path | None = None,
                  make_data: Callable[[Tokenizer | None, int, int], TrainData] | None = None,
                  forward: Forward | None = None):
@@ -171,19 +169,16 @@ class Trainer:
                           ranks_here=ranks_on_this_machine() if self.world_size > 1 else 1,
                           source=f"the model of {init_from or 'this run'}")
         self.reduce = self.processes.all_reduce_sum if self.processes.distributed else None
-        self.resume_from = latest_checkpoint(self.out) if resume else None
-        checkpoints = self.out / "checkpoints"
-        if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
-            raise ValueError(f"{self.out} already holds checkpoints: pass --resume to continue that run, or choose "
-                             f"another --out")
-        if resume and self.resume_from is None:
-            self.log(f"no complete checkpoint in {self.out}: starting from step 0")
-        self.processes.barrier()  # every rank has chosen the checkpoint before rank 0 moves the newer ones aside
-        if resume and self.rank == 0:
-            for moved in set_aside_newer_checkpoints(self.out, self.resume_from):
-                self.log(f"set aside {moved.name}: newer than the checkpoint resumed from, and not complete")
+        plan = plan_start(self.out, resume)  # reads only; raises (touching nothing) when it must refuse
+        self.resume_from = plan.checkpoint
+        if resume and self.resume_from is None and not plan.move_aside:
+            self.log(f"no checkpoint in {self.out}: starting from step 0")
+        self.processes.barrier()  # every rank has chosen the checkpoint before rank 0 changes anything in OUT
         if self.rank == 0:
+            for line in prepare_out(self.out, plan):
+                self.log(line)
             self.out.mkdir(parents=True, exist_ok=True)
+        self.processes.barrier()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)  # the same on every rank: every rank builds the same initial model
@@ -217,7 +212,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config)
         self.start_step, self.bad_steps, self.train_seconds = 0, 0, 0.0
         if self.resume_from is not None:
-            state = self._load_checkpoint(self.resume_from)
+            state = load_checkpoint(self.resume_from, self.model, self.optimizer)
             self.data.load_state_dict(state["data"])
             self.start_step, self.bad_steps = state["step"], state["bad_steps"]
             self.train_seconds = state["train_seconds"]
@@ -228,8 +223,8 @@ class Trainer:
 
     # ----- setup -----
     def _build_model(self) -> torch.nn.Module:
-        """The model on the run's device, initialized or loaded from `init_from` (or from a single-process
-        checkpoint being resumed by several processes), parallelized under torchrun, in training mode.
+        """The model on the run's device, initialized or loaded from `init_from`, parallelized under torchrun, in
+        training mode (a checkpoint being resumed is loaded afterwards, into the parallelized model).
 
         Under torchrun (and for any folder) the model is built on the meta device, checked against the folder's
         headers, parallelized, and only then materialized: each rank allocates and fills its own shards
@@ -237,9 +232,7 @@ class Trainer:
         from ..parallel.materialize import check_folder, materialize
 
         full_weights = None
-        if self.resume_from is not None and self.processes.distributed and not is_sharded(self.resume_from):
-            full_weights = self.resume_from
-        elif self.init_from is not None and self.resume_from is None:
+        if self.init_from is not None and self.resume_from is None:
             full_weights = self.init_from
             self.log(f"initialized from {self.init_from}")
         if full_weights is None and not self.processes.distributed:
@@ -264,15 +257,6 @@ class Trainer:
             device_groups_for(self.model_config, moe.device_groups)
         model.train()
         return model
-
-    def _load_checkpoint(self, directory: Path) -> dict:
-        """Restore the training state from a checkpoint of any number of processes; returns trainer_state."""
-        if is_sharded(directory):
-            return load_sharded_checkpoint(directory, self.model, self.optimizer)
-        if not self.processes.distributed:
-            return load_checkpoint(directory, self.model, self.optimizer)
-        load_full_optimizer_state(directory, self.model, self.optimizer)  # the weights came in _build_model
-        return json.loads((directory / "trainer_state.json").read_text())
 
     def log(self, message: str) -> None:
         """Print on the first rank only."""
@@ -324,6 +308,9 @@ class Trainer:
                     stop = self._stop_requested(signals)
                     if done % c.save_every == 0 or done == end_step or stop:
                         self.save_checkpoint(done)
+                    if c.save_hf_every and done % c.save_hf_every == 0:
+                        save_model_folder(self.out / "hf" / f"step-{done:08d}", self.model, self.model_config,
+                                          self.data.tokenizer, self.rank, self.processes.distributed)
                     if stop:
                         raise TrainingInterrupted(
                             f"stopped after step {done} by {signal.Signals(stop).name}; checkpoint saved in "
@@ -409,29 +396,19 @@ class Trainer:
         state = {"step": step, "data": self.data.state_dict(), "bad_steps": self.bad_steps,
                  "train_seconds": self.train_seconds, "lr": lr_at(step - 1, self.config),
                  "train_config": self.config.to_dict()}
-        if self.processes.distributed:
-            save_sharded_checkpoint(self.out, step, self.model, self.optimizer, self.data.tokenizer, state,
-                                    self.config.keep_checkpoints, self.rank, self.processes.barrier)
-        else:
-            save_checkpoint(self.out, step, self.model, self.data.tokenizer, self.optimizer, state,
-                            self.config.keep_checkpoints)
+        save_checkpoint(self.out, step, self.model, self.optimizer, self.data.tokenizer, self.model_config, state,
+                        self.config.keep_checkpoints, self.rank, self.processes.barrier)
 
     def finish(self) -> dict:
         """Write `final/` (the model folder, consolidated from every rank's shards), the summary and the plots;
         returns the summary (on rank 0; {} on the others)."""
-        model = self.model
-        if self.processes.distributed:
-            model = consolidated_model(self.model, self.model_config, self.rank)  # collective
-            self.processes.barrier()
-            if self.rank != 0:
-                return {}
-
-        def write_final(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            write_tokenizer_files(self.data.tokenizer, tmp, self.model_config.max_position_embeddings)
-
-        summary = self.summary()  # first: a run without one completed step has no model worth writing
-        write_atomically(self.out / "final", write_final)
+        # The summary first: a run without one completed step has no model worth writing.
+        summary = self.summary() if self.rank == 0 else {}
+        save_model_folder(self.out / "final", self.model, self.model_config, self.data.tokenizer, self.rank,
+                          self.processes.distributed)
+        self.processes.barrier()
+        if self.rank != 0:
+            return {}
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         plots = plot_run(self.out)
         self.log(f"final model: {self.out / 'final'}" + (f"; plots: {', '.join(map(str, plots))}" if plots else ""))
@@ -478,7 +455,7 @@ class Trainer:
 
 
 def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, data: list[str] | None = None,
-          resume: bool = False, stop_at: int | None = None, progress: bool = True,
+          resume: bool | str = False, stop_at: int | None = None, progress: bool = True,
           init_from: str | Path | None = None) -> dict:
     """Pretrain a model (see `Trainer`) and return the run summary."""
     return Trainer(model_config, config, out, data, resume, stop_at, progress, init_from).run()
