@@ -58,7 +58,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, world
         fully_shard(mtp.shared_head["norm"], mesh=dp_mesh, **options)
     for block in list(model.model.layers) + list(model.model.mtp):
         fully_shard(block, mesh=dp_mesh, **options)
-    fully_shard(model, mesh=dp_mesh, **options)
+    # The root (embedding, final norm, LM head) keeps its parameters gathered from forward to backward: its output
+    # is a CausalLMOutput dataclass, in which older FSDP2 (torch 2.11) finds no tensor to hang its pre-backward
+    # unshard on, so a root resharded after forward reaches backward with freed weights. Backward needs them first
+    # anyway.
+    fully_shard(model, mesh=dp_mesh, **{**options, "reshard_after_forward": False})
 
 
 def _move_experts_to_ep_submesh(experts: nn.Module, mesh: DeviceMesh) -> None:
