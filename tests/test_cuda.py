@@ -3,9 +3,8 @@ the model on CUDA against the CPU (fp32 tight, bf16 within bf16 rounding), the g
 padded backend and the per-expert definition, compiled decoding with CUDA graphs against eager, the engine at batch
 32, and FSDP2 at world size 1 on NCCL (init, a step, DCP save and load).
 
-Greedy-token comparisons scale the LM head up (`peaked`): a random model's logits are nearly flat, so two kernels
-rounding differently could flip an argmax between near-ties; with the head scaled the top logit stands clear and
-any difference in tokens is a real one."""
+Greedy tokens are compared in fp32, where two kernels' rounding differences (~1e-6) are far below the gaps between a
+random model's top logits; in bf16 they are not, so bf16 is checked on values, with bf16's tolerance."""
 
 from __future__ import annotations
 
@@ -26,13 +25,6 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def peaked(model: torch.nn.Module, scale: float = 30.0) -> torch.nn.Module:
-    """`model` with its LM head scaled so that greedy choices are not near-ties (module docstring)."""
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    return model
 
 
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
@@ -118,7 +110,7 @@ def test_grouped_mm_backend_matches_padded_backend_forward_and_backward(dtype):
 
 
 def test_cuda_graph_decoding_gives_eager_greedy_tokens():
-    model = peaked(tiny_model()).cuda().eval()
+    model = tiny_model().cuda().eval()
     prompts = [[0, 5, 6, 7, 8, 9, 10], [0, 40], [0, 3, 3, 3, 3]]
     params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     for speculative in (None, "mtp"):
@@ -130,7 +122,7 @@ def test_cuda_graph_decoding_gives_eager_greedy_tokens():
 
 
 def test_engine_at_batch_32_gives_each_prompt_its_own_greedy_tokens():
-    model = peaked(tiny_model()).cuda().eval()
+    model = tiny_model().cuda().eval()
     g = torch.Generator().manual_seed(3)
     prompts = [[0] + torch.randint(2, model.config.vocab_size, (int(n),), generator=g).tolist()
                for n in torch.randint(1, 40, (32,), generator=g)]

@@ -36,10 +36,12 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, world
     options = dict(mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
     if mixed:
         # Routing stays fp32 (DeepSeek-V3; issue 16): each router is its own unit, gathered and computed in fp32
-        # while the rest of the block runs in bf16.
+        # while the rest of the block runs in bf16. A router's weights (experts x hidden) are small and its output
+        # is a dataclass, where older FSDP2 finds no tensor for its pre-backward unshard (see the root below): they
+        # stay gathered until backward.
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         for moe in model.moe_layers():
-            fully_shard(moe.gate, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=config.reshard_after_forward)
+            fully_shard(moe.gate, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=False)
     if config.ep > 1:
         for moe in model.moe_layers():
             if DataParallelMeshDims is not None:
