@@ -21,7 +21,8 @@ CPU with no timings ("no CUDA device: CPU dry run"), which `make test` runs (tes
     python benchmarks/gpu_check.py --budget-s 300 --steps training,decode
 
 Wheels for packages the GPU machine lacks (`make gpu-wheels` -> .gpu-wheels/) are installed from that folder with
-`pip --no-index` into .gpu-site/, which is appended to the import path (the machine's own packages win).
+`pip --no-index` into .gpu-site/, which goes first on the import path: the server's dependencies come as one set
+that pip resolved together (newer typing_extensions, anyio and the like than the machine's are backward compatible).
 """
 
 from __future__ import annotations
@@ -221,8 +222,8 @@ def alarm(seconds: float):
 
 
 def child_env() -> dict:
-    """The environment of subprocesses: this tree's sources first, the carried wheels' folder last."""
-    paths = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")] + ([str(SITE)] if SITE.is_dir() else [])
+    """The environment of subprocesses: this tree's sources, then the path (with the carried wheels' folder)."""
+    paths = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), PYTHONUNBUFFERED="1")
 
 
@@ -240,7 +241,8 @@ def install_carried_wheels() -> str:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode:
             return f"pip install from {WHEELS.name}/ failed: {done.stderr.strip()[-300:]}"
-    sys.path.append(str(SITE))  # last: where the machine has a package, its own version wins
+    sys.path.insert(0, str(SITE))  # the set pip resolved together (module docstring)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH")) if p)  # servers
     importlib.invalidate_caches()
     return f"installed {missing} from {WHEELS.name}/ into {SITE.name}/"
 

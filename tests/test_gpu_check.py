@@ -58,7 +58,7 @@ def test_a_step_that_overruns_its_slice_is_cut_and_later_steps_without_time_are_
             time.sleep(0.05)
 
     monkeypatch.setitem(gpu_check.STEPS, "training", endless)
-    monkeypatch.setitem(gpu_check.SLICES, "training", 0.5)
+    monkeypatch.setitem(gpu_check.SLICES, "training", 60)  # more than the budget: cut by it
     monkeypatch.setattr(gpu_check, "MIN_STEP_S", 0.2)
     check = gpu_check.Check(0.8, tmp_path, tmp_path / "copy", ["training", "moe layer"])
     gpu_check.run(check)
