@@ -402,8 +402,9 @@ def step_decode(check: Check, step: Step) -> None:
     if check.dry:
         compiled_forwards.BACKEND = "eager"  # the same graphs captured, without inductor's minutes on a CPU
     config, batches, prompt_len, new_tokens = decode_setup(check)
-    # The dry run decodes in fp32: compiled decoding of a bf16 model fails on the CPU under torch 2.13 (dynamo's guard on
-    # the shared DecoderBlock.forward raises KeyError 'gate_proj' on the MoE block), a failure the GPU run reports.
+    # The dry run decodes in fp32: compiled decoding of a bf16 model fails on the CPU under torch 2.13 (dynamo's
+    # guard on the shared DecoderBlock.forward raises KeyError 'gate_proj' on the MoE block); the GPU run decodes in
+    # bf16 and reports such a failure.
     dtype = torch.float32 if check.dry else torch.bfloat16
     model_dir = check.tmp / "decode-model"
     torch.manual_seed(0)
