@@ -249,8 +249,9 @@ def install_carried_wheels() -> str:
 
 # --- 1. the CUDA tests -----------------------------------------------------------------------------------------
 def step_cuda_tests(check: Check, step: Step) -> None:
+    junit = check.tmp / "cuda-tests.xml"  # the skip reasons and failure messages, which -v does not print
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "--tb=line", "-o",
-           "addopts=", str(REPO / "tests" / "test_cuda.py")]
+           "addopts=", f"--junitxml={junit}", str(REPO / "tests" / "test_cuda.py")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     timer = threading.Timer(max(check.step_left, 1), proc.kill)
@@ -262,9 +263,7 @@ def step_cuda_tests(check: Check, step: Step) -> None:
             tail = (tail + [line.rstrip()])[-30:]
             m = outcome.match(line.strip())
             if m:
-                reason = m.group(3).split("%]")[-1].strip(" ()") if m.group(2) == "SKIPPED" else ""
-                check.add(step, {"test": m.group(1).split("::", 1)[1], "outcome": m.group(2).lower(),
-                                 "note": reason[:120]})
+                check.add(step, {"test": m.group(1).split("::", 1)[1], "outcome": m.group(2).lower(), "note": ""})
         proc.wait()
     finally:
         timer.cancel()
@@ -273,6 +272,18 @@ def step_cuda_tests(check: Check, step: Step) -> None:
             proc.wait()
     if proc.returncode == -signal.SIGKILL:
         raise OutOfTime()
+    if junit.is_file():
+        import xml.etree.ElementTree as ET
+
+        notes = {}
+        for case in ET.parse(junit).iter("testcase"):
+            for child in case:
+                if child.tag in ("skipped", "failure", "error"):
+                    message = child.get("message") or ""
+                    notes[case.get("name")] = message.splitlines()[0][:160] if message else ""
+        for row in step.rows:
+            row["note"] = notes.get(row["test"], "")
+        check.write()
     failed = [r["test"] for r in step.rows if r["outcome"] in ("failed", "error")]
     errors = [line for line in tail if line.startswith(("E ", "/")) or "Error" in line][-3:]
     if failed or proc.returncode not in (0, 5):  # 5: nothing collected
@@ -319,7 +330,7 @@ def step_training(check: Check, step: Step) -> None:
         tokens_s = batch * seq / seconds if seconds else None
         tflops = flops_per_token * tokens_s / 1e12 if tokens_s else None
         check.add(step, {"model": f"V2-Lite widths, {config.num_hidden_layers} layers" if check.cuda else "tiny",
-                         "params": f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B",
+                         "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
                          "compile": compiled, "batch x seq": f"{batch} x {seq}", "dtype": "bf16 autocast",
                          "ms/step": 1e3 * seconds if seconds else None, "tokens/s": tokens_s,
                          "TFLOP/s": tflops, "MFU": f"{tflops / peak:.1%}" if tflops and peak else None,
@@ -372,7 +383,8 @@ def step_moe_layer(check: Check, step: Step) -> None:
             times[name], _ = check.timed(run, repeats=5, warmup=2)
             dense_s = times["dense SwiGLU"]
             check.add(step, {"shape": shape.name, "layer": f"E={shape.n_experts} k={shape.top_k} H={shape.hidden} "
-                             f"I={shape.width} shared={shape.n_shared}", "tokens": shape.tokens, "dtype": "bf16",
+                             f"I={shape.width} shared={shape.n_shared}", "tokens": shape.tokens,
+                             "dtype": "bf16 autocast, fp32 weights",
                              "contender": name, "ms": 1e3 * times[name] if times[name] else None,
                              "activated TFLOP/s": flops / times[name] / 1e12 if times[name] else None,
                              "dense / this": dense_s / times[name] if times[name] else None})

@@ -78,7 +78,7 @@ def test_cuda_experts_in_bf16_match_the_per_expert_definition(backend):
     assert rel(got, want) < 2e-2  # bf16 rounding, not a wrong expert
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_grouped_mm_backend_matches_padded_backend_forward_and_backward(dtype):
     if not grouped_mm_supported("cuda", dtype):
         pytest.skip(f"torch._grouped_mm does not run on this GPU in {dtype}")
