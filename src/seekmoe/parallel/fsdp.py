@@ -4,7 +4,7 @@ only, and the root (embedding, final norm, LM head) last.
 
 Two ways to shard the experts over `dp_mod_ep`, picked by what the installed torch offers: with
 `DataParallelMeshDims` (newer torch) FSDP is told which dimension of the 2-D mesh is data-parallel; before it
-existed (torch 2.11 and older), the experts become DTensors of the 1-D `ep` sub-mesh and FSDP shards them over the
+existed (torch 2.11 has none), the experts become DTensors of the 1-D `ep` sub-mesh and FSDP shards them over the
 sibling `dp_mod_ep` sub-mesh, FSDP2's 2-D (FSDP x TP/EP) composition, as torchtitan did. Both hold the same local
 shards and save the same global tensors, so checkpoints move between them.
 """
@@ -36,9 +36,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, world
     options = dict(mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
     if mixed:
         # Routing stays fp32 (DeepSeek-V3; issue 16): each router is its own unit, gathered and computed in fp32
-        # while the rest of the block runs in bf16. A router's weights (experts x hidden) are small and its output
-        # is a dataclass, where older FSDP2 finds no tensor for its pre-backward unshard (see the root below): they
-        # stay gathered until backward.
+        # while the rest of the block runs in bf16. A router's weights (experts x hidden) are small; they stay
+        # gathered until backward, as the root's do (below), which torch 2.11's FSDP2 needs.
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         for moe in model.moe_layers():
             fully_shard(moe.gate, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=False)
@@ -60,10 +59,10 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig, world
         fully_shard(mtp.shared_head["norm"], mesh=dp_mesh, **options)
     for block in list(model.model.layers) + list(model.model.mtp):
         fully_shard(block, mesh=dp_mesh, **options)
-    # The root (embedding, final norm, LM head) keeps its parameters gathered from forward to backward: its output
-    # is a CausalLMOutput dataclass, in which older FSDP2 (torch 2.11) finds no tensor to hang its pre-backward
-    # unshard on, so a root resharded after forward reaches backward with freed weights. Backward needs them first
-    # anyway.
+    # The root (embedding, final norm, LM head) keeps its parameters gathered from forward to backward, which
+    # backward needs first anyway. Resharded after forward, torch 2.11's FSDP2 reaches the LM head's backward with
+    # its weights freed ("setStorage ... storage of size 0"), likely because the unit's output is a dataclass
+    # (CausalLMOutput, RouterOutput) in which it finds no tensor to hang its pre-backward unshard on.
     fully_shard(model, mesh=dp_mesh, **{**options, "reshard_after_forward": False})
 
 
