@@ -158,10 +158,10 @@ def test_fsdp2_on_nccl_at_world_size_1_steps_like_one_process_and_round_trips_dc
     from seekmoe.parallel import ParallelConfig, apply_fsdp
 
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(4)).cuda()
+    mesh = init_device_mesh("cuda", (1, 1), mesh_dim_names=("dp_mod_ep", "ep"))  # the layout torchrun runs get
 
     def sharded():
         model = tiny_model().cuda().train()
-        mesh = init_device_mesh("cuda", (1, 1), mesh_dim_names=("dp_mod_ep", "ep"))
         apply_fsdp(model, mesh, ParallelConfig(mixed_precision=False), 1)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
