@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= test
 
-.PHONY: install test demo demo-post clean
+.PHONY: install test demo demo-post clean gpu-check gpu-wheels test-min-torch
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,39 @@ demo-post: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# The GPU proof kit (benchmarks/gpu_check.py; benchmarks/README.md, "GPU check"): on a CUDA machine the CUDA tests
+# and the GPU benchmarks within 8 minutes, results in benchmarks/results/gpu-check-<date>.{json,md}; without CUDA
+# a CPU dry run. No install step: GPU machines have no internet, so it runs on their own python3 (or .venv's, where
+# there is one) with this tree's src/ on the path.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Wheels (Python 3.12, manylinux x86_64) of seekmoe's runtime dependencies that the GPU machines lack (the server's),
+# with their own dependencies, into .gpu-wheels/ (ignored, ~4 MB): carried to the machine, gpu-check installs them
+# from there with `pip --no-index`.
+GPU_WHEELS := "fastapi>=0.115" "pydantic>=2.7" "uvicorn>=0.30"
+gpu-wheels:
+	rm -rf .gpu-wheels
+	$(PYTHON) -m pip download -q --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: \
+		-d .gpu-wheels $(GPU_WHEELS)
+
+# The lowest torch pyproject admits, in a second environment (not part of `make test`; several GB, as PyPI's torch
+# is a CUDA build): torch $(MIN_TORCH) and transformers $(MIN_TRANSFORMERS), what the GPU machines have; a 3-step
+# training run, generate, info, the gpu-check dry run and the model, training and distributed tests.
+MIN_TORCH ?= 2.11.0
+MIN_TRANSFORMERS ?= 5.17.0
+MIN_VENV ?= /tmp/venv-min-torch
+test-min-torch:
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q torch==$(MIN_TORCH)
+	$(MIN_VENV)/bin/python -m pip install -q -e ".[test]" transformers==$(MIN_TRANSFORMERS)
+	rm -rf $(MIN_VENV)/run
+	$(MIN_VENV)/bin/seekmoe train --preset tiny --max-steps 3 --out $(MIN_VENV)/run
+	$(MIN_VENV)/bin/seekmoe generate --model $(MIN_VENV)/run/final --prompt "def " --max-new-tokens 8
+	$(MIN_VENV)/bin/seekmoe info --preset deepseek-v2-lite
+	$(MIN_VENV)/bin/python benchmarks/gpu_check.py --out-dir $(MIN_VENV)/gpu-check
+	$(MIN_VENV)/bin/python -m pytest tests/test_model.py tests/test_train.py tests/test_distributed.py \
+		tests/test_gpu_check.py

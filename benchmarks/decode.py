@@ -74,7 +74,7 @@ class TransformersRun:
     """transformers' AutoModelForCausalLM.generate (greedy, use_cache=True) on the same checkpoint and prompts."""
 
     def __init__(self, model, prompts, new_tokens: int):
-        self.model, self.ids, self.new_tokens, self.out = model, torch.tensor(prompts), new_tokens, None
+        self.model, self.ids, self.new_tokens, self.out = model, torch.tensor(prompts, device=model.device), new_tokens, None
 
     def __call__(self) -> None:
         with torch.inference_mode():

@@ -107,7 +107,7 @@ def train_step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype:
         for p in layer.parameters():
             p.grad = None
         x.grad = None
-        autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        autocast = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
             y = layer(x)
         y = y[0] if isinstance(y, tuple) else y

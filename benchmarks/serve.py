@@ -59,12 +59,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, src: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(src))
+def start_server(model: Path, src: Path, port: int, extra: list[str], timeout_s: float = 600) -> subprocess.Popen:
+    # The source tree first; what the caller's path held (packages installed outside site-packages) after it.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH")) if p))
     launch = "import sys; from seekmoe.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", launch, "serve", "--model", str(model), "--port", str(port),
                              "--model-name", "m", *extra], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600  # `seekmoe serve` compiles its decode step before it listens (--compile auto)
+    deadline = time.monotonic() + timeout_s  # `seekmoe serve` compiles its decode step before it listens (--compile auto)
     while time.monotonic() < deadline:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)

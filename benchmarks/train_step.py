@@ -34,7 +34,7 @@ def training_step(model, ids: torch.Tensor, dtype: torch.dtype | None, setup=Non
         if setup is not None:
             setup()
         optimizer.zero_grad(set_to_none=True)
-        autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        autocast = torch.autocast(ids.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
             loss = model(ids, labels=ids).loss
         loss.backward()
