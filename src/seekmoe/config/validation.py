@@ -1,0 +1,126 @@
+"""ModelConfig's validation: every field checked, the first bad one named with what was expected."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .fields import ModelConfig
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+# greedy: plain top-k (V2-Lite); group_limited_greedy: groups scored by their best expert (V2);
+# noaux_tc: groups scored by the sum of their two best experts, bias-corrected selection (V3).
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# deepseek: DeepSeek's router (the default); the others are the MoE literature's, for comparison (model/routing/).
+ROUTER_TYPES = ("deepseek", "switch", "gshard", "noisy_topk", "hash", "hierarchical")
+
+
+def validate(config: "ModelConfig") -> None:
+    """Raise ValueError naming the first field of `config` whose value cannot describe a model."""
+
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}={getattr(config, name)!r} is invalid: expected {expected}")
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise bad(name, "a positive integer")
+    for name in ("n_routed_experts", "n_shared_experts", "qk_nope_head_dim", "num_nextn_predict_layers",
+                 "first_k_dense_replace"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad(name, "a non-negative integer")
+    if config.q_lora_rank is not None and (not isinstance(config.q_lora_rank, int) or config.q_lora_rank <= 0):
+        raise bad("q_lora_rank", "a positive integer, or None for a full-rank query projection")
+    if config.qk_rope_head_dim % 2:
+        raise bad("qk_rope_head_dim", "an even number (RoPE rotates pairs of dimensions)")
+    if config.first_k_dense_replace > config.num_hidden_layers:
+        raise bad("first_k_dense_replace", f"at most num_hidden_layers={config.num_hidden_layers}")
+    if config.scoring_func not in SCORING_FUNCS:
+        raise bad("scoring_func", f"one of {SCORING_FUNCS}")
+    if config.topk_method not in TOPK_METHODS:
+        raise bad("topk_method", f"one of {TOPK_METHODS}")
+    if config.rms_norm_eps <= 0:
+        raise bad("rms_norm_eps", "a positive number")
+    if config.n_routed_experts > 0:
+        _validate_routing(config)
+    if config.rope_scaling is not None:
+        _validate_rope_scaling(config)
+    for name in ("aux_loss_alpha", "expert_balance_alpha", "device_balance_alpha", "router_z_loss_coef",
+                 "bias_update_speed", "mtp_loss_weight"):
+        if not isinstance(getattr(config, name), (int, float)) or getattr(config, name) < 0:
+            raise bad(name, "a non-negative number")
+    _validate_router_type(config)
+
+def _validate_router_type(config: "ModelConfig") -> None:
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}={getattr(config, name)!r} is invalid: expected {expected}")
+
+    if config.router_type not in ROUTER_TYPES:
+        raise bad("router_type", f"one of {ROUTER_TYPES}")
+    for name in ("capacity_factor", "eval_capacity_factor", "router_aux_loss_coef"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+            raise bad(name, "None (the router's default) or a non-negative number (0 = off)")
+    if not isinstance(config.router_jitter, (int, float)) or not 0 <= config.router_jitter < 1:
+        raise bad("router_jitter", "a number in [0, 1)")
+    if not isinstance(config.second_expert_threshold, (int, float)) or config.second_expert_threshold <= 0:
+        raise bad("second_expert_threshold", "a positive number")
+    if config.router_type == "deepseek":
+        if config.router_jitter:
+            raise bad("router_jitter", "0 with router_type='deepseek' (jitter belongs to the literature routers)")
+        return
+    if config.n_routed_experts == 0:
+        raise bad("router_type", "'deepseek' for a dense model (n_routed_experts=0)")
+    for name in ("expert_balance_alpha", "device_balance_alpha"):
+        if getattr(config, name):
+            raise bad(name, f"0 with router_type={config.router_type!r}: DeepSeekMoE's balance losses belong to "
+                            f"router_type='deepseek'; set router_aux_loss_coef instead")
+    k, E = config.num_experts_per_tok, config.n_routed_experts
+    if config.router_type in ("switch", "hash") and k != 1:
+        raise bad("num_experts_per_tok", f"1 with router_type={config.router_type!r} (one expert per token)")
+    if config.router_type == "gshard" and k != 2:
+        raise bad("num_experts_per_tok", "2 with router_type='gshard' (top-2 gating)")
+    if config.router_type == "noisy_topk" and k >= E:
+        raise bad("num_experts_per_tok", f"fewer than n_routed_experts={E} with router_type='noisy_topk' "
+                                         f"(the load loss needs the (k+1)-th noisy logit)")
+    if config.router_type == "hierarchical":
+        if config.n_group < 2 or E % config.n_group:
+            raise bad("n_group", f"a divisor of n_routed_experts={E} and at least 2 with "
+                                 f"router_type='hierarchical' (the primary gate picks among n_group groups)")
+        if k % config.topk_group or k // config.topk_group > E // config.n_group:
+            raise bad("num_experts_per_tok", f"topk_group={config.topk_group} times the experts picked per group "
+                                             f"(at most {E // config.n_group}) with router_type='hierarchical'")
+
+def _validate_routing(config: "ModelConfig") -> None:
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}={getattr(config, name)!r} is invalid: expected {expected}")
+
+    if config.moe_intermediate_size <= 0:
+        raise bad("moe_intermediate_size", "a positive integer")
+    if not 1 <= config.num_experts_per_tok <= config.n_routed_experts:
+        raise bad("num_experts_per_tok", f"between 1 and n_routed_experts={config.n_routed_experts}")
+    if config.n_group < 1 or config.n_routed_experts % config.n_group:
+        raise bad("n_group", f"a positive divisor of n_routed_experts={config.n_routed_experts}")
+    if not 1 <= config.topk_group <= config.n_group:
+        raise bad("topk_group", f"between 1 and n_group={config.n_group}")
+    per_group = config.n_routed_experts // config.n_group
+    if config.topk_method != "greedy" and config.topk_group * per_group < config.num_experts_per_tok:
+        raise bad("num_experts_per_tok", f"at most topk_group * experts per group = {config.topk_group * per_group}")
+    if config.topk_method == "noaux_tc" and per_group < 2 and config.n_group > 1:
+        raise bad("n_group", "at most n_routed_experts / 2 with topk_method='noaux_tc' "
+                             "(a group is scored by the sum of its two best experts)")
+    if config.routed_scaling_factor <= 0:
+        raise bad("routed_scaling_factor", "a positive number")
+
+def _validate_rope_scaling(config: "ModelConfig") -> None:
+    rs = config.rope_scaling
+    if not isinstance(rs, dict) or rs.get("type", "yarn") != "yarn":
+        raise ValueError(f"ModelConfig.rope_scaling={rs!r} is invalid: expected None or a YaRN dict "
+                         f"{{'type': 'yarn', 'factor': ..., 'original_max_position_embeddings': ...}}")
+    if not rs.get("factor") or rs["factor"] < 1:
+        raise ValueError(f"ModelConfig.rope_scaling['factor']={rs.get('factor')!r} is invalid: expected >= 1")
+    if not rs.get("original_max_position_embeddings"):
+        raise ValueError("ModelConfig.rope_scaling['original_max_position_embeddings'] is missing: expected the "
+                         "context length the model was pretrained at")
