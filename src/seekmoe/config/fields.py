@@ -143,7 +143,7 @@ class ModelConfig:
     def from_json_file(cls, path: str | Path) -> "ModelConfig":
         """Read `path` (a config.json, or a directory holding one), refusing a hostile one before it allocates
         anything (model_folder.py: size, nesting, a JSON object, bounded sizes)."""
-        from .model_folder import read_model_config
+        from ..model_folder import read_model_config
 
         return read_model_config(path)
 
