@@ -1,6 +1,7 @@
-"""The `seekmoe` command. Each subcommand lives with the code it drives and exposes
-`add_arguments(parser)` and `run(args) -> int`; this file only dispatches, importing just the chosen command's
-module (so `seekmoe info` never pays for, or depends on, the server's imports)."""
+"""The `seekmoe` command. Each command NAME lives in the `cli` module of the package whose code it drives
+(`<package>/cli.py`, several commands to a module where a package has several) as `add_NAME_arguments(parser)` and
+`run_NAME(args) -> int`; this file only dispatches, importing just the chosen command's module (so `seekmoe info`
+never pays for, or depends on, the server's imports)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,17 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "info": ("seekmoe.info_cli", "parameters, FLOPs and KV-cache size of a preset or a model directory"),
+    "info": ("seekmoe.info.cli", "parameters, FLOPs and KV-cache size of a preset or a model directory"),
     "train": ("seekmoe.train.cli", "pretrain a model on text (the default corpus: Python's standard library)"),
-    "export": ("seekmoe.train.export", "turn a training checkpoint into a Hugging Face model folder"),
+    "export": ("seekmoe.train.cli", "turn a training checkpoint into a Hugging Face model folder"),
     "generate": ("seekmoe.inference.cli", "complete a prompt with a trained model"),
-    "chat": ("seekmoe.inference.chat", "talk to a model interactively"),
+    "chat": ("seekmoe.inference.cli", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "analyze": ("seekmoe.analysis.cli", "routing analysis of a trained model on held-out text, as an HTML report"),
     "sft": ("seekmoe.posttrain.sft", "fine-tune a model on chats or prompt/completion pairs (assistant tokens only)"),
     "rl": ("seekmoe.posttrain.rl", "improve a model on a task with verifiable rewards by GRPO (routing replay on)"),
-    "expand": ("seekmoe.grow.expand_cli", "add routed experts to a trained model (to learn a new domain in them)"),
-    "upcycle": ("seekmoe.grow.upcycle_cli", "turn a dense model into a DeepSeekMoE that starts where it stood"),
+    "expand": ("seekmoe.grow.cli", "add routed experts to a trained model (to learn a new domain in them)"),
+    "upcycle": ("seekmoe.grow.cli", "turn a dense model into a DeepSeekMoE that starts where it stood"),
 }
 
 
@@ -34,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     module = None
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])
-        module.add_arguments(parsers[argv[0]])
+        getattr(module, f"add_{argv[0]}_arguments")(parsers[argv[0]])
     args = parser.parse_args(argv)
     if module is None:
         parser.print_help()
         return 2
     try:
-        return module.run(args) or 0
+        return getattr(module, f"run_{args.command}")(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"seekmoe {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 REPORT_NAME, JSON_NAME = "report.html", "analysis.json"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", required=True,
                    help="a model directory: config.json, safetensors weights and tokenizer.json")
     p.add_argument("--data", metavar="PATH", nargs="+", required=True,
@@ -52,7 +52,7 @@ def _positive(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
-def run(args: argparse.Namespace) -> int:
+def run_analyze(args: argparse.Namespace) -> int:
     from ..checkpoint import from_pretrained
     from ..inference.tokenizer import Tokenizer
     from ..train.export import checkpoint_model, is_training_checkpoint

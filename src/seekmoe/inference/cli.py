@@ -1,4 +1,5 @@
-"""`seekmoe generate`: complete prompts with a model directory, streaming the completion to stdout."""
+"""`seekmoe generate` (complete prompts with a trained model) and `seekmoe chat` (an interactive conversation through
+the chat template)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .chat_template import CHAT_STOP, format_chat
 from .compiled import COMPILE_CHOICES, should_compile
 from .engine import SPECULATIVE_METHODS, Engine, Request
 from .sampling import SamplingParams
@@ -83,7 +85,7 @@ def report(requests: list[Request], seconds: float) -> str:
     return line
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", metavar="TEXT", help="the text to complete")
     which.add_argument("--prompts-file", metavar="F",
@@ -98,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print tokens/s, the MTP acceptance rate and the compile time to stderr")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size}: expected at least 1")
@@ -130,3 +132,39 @@ def run(args: argparse.Namespace) -> int:
         if engine.forwards.compiled:
             print(f"(including {engine.forwards.compile_seconds:.1f}s compiling the decode step)", file=sys.stderr)
     return 0
+
+
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_sampling_arguments(p, temperature=0.7)
+    p.add_argument("--system", metavar="TEXT", default=None, help="a system message that opens the conversation")
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    engine = load_engine(args, max_batch_size=1)
+    params = sampling_params(args, stop=CHAT_STOP)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message; an empty line, /exit or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("", "/exit"):
+            return 0
+        messages.append({"role": "user", "content": line.strip()})
+        ids = engine.tokenizer.encode(format_chat(messages))
+        try:
+            engine.check_prompt(ids)
+        except ValueError as e:
+            print(f"the conversation no longer fits: {e}", file=sys.stderr)
+            return 1
+        reply = ""
+        for event in engine.stream(ids, params):
+            text = event.text if reply else event.text.lstrip()  # no space after "Assistant:"
+            reply += text
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply.strip()})

@@ -123,7 +123,7 @@ def plot_rl(out: Path) -> Path | None:
     return path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `rl` command's options."""
     from ..train.cli import add_resume_arguments
     from .grpo import GRPOConfig
@@ -159,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GRPO settings (below) and TrainConfig fields, e.g. beta=0.04 num_generations=8 lr=1e-5")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_rl(args: argparse.Namespace) -> int:
     """Run `seekmoe rl`; returns the exit status."""
     from ..train.config import parse_overrides
     from ..train.cli import resume_mode

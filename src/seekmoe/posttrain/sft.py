@@ -42,7 +42,7 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, override
     return trainer.run()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `sft` command's options."""
     from ..train.cli import add_resume_arguments
 
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "no weight depends on")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_sft(args: argparse.Namespace) -> int:
     """Run `seekmoe sft`; returns the exit status."""
     from ..train.config import parse_overrides
     from ..train.cli import resume_mode

@@ -14,7 +14,7 @@ from .server import make_server
 API_KEY_ENV = "SEEKMOE_API_KEY"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM or Ctrl-C, seconds in-flight requests get to finish (default 30)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace) -> int:
     for flag in ("max_batch_size", "max_queue", "max_prefill_tokens", "max_connections", "timeout_keep_alive",
                  "graceful_shutdown"):
         if getattr(args, flag) < 1:

@@ -24,7 +24,7 @@ included, and resume at any other number; final/ is one Hugging Face model folde
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `train` command's options."""
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -80,7 +80,7 @@ def resume_mode(args: argparse.Namespace) -> bool | str:
     return "or-start" if args.resume_or_start else args.resume
 
 
-def run(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     """Run `seekmoe train`; returns the exit status."""
     from .config import load_run_config, parse_overrides
     from .trainer import exit_status, train
@@ -99,3 +99,20 @@ def run(args: argparse.Namespace) -> int:
     return exit_status("train", lambda: train(model_config, train_config, args.out, data=data, resume=resume,
                                               stop_at=args.stop_at, progress=not args.no_progress,
                                               init_from=args.init_from))
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `export` command's options."""
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a training checkpoint folder (OUT/checkpoints/step-N), or a run's OUT folder for its "
+                             "newest intact checkpoint")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the new model folder to write")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run `seekmoe export`; returns the exit status."""
+    from .export import export_checkpoint
+
+    source = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {source} to {args.out}")
+    return 0

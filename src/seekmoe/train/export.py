@@ -4,7 +4,6 @@ single-process format) into a Hugging Face model folder with its tokenizer files
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -63,18 +62,3 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         raise ValueError(f"--checkpoint {e}") from None
     save_model_folder(out, model, model.config, Tokenizer.from_file(str(source / "tokenizer.json")))
     return source
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `export` command's options."""
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a training checkpoint folder (OUT/checkpoints/step-N), or a run's OUT folder for its "
-                             "newest intact checkpoint")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the new model folder to write")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `seekmoe export`; returns the exit status."""
-    source = export_checkpoint(args.checkpoint, args.out)
-    print(f"exported {source} to {args.out}")
-    return 0

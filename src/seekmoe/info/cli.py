@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from .config import PRESETS, ModelConfig
-from .info import DTYPE_BYTES, format_summary, model_summary
+from ..config import PRESETS, ModelConfig
+from . import DTYPE_BYTES, format_summary, model_summary
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", choices=sorted(PRESETS), help="a built-in configuration")
     which.add_argument("--model", metavar="DIR", help="a Hugging Face-layout model directory (reads its config.json)")
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="element type of the KV cache (default bfloat16)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_info(args: argparse.Namespace) -> int:
     if args.context <= 0:
         raise ValueError(f"--context={args.context}: expected a positive number of tokens")
     config = ModelConfig.preset(args.preset) if args.preset else ModelConfig.from_json_file(args.model)

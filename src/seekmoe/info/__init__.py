@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
@@ -19,7 +19,7 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
     - kv_cache_bytes_per_token: MLA's cache, (kv_lora_rank + qk_rope_head_dim) per layer, against the full keys
       and values a standard multi-head attention with the same heads would cache.
     """
-    from .model import CausalLM
+    from ..model import CausalLM
 
     with torch.device("meta"):
         model = CausalLM(config)
@@ -60,8 +60,8 @@ def parameter_count(config: ModelConfig) -> int:
     """Every parameter of the model `config` describes, MTP modules included (the tied LM head once), counted from
     one block of each kind built on the meta device: a config of a thousand layers costs no more than one of two,
     so a hostile config.json is sized before anything is built."""
-    from .model.block import DecoderBlock
-    from .model.mtp import MTPModule
+    from ..model.block import DecoderBlock
+    from ..model.mtp import MTPModule
 
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
