@@ -206,6 +206,17 @@ def test_an_invalid_tokenizer_file_is_a_clear_error(tmp_path, capsys, content):
     _generate_fails_cleanly(tmp_path, capsys, str(tok))
 
 
+def test_an_invalid_tokenizer_file_is_a_clear_error_for_init_from(tmp_path, capsys):
+    from seekmoe.cli import main
+
+    _hostile_model(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text("{not json")
+    assert main(["train", "--init-from", str(tmp_path / "m"), "--out", str(tmp_path / "run"), "--max-steps", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "tokenizer.json" in err, err
+
+
 @pytest.mark.parametrize("line", ['{"prompt": "hi \\ud800", "completion": "ok"}', b'{"prompt": "\xff", "completion": "x"}',
                                   '{"messages": ' * 50_000])
 def test_sft_data_that_is_not_text_is_a_clear_error(tmp_path, capsys, line):

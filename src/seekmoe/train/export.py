@@ -41,7 +41,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the model of `checkpoint` (a `checkpoints/step-N/` folder, or a run folder: its newest intact
     checkpoint) to the new folder `out`; returns the checkpoint folder it read. Raises ValueError naming what is
     wrong when the checkpoint is incomplete or corrupted, or `out` already holds files."""
-    from tokenizers import Tokenizer
+    from ..inference.tokenizer import read_tokenizer_file
 
     from .checkpointing import save_model_folder, scan_checkpoints
 
@@ -60,5 +60,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         model = checkpoint_model(source)
     except ValueError as e:
         raise ValueError(f"--checkpoint {e}") from None
-    save_model_folder(out, model, model.config, Tokenizer.from_file(str(source / "tokenizer.json")))
+    save_model_folder(out, model, model.config, read_tokenizer_file(source / "tokenizer.json"))
     return source

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from .. import build_model
 from ..config import ModelConfig
+from ..inference.tokenizer import read_tokenizer_file
 from ..info import model_summary
 from ..model.moe import device_groups_for
 from ..model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, ranks_on_this_machine
@@ -194,9 +195,9 @@ class Trainer:
 
         tokenizer = None
         if self.resume_from is not None:
-            tokenizer = Tokenizer.from_file(str(self.resume_from / "tokenizer.json"))
+            tokenizer = read_tokenizer_file(self.resume_from / "tokenizer.json")
         elif init_from is not None:
-            tokenizer = Tokenizer.from_file(str(Path(init_from) / "tokenizer.json"))
+            tokenizer = read_tokenizer_file(Path(init_from) / "tokenizer.json")
         if make_data is not None:
             self.data = make_data(tokenizer, self.rank, self.world_size)
         else:
