@@ -46,11 +46,13 @@ def rl_setup(tmp_path_factory):
 
 
 def rl_args(folder, model_dir, out, *extra: str) -> list[str]:
-    # 2 prompts x 4 completions a step; batch_size 4 = one rank's completions at 2 processes.
+    # 2 prompts x 4 completions a step; batch_size 4 = one rank's completions at 2 processes. num_iterations=2:
+    # steps 1-2 train on rollout 0 (the second one clips against the sampling policy), step 3 samples from the
+    # weights after two updates.
     return ["rl", "--model", str(model_dir), "--task", str(folder / "task.py"), "--prompts",
             str(folder / "prompts.jsonl"), "--out", str(out), "--max-steps", "3", "--no-progress",
             "prompts_per_step=2", "num_generations=4", "max_new_tokens=6", "eval_prompts=3", "batch_size=4",
-            "lr=1e-2", "beta=0.04", "precision=fp32", "num_threads=1", "save_every=100", *extra]
+            "lr=1e-2", "beta=0.04", "num_iterations=2", "precision=fp32", "num_threads=1", "save_every=100", *extra]
 
 
 def torchrun_rl(nproc: int, args: list[str]) -> None:
@@ -84,6 +86,17 @@ def test_rl_at_two_processes_reproduces_one_process_step_for_step(rl_setup, one_
     assert json.loads((out / "eval.json").read_text()) == pytest.approx(
         json.loads((one_process / "eval.json").read_text()), abs=1e-6)
     assert (out / "final" / "config.json").is_file()
+
+
+def test_rl_stopped_at_two_processes_resumes_in_one_exactly(rl_setup, one_process):
+    folder, model_dir = rl_setup
+    out = folder / "two-then-one"
+    torchrun_rl(2, rl_args(folder, model_dir, out, "--stop-at", "2"))
+    assert main(rl_args(folder, model_dir, out, "--resume")) == 0
+    want, got = read_metrics(one_process), read_metrics(out)
+    assert [r["rollout"] for r in got] == [0, 0, 1]
+    for key in COMPARED:
+        assert abs(got[-1][key] - want[-1][key]) <= 1e-4 * abs(want[-1][key]) + 1e-8, (key, got[-1], want[-1])
 
 
 def test_prompts_that_do_not_split_among_ranks_are_refused_by_name():

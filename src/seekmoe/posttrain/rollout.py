@@ -142,7 +142,8 @@ class Rollouts:
         """For the trainer's start-up line."""
         g = self.grpo
         return (f"GRPO on task {self.meta['task']}: {g.prompts_per_step} prompts x {g.num_generations} completions "
-                f"of <= {g.max_new_tokens} tokens a rollout")
+                f"of <= {g.max_new_tokens} tokens a rollout"
+                + (f" ({len(self.mine)} prompts a process)" if self.world_size > 1 else ""))
 
     @property
     def tokens_per_step(self) -> int:
