@@ -17,6 +17,14 @@ plain copy of the weights gathered before each rollout. This module does (b):
   policies RL is run on here; a policy that does not fit whole on one device needs (a) or a separate inference
   service, which this does not do.
 In one process the policy is the Trainer's model itself (no copy).
+
+Measured (2 gloo processes on a shared 2-core AMD EPYC, OMP_NUM_THREADS=1; benchmarks/rl_rollout_sync.py): a 31M-
+parameter MoE (`--preset small hidden_size=512 n_routed_experts=16 moe_intermediate_size=256 intermediate_size=1024
+vocab_size=8192`) refreshes its 119 MB copy in 0.16 s (FSDP dp=2) / 0.25 s (ep=2), against 0.8 / 1.1 s for the
+rollout of 16 completions x 16 tokens it serves; the `small` preset (2.2M) in 0.08-0.2 s. The engine does run on the
+fully_shard-ed model itself when every rank runs the same requests (checked: the same completions as the copy's),
+but took 0.55-0.69 s where the copy took 0.22-0.36 s for the same 16 x 16 rollout of `small`, before any padding
+forwards for ranks whose rollouts differ.
 """
 
 from __future__ import annotations
