@@ -138,9 +138,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "   clip-higher; loss_type: grpo | dapo | dr_grpo as TRL names them; routing_replay: train on the rollout's\n"
         "   experts)\n"
         f"Run settings that differ from `seekmoe train`: {RL_DEFAULTS} (router biases frozen; any TrainConfig\n"
-        "field=value overrides them, batch_size = completions per micro-batch).\n"
+        "field=value overrides them, batch_size = completions per micro-batch of each process).\n"
         "Writes OUT/metrics.jsonl (reward_mean, reward_std, kl, clip_fraction, completion_length, max_vio, ... a step),\n"
         "OUT/eval.json (held-out greedy mean reward before and after), OUT/plots/rl.png, OUT/checkpoints/, OUT/final/.\n"
+        "Under torchrun (`torchrun --nproc-per-node N -m seekmoe rl ...`, parallel.ep=E) each process samples\n"
+        "prompts_per_step / N of a step's prompts (a multiple of N) from a full copy of the current weights, with the\n"
+        "seeds one process uses: the same weights sample the same completions at any N.\n"
         f"Built-in tasks: {', '.join(sorted(BUILTIN_TASKS))} (seeded; options as task.NAME=VALUE: arithmetic\n"
         "task.terms=3 task.max_value=9, reverse task.min_len=3 task.max_len=5 task.alphabet=abcdefgh); a user task is a Python file defining\n"
         "reward(prompt: str, completion: str) -> float, with --prompts FILE.jsonl of {\"prompt\": \"...\"} lines.")
