@@ -22,6 +22,7 @@ from seekmoe.train.metrics import read_metrics
 
 COMPARED = ("loss", "lm_loss", "balance_loss", "grad_norm", "reward_mean", "reward_std", "completion_length",
             "groups_without_signal", "clip_fraction", "kl")
+SAMPLED = ("reward_mean", "reward_std", "completion_length", "groups_without_signal")
 # A reward that varies with what a random policy writes, so the advantages (and the loss) are not all zero.
 REWARD = "def reward(prompt, completion):\n    return float(sum(map(ord, completion)) % 5) / 4\n"
 PROMPTS = ["Compute 1 + 2.", "Reverse the letters: abc", "hello there", "what is 3 - 1?"]
@@ -81,6 +82,8 @@ def test_rl_at_two_processes_reproduces_one_process_step_for_step(rl_setup, one_
     assert len(got) == len(want) == 3
     assert any(r["loss"] != 0 for r in want) and any(r["reward_std"] > 0 for r in want)  # a real signal
     for step, (a, b) in enumerate(zip(got, want), start=1):
+        # The same completions: their rewards and lengths are one process's exactly.
+        assert [a[k] for k in SAMPLED] == [b[k] for k in SAMPLED], step
         for key in COMPARED:
             assert abs(a[key] - b[key]) <= 1e-4 * abs(b[key]) + 1e-8, (step, key, a[key], b[key])
     assert json.loads((out / "eval.json").read_text()) == pytest.approx(

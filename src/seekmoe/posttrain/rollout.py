@@ -229,19 +229,19 @@ class Rollouts:
             routes.append(recorder.routes.get(r.id))
         rewards_t = torch.tensor(rewards)
         advantages = group_advantages(rewards_t, g.num_generations, g.scale_rewards)
-        grouped_std = rewards_t.view(-1, g.num_generations).std(dim=1)
-        # The step's sums over every rank, in float64 (token counts exact): [completions, completion tokens,
-        # sequence tokens, sum of rewards, of squared rewards, groups without signal]
-        sums = torch.tensor([len(sequences), sum(lengths), sum(len(s) for s in sequences), float(rewards_t.sum()),
-                             float((rewards_t.double() ** 2).sum()), float((grouped_std == 0).sum())],
-                            dtype=torch.float64)
+        # Every rank's rewards (each rank fills its own places of a zeroed vector, and the sum over ranks is all of
+        # them) and the step's token counts [completion tokens, sequence tokens], in float64: counts stay exact.
+        every = torch.zeros(g.prompts_per_step * g.num_generations + 2, dtype=torch.float64)
+        every[first:first + len(rewards)] = rewards_t.double()
+        every[-2:] = torch.tensor([sum(lengths), sum(len(s) for s in sequences)], dtype=torch.float64)
         if self.reduce is not None:
-            sums = self.reduce(sums.to(self.device)).cpu()
-        n, total_tokens, self._tokens, r_sum, r_squares, no_signal = sums.tolist()
-        mean = r_sum / n
-        self._metrics = {"reward_mean": mean, "reward_std": max(r_squares - n * mean * mean, 0.0) ** 0.5
-                         / (n - 1) ** 0.5, "completion_length": total_tokens / n,
-                         "groups_without_signal": no_signal / g.prompts_per_step, "rollout": index}
+            every = self.reduce(every.to(self.device)).cpu()
+        all_rewards = every[:-2].float()  # [prompts_per_step x G], as one process has them
+        n, (total_tokens, self._tokens) = all_rewards.numel(), every[-2:].tolist()
+        grouped_std = all_rewards.view(-1, g.num_generations).std(dim=1)
+        self._metrics = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+                         "completion_length": total_tokens / n,
+                         "groups_without_signal": float((grouped_std == 0).float().mean()), "rollout": index}
         self._tokens = int(self._tokens)
         mine = len(sequences)
         n_micro = -(-mine // c.batch_size)
