@@ -13,6 +13,9 @@ MoE choices during RL (what this stage decides):
 - The balance losses of the model's config stay on at their (small) weights: they act through the gate scores,
   which replay leaves trainable, and keep the router from collapsing onto the experts the task favours.
 - The MTP modules are not trained (GRPO scores the sampled tokens only); they are saved unchanged.
+
+Under torchrun (FSDP, expert parallelism) each rank rolls out its share of every step's prompts from a full copy of
+the current weights, and the held-out scores are split among the ranks too (rollout.py, rollout_sync.py).
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ def rl(model_dir: str | Path, task_name: str, out: str | Path, overrides: dict |
     from ..inference.tokenizer import Tokenizer
     from ..train.config import load_run_config
     from ..train.trainer import Trainer
-    from .evaluate import score_task
     from .grpo import GRPOConfig
     from .rollout import Rollouts, make_grpo_forward
     from .tasks import load_task
@@ -58,10 +60,7 @@ def rl(model_dir: str | Path, task_name: str, out: str | Path, overrides: dict |
 
     def make_data(hf_tokenizer, rank: int, world_size: int):
         nonlocal rollouts
-        if world_size > 1:
-            raise ValueError("seekmoe rl runs in one process for now (its rollouts are not split among ranks): "
-                             "run it without torchrun")
-        rollouts = Rollouts(task, tokenizer, config, grpo, hf_tokenizer)
+        rollouts = Rollouts(task, tokenizer, config, grpo, hf_tokenizer, rank, world_size)
         return rollouts
 
     trainer = Trainer(model_config, config, out, resume=resume, stop_at=stop_at, progress=progress,
@@ -70,21 +69,23 @@ def rl(model_dir: str | Path, task_name: str, out: str | Path, overrides: dict |
     if grpo.beta > 0:  # the frozen policy the KL penalty holds the model near (none is kept when beta = 0)
         reference = from_pretrained(model_dir, dtype=next(trainer.model.parameters()).dtype, device=trainer.device)
         reference.eval().requires_grad_(False)
-    rollouts.bind(trainer.model, trainer.device, reference)
+    rollouts.bind(trainer.model, trainer.device, reference, trainer.reduce)
     held_out = task.prompts(grpo.eval_prompts, seed=-1 - config.seed)  # never a training rollout's seed
     eval_path = Path(out) / EVAL_FILE
     scores = json.loads(eval_path.read_text()) if resume and eval_path.is_file() else {}
     if "before" not in scores:
-        scores["before"] = score_task(trainer.model, tokenizer, task, held_out, grpo.max_new_tokens)["mean_reward"]
-        eval_path.parent.mkdir(parents=True, exist_ok=True)
-        eval_path.write_text(json.dumps(scores, indent=2) + "\n")
+        scores["before"] = rollouts.score(held_out, grpo.max_new_tokens)
+        if trainer.rank == 0:
+            eval_path.parent.mkdir(parents=True, exist_ok=True)
+            eval_path.write_text(json.dumps(scores, indent=2) + "\n")
     trainer.log(f"held-out mean reward before GRPO: {scores['before']:.3f} ({len(held_out)} prompts, greedy)")
     summary = trainer.run()
     if "stopped_at" in summary:
         return {**scores, "summary": summary}
-    scores["after"] = score_task(trainer.model, tokenizer, task, held_out, grpo.max_new_tokens)["mean_reward"]
-    eval_path.write_text(json.dumps(scores, indent=2) + "\n")
-    plot_rl(Path(out))
+    scores["after"] = rollouts.score(held_out, grpo.max_new_tokens)
+    if trainer.rank == 0:
+        eval_path.write_text(json.dumps(scores, indent=2) + "\n")
+        plot_rl(Path(out))
     trainer.log(f"held-out mean reward: {scores['before']:.3f} before, {scores['after']:.3f} after GRPO")
     return {**scores, "summary": summary}
 
@@ -137,9 +138,12 @@ def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
         "   clip-higher; loss_type: grpo | dapo | dr_grpo as TRL names them; routing_replay: train on the rollout's\n"
         "   experts)\n"
         f"Run settings that differ from `seekmoe train`: {RL_DEFAULTS} (router biases frozen; any TrainConfig\n"
-        "field=value overrides them, batch_size = completions per micro-batch).\n"
+        "field=value overrides them, batch_size = completions per micro-batch of each process).\n"
         "Writes OUT/metrics.jsonl (reward_mean, reward_std, kl, clip_fraction, completion_length, max_vio, ... a step),\n"
         "OUT/eval.json (held-out greedy mean reward before and after), OUT/plots/rl.png, OUT/checkpoints/, OUT/final/.\n"
+        "Under torchrun (`torchrun --nproc-per-node N -m seekmoe rl ...`, parallel.ep=E) each process samples\n"
+        "prompts_per_step / N of a step's prompts (a multiple of N) from a full copy of the current weights, with the\n"
+        "seeds one process uses: the same weights sample the same completions at any N.\n"
         f"Built-in tasks: {', '.join(sorted(BUILTIN_TASKS))} (seeded; options as task.NAME=VALUE: arithmetic\n"
         "task.terms=3 task.max_value=9, reverse task.min_len=3 task.max_len=5 task.alphabet=abcdefgh); a user task is a Python file defining\n"
         "reward(prompt: str, completion: str) -> float, with --prompts FILE.jsonl of {\"prompt\": \"...\"} lines.")

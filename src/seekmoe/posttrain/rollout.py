@@ -5,6 +5,13 @@ reference policy's log-probabilities; `grpo_forward` is the objective the Traine
 The rollout of step k draws its prompts and sampling seeds from (seed, k), so a resumed run rolls out what the
 uninterrupted one would have from the same weights (exact at rollout boundaries: with num_iterations > 1 a run
 resumed between the iterations of one rollout samples it again from the newer weights).
+
+Under torchrun each rank takes a contiguous slice of the step's prompts (the same prompts and per-completion
+sampling seeds as one process: the completions are those one process samples from the same weights), samples them
+from a full copy of the current weights (rollout_sync.py says why a copy), rewards them and computes their group
+advantages locally (whole groups stay on one rank), and trains on them. The loss's divisor (completions or tokens
+of the whole step) and the logged figures are summed over ranks, so the step's loss and gradient are one
+process's.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from .evaluate import chat_prompt_ids
 from .grpo import GRPOConfig, group_advantages, grpo_loss
 from .reward_worker import check_reward
 from .routing_replay import RoutingRecorder, capture_routing, main_moe_layers, mismatch_rate, replay_routing
+from .rollout_sync import InferencePolicy, rank_slice
 from .sft_data import IGNORE
 
 
@@ -34,7 +42,9 @@ class RolloutBatch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     advantages: torch.Tensor
-    denominator: float  # the loss_type's divisor over the whole step, divided by the step's micro-batches
+    # The loss_type's divisor over the whole step (every rank's completions) / (this rank's micro-batches x ranks):
+    # TrainStep averages micro-batches and FSDP averages ranks, so the step's gradient is sum / divisor.
+    denominator: float
     experts: list[torch.Tensor] | None = None
     ref_logp: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
@@ -94,10 +104,14 @@ def make_grpo_forward(grpo: GRPOConfig):
 
 class Rollouts:
     """The Trainer's data for GRPO (`make_data`): every `num_iterations` steps a fresh rollout of
-    `prompts_per_step` prompts x `num_generations` completions from the policy being trained (`bind` gives it)."""
+    `prompts_per_step` prompts x `num_generations` completions from the policy being trained (`bind` gives it);
+    under torchrun, data-parallel rank `rank` of `world_size` rolls out and trains on its slice of the prompts."""
 
-    def __init__(self, task, tokenizer, config: TrainConfig, grpo: GRPOConfig, hf_tokenizer=None):
+    def __init__(self, task, tokenizer, config: TrainConfig, grpo: GRPOConfig, hf_tokenizer=None, rank: int = 0,
+                 world_size: int = 1):
         self.task, self.tok, self.config, self.grpo = task, tokenizer, config, grpo
+        self.rank, self.world_size = rank, world_size
+        self.mine = rank_slice(grpo.prompts_per_step, rank, world_size, "prompts_per_step")  # this rank's prompts
         self.tokenizer = hf_tokenizer  # what checkpoints and final/ save
         self.rollouts_done = 0  # rollouts sampled so far
         self.iteration = 0  # optimizer steps taken on the current rollout
@@ -105,23 +119,31 @@ class Rollouts:
         self._batches: list[RolloutBatch] | None = None
         self._metrics: dict = {}
         self._tokens = 0
-        self.model = self.reference = self.engine = None
+        self.model = self.reference = self.engine = self.policy = None
+        self.reduce = None  # sums over ranks (None in one process)
         self.train: list = []  # TrainData's name; GRPO has no fixed set of sequences
         self.meta = {"task": getattr(task, "name", type(task).__name__), **grpo.to_dict()}
 
-    def bind(self, model, device: torch.device, reference=None) -> None:
-        """The policy to sample from (the Trainer's model) and the frozen reference (None when beta = 0)."""
-        self.model, self.device, self.reference = model, device, reference
+    def bind(self, model, device: torch.device, reference=None, reduce=None) -> None:
+        """The policy to sample from (the Trainer's model), the frozen reference (None when beta = 0), and under
+        torchrun `reduce`, the sum over ranks (the Trainer's). Under torchrun this is a collective (it gathers the
+        weights into each rank's inference copy)."""
+        if self.world_size > 1 and reduce is None:
+            raise ValueError(f"Rollouts of rank {self.rank} of {self.world_size}: bind() needs reduce, the sum over "
+                             f"ranks")
+        self.model, self.device, self.reference, self.reduce = model, device, reference, reduce
+        self.policy = InferencePolicy(model, device, distributed=self.world_size > 1)
         max_len = min(model.config.max_position_embeddings, 1024)
-        batch = min(self.grpo.prompts_per_step * self.grpo.num_generations, 64)
-        self.engine = Engine(model, self.tok, max_batch_size=batch, max_seq_len=max_len)
+        batch = min(len(self.mine) * self.grpo.num_generations, 64)
+        self.engine = Engine(self.policy.model, self.tok, max_batch_size=batch, max_seq_len=max_len)
         model.train()  # Engine() puts the model in eval mode
 
     def describe(self) -> str:
         """For the trainer's start-up line."""
         g = self.grpo
         return (f"GRPO on task {self.meta['task']}: {g.prompts_per_step} prompts x {g.num_generations} completions "
-                f"of <= {g.max_new_tokens} tokens a rollout")
+                f"of <= {g.max_new_tokens} tokens a rollout"
+                + (f" ({len(self.mine)} prompts a process)" if self.world_size > 1 else ""))
 
     @property
     def tokens_per_step(self) -> int:
@@ -140,6 +162,20 @@ class Rollouts:
             self.iteration, self._resumed_iteration = self._resumed_iteration, 0
         self.iteration += 1
         return self._batches
+
+    def score(self, prompts: list[str], max_new_tokens: int) -> float:
+        """The mean greedy reward of the current policy on `prompts`, each rank scoring its share (a collective
+        under torchrun)."""
+        from .evaluate import score_task
+
+        policy = self.policy.refresh()
+        share = -(-len(prompts) // self.world_size)
+        mine = prompts[self.rank * share:(self.rank + 1) * share]
+        total = score_task(policy, self.tok, self.task, mine, max_new_tokens)["mean_reward"] * len(mine) if mine \
+            else 0.0
+        if self.reduce is not None:
+            total = float(self.reduce(torch.tensor(total, dtype=torch.float64, device=self.device)))
+        return total / len(prompts)
 
     def val_batches(self) -> list:
         """None: GRPO is scored by its task's reward (rl.py), not a validation loss."""
@@ -162,14 +198,17 @@ class Rollouts:
     def _rollout(self, index: int) -> list[RolloutBatch]:
         g, c = self.grpo, self.config
         seed = c.seed * 1_000_003 + index
-        prompts = self.task.prompts(g.prompts_per_step, seed)
+        # The step's prompts and seeds are one process's; this rank samples completions first..first + its share.
+        prompts = self.task.prompts(g.prompts_per_step, seed)[self.mine.start:self.mine.stop]
+        first = self.mine.start * g.num_generations
         prompt_ids = [chat_prompt_ids(self.tok, p) for p in prompts]
         params = [SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, stop=list(CHAT_STOP),
-                                 seed=seed * 4096 + i) for i in range(len(prompts) * g.num_generations)]
+                                 seed=seed * 4096 + first + i) for i in range(len(prompts) * g.num_generations)]
         ids = [p for p in prompt_ids for _ in range(g.num_generations)]
-        self.model.eval()
+        policy = self.policy.refresh()
+        policy.eval()
         try:
-            with RoutingRecorder(self.model, self.engine, self.engine.max_seq_len) as recorder:
+            with RoutingRecorder(policy, self.engine, self.engine.max_seq_len) as recorder:
                 requests = self.engine.generate(ids, params)
         finally:
             self.model.train()
@@ -190,21 +229,29 @@ class Rollouts:
             routes.append(recorder.routes.get(r.id))
         rewards_t = torch.tensor(rewards)
         advantages = group_advantages(rewards_t, g.num_generations, g.scale_rewards)
-        total_tokens = sum(lengths)
-        self._tokens = sum(len(s) for s in sequences)
-        grouped_std = rewards_t.view(-1, g.num_generations).std(dim=1)
-        self._metrics = {"reward_mean": float(rewards_t.mean()), "reward_std": float(rewards_t.std()),
-                         "completion_length": total_tokens / len(lengths),
-                         "groups_without_signal": float((grouped_std == 0).float().mean()),
-                         "rollout": index}
-        n = len(sequences)
-        n_micro = -(-n // c.batch_size)
+        # Every rank's rewards (each rank fills its own places of a zeroed vector, and the sum over ranks is all of
+        # them) and the step's token counts [completion tokens, sequence tokens], in float64: counts stay exact.
+        every = torch.zeros(g.prompts_per_step * g.num_generations + 2, dtype=torch.float64)
+        every[first:first + len(rewards)] = rewards_t.double()
+        every[-2:] = torch.tensor([sum(lengths), sum(len(s) for s in sequences)], dtype=torch.float64)
+        if self.reduce is not None:
+            every = self.reduce(every.to(self.device)).cpu()
+        all_rewards = every[:-2].float()  # [prompts_per_step x G], as one process has them
+        n, (total_tokens, self._tokens) = all_rewards.numel(), every[-2:].tolist()
+        grouped_std = all_rewards.view(-1, g.num_generations).std(dim=1)
+        self._metrics = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+                         "completion_length": total_tokens / n,
+                         "groups_without_signal": float((grouped_std == 0).float().mean()), "rollout": index}
+        self._tokens = int(self._tokens)
+        mine = len(sequences)
+        n_micro = -(-mine // c.batch_size)
         denominator = {"grpo": n, "dapo": total_tokens, "dr_grpo": n * g.max_new_tokens}[g.loss_type]
+        denominator /= n_micro * self.world_size
         batches = []
         for m in range(n_micro):
-            rows = range(m * c.batch_size, min((m + 1) * c.batch_size, n))
+            rows = range(m * c.batch_size, min((m + 1) * c.batch_size, mine))
             batches.append(self._batch([sequences[i] for i in rows], [starts[i] for i in rows],
-                                       [routes[i] for i in rows], advantages[list(rows)], denominator / n_micro))
+                                       [routes[i] for i in rows], advantages[list(rows)], denominator))
         return batches
 
     def _batch(self, sequences: list[list[int]], starts: list[int], routes: list[torch.Tensor | None],
