@@ -18,8 +18,8 @@ COMMANDS = {
     "chat": ("seekmoe.inference.cli", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "analyze": ("seekmoe.analysis.cli", "routing analysis of a trained model on held-out text, as an HTML report"),
-    "sft": ("seekmoe.posttrain.sft", "fine-tune a model on chats or prompt/completion pairs (assistant tokens only)"),
-    "rl": ("seekmoe.posttrain.rl", "improve a model on a task with verifiable rewards by GRPO (routing replay on)"),
+    "sft": ("seekmoe.posttrain.cli", "fine-tune a model on chats or prompt/completion pairs (assistant tokens only)"),
+    "rl": ("seekmoe.posttrain.cli", "improve a model on a task with verifiable rewards by GRPO (routing replay on)"),
     "expand": ("seekmoe.grow.cli", "add routed experts to a trained model (to learn a new domain in them)"),
     "upcycle": ("seekmoe.grow.cli", "turn a dense model into a DeepSeekMoE that starts where it stood"),
 }

@@ -20,7 +20,6 @@ the current weights, and the held-out scores are split among the ranks too (roll
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -122,56 +121,3 @@ def plot_rl(out: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `rl` command's options."""
-    from ..train.cli import add_resume_arguments
-    from .grpo import GRPOConfig
-    from .tasks import BUILTIN_TASKS
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (
-        "GRPO settings (field=value; defaults in brackets):\n"
-        + "".join(f"  {k}={v}\n" for k, v in GRPOConfig().to_dict().items())
-        + "  (num_generations: G completions a prompt; beta: KL weight, 0 = no reference model; epsilon_high: DAPO's\n"
-        "   clip-higher; loss_type: grpo | dapo | dr_grpo as TRL names them; routing_replay: train on the rollout's\n"
-        "   experts)\n"
-        f"Run settings that differ from `seekmoe train`: {RL_DEFAULTS} (router biases frozen; any TrainConfig\n"
-        "field=value overrides them, batch_size = completions per micro-batch of each process).\n"
-        "Writes OUT/metrics.jsonl (reward_mean, reward_std, kl, clip_fraction, completion_length, max_vio, ... a step),\n"
-        "OUT/eval.json (held-out greedy mean reward before and after), OUT/plots/rl.png, OUT/checkpoints/, OUT/final/.\n"
-        "Under torchrun (`torchrun --nproc-per-node N -m seekmoe rl ...`, parallel.ep=E) each process samples\n"
-        "prompts_per_step / N of a step's prompts (a multiple of N) from a full copy of the current weights, with the\n"
-        "seeds one process uses: the same weights sample the same completions at any N.\n"
-        f"Built-in tasks: {', '.join(sorted(BUILTIN_TASKS))} (seeded; options as task.NAME=VALUE: arithmetic\n"
-        "task.terms=3 task.max_value=9, reverse task.min_len=3 task.max_len=5 task.alphabet=abcdefgh); a user task is a Python file defining\n"
-        "reward(prompt: str, completion: str) -> float, with --prompts FILE.jsonl of {\"prompt\": \"...\"} lines.")
-    parser.add_argument("--model", required=True, metavar="DIR", help="the model folder to train (e.g. an SFT final/)")
-    parser.add_argument("--task", required=True, metavar="TASK",
-                        help=f"a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) or a Python file of reward()")
-    parser.add_argument("--prompts", metavar="FILE", help="JSONL prompts of a user task")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where metrics, checkpoints and final/ go")
-    parser.add_argument("--max-steps", type=int, metavar="N", help=f"optimizer steps (default "
-                                                                  f"{RL_DEFAULTS['max_steps']})")
-    parser.add_argument("--stop-at", type=int, metavar="N", help="end after step N with a checkpoint; --resume "
-                                                                 "continues")
-    add_resume_arguments(parser)
-    parser.add_argument("--seed", type=int, metavar="S", help="seed of the rollouts' prompts and sampling")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", metavar="field=value",
-                        help="GRPO settings (below) and TrainConfig fields, e.g. beta=0.04 num_generations=8 lr=1e-5")
-
-
-def run_rl(args: argparse.Namespace) -> int:
-    """Run `seekmoe rl`; returns the exit status."""
-    from ..train.config import parse_overrides
-    from ..train.cli import resume_mode
-    from ..train.trainer import exit_status
-
-    overrides = parse_overrides(args.overrides)
-    for flag in ("max_steps", "seed"):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
-    return exit_status("rl", lambda: rl(args.model, args.task, args.out, overrides, prompts_file=args.prompts,
-                                        resume=resume_mode(args), stop_at=args.stop_at, progress=not args.no_progress))

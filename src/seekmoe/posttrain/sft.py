@@ -8,7 +8,6 @@ rule unless `--freeze-router-bias`, and the balance losses of the model's config
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 # SFT's settings where they differ from pretraining's: a lower, briefly warmed-up lr (the model already knows the
@@ -40,52 +39,3 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, override
                       init_from=model_dir, make_data=lambda hf, rank, size: SFTData(data, tokenizer, config, hf, rank, size),
                       forward=sft_forward)
     return trainer.run()
-
-
-def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `sft` command's options."""
-    from ..train.cli import add_resume_arguments
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (
-        "data: JSONL, one record a line, either\n"
-        '  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (every assistant turn trained)\n'
-        '  {"prompt": "...", "completion": "..."}  (the prompt is one user turn)\n'
-        "rendered with the model's chat template (as `seekmoe chat` prompts it); only the assistant's tokens and the\n"
-        "end-of-text after each are trained. Examples are packed several a sequence (seq_len=), each attending only\n"
-        f"to itself. Defaults that differ from `seekmoe train`: {SFT_DEFAULTS}.\n"
-        "Writes OUT/metrics.jsonl, OUT/checkpoints/ (resume with --resume), OUT/plots/ and OUT/final/ (a model folder).")
-    parser.add_argument("--model", required=True, metavar="DIR", help="the model folder to fine-tune (a final/)")
-    parser.add_argument("--data", required=True, nargs="+", metavar="FILE", help="JSONL files of chats or "
-                                                                               "prompt/completion pairs")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where metrics, checkpoints and final/ go")
-    parser.add_argument("--max-steps", type=int, metavar="N", help=f"optimizer steps (default "
-                                                                  f"{SFT_DEFAULTS['max_steps']})")
-    parser.add_argument("--freeze-router-bias", action="store_true",
-                        help="keep the routers' balancing biases as the model has them (no auxiliary-loss-free "
-                             "bias updates); the balance losses of the model's config still apply")
-    parser.add_argument("--stop-at", type=int, metavar="N", help="end after step N with a checkpoint; --resume "
-                                                                 "continues")
-    add_resume_arguments(parser)
-    parser.add_argument("--seed", type=int, metavar="S", help="seed of the held-out split and data order")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", metavar="field=value",
-                        help="any TrainConfig field (lr=1e-4 seq_len=512 batch_size=16 ...), or a ModelConfig field "
-                             "no weight depends on")
-
-
-def run_sft(args: argparse.Namespace) -> int:
-    """Run `seekmoe sft`; returns the exit status."""
-    from ..train.config import parse_overrides
-    from ..train.cli import resume_mode
-    from ..train.trainer import exit_status
-
-    # `--data a.jsonl lr=1e-3`: argparse hands the override to --data; a field=value that is no file is one.
-    data = [p for p in args.data if "=" not in p or Path(p).exists()]
-    overrides = parse_overrides([p for p in args.data if p not in data] + args.overrides)
-    for flag in ("max_steps", "seed"):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
-    return exit_status("sft", lambda: sft(args.model, data, args.out, overrides, resume=resume_mode(args),
-                                          stop_at=args.stop_at, progress=not args.no_progress,
-                                          freeze_router_bias=args.freeze_router_bias))
