@@ -310,7 +310,7 @@ def step_training(check: Check, step: Step) -> None:
 
     import seekmoe
     from seekmoe.info import model_summary
-    from seekmoe.train.step import compile_blocks
+    from seekmoe.parallel import compile_blocks
 
     config, batch, seq = training_config(check)
     flops_per_token = 3 * model_summary(config, context=seq)["flops_per_token"]  # forward + backward (2x)
@@ -362,6 +362,8 @@ def step_moe_layer(check: Check, step: Step) -> None:
     from moe_layer import after, build_layers
     from moe_layer import train_step as layer_step
 
+    from seekmoe.model.experts import configure_experts
+
     for shape in moe_shapes(check):
         torch.manual_seed(0)
         with check.device:
@@ -372,7 +374,8 @@ def step_moe_layer(check: Check, step: Step) -> None:
         hf_config = theirs.experts.config
         runs = {"dense SwiGLU": layer_step(dense, x, dy, torch.bfloat16)}
         for backend in ("grouped_mm", "padded_bmm"):
-            runs[f"seekmoe {backend}"] = after(lambda b=backend: setattr(ours.experts, "backend", b),
+            use = (lambda b=backend: configure_experts(ours, dtype=torch.bfloat16, backend=b))
+            runs[f"seekmoe {backend}"] = after(use,
                                                layer_step(ours, x, dy, torch.bfloat16))
         runs["transformers grouped_mm"] = after(lambda: setattr(hf_config, "_experts_implementation", "grouped_mm"),
                                                 layer_step(theirs, x, dy, torch.bfloat16))

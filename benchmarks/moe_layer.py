@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, header, median_times, pyplot, save_figure, table, write_json  # noqa: E402
 
 from seekmoe import ModelConfig  # noqa: E402
-from seekmoe.model.experts import BACKENDS  # noqa: E402
+from seekmoe.model.experts import BACKENDS, configure_experts  # noqa: E402
 from seekmoe.model.mlp import MLP  # noqa: E402
 from seekmoe.model.moe import MoE  # noqa: E402
 
@@ -139,7 +139,7 @@ def measure(shape: Shape, dtype_name: str, repeats: int) -> dict:
     hf_config = theirs.experts.config
     steps = {"dense": train_step(dense, x, dy, dtype)}
     for backend in (b for b in BACKENDS if b != "gathered"):  # gathered is inference-only: no backward
-        steps[f"seekmoe {backend}"] = after(lambda b=backend: setattr(ours.experts, "backend", b),
+        steps[f"seekmoe {backend}"] = after(lambda b=backend: configure_experts(ours, dtype=dtype, backend=b),
                                            train_step(ours, x, dy, dtype))
     for impl in ("eager", "grouped_mm"):
         steps[f"transformers {impl}"] = after(lambda i=impl: setattr(hf_config, "_experts_implementation", i),
