@@ -5,7 +5,7 @@ single-process eager losses to 1e-4 wherever the math is the same.
 
 Cost: each multi-process check is ONE torchrun launch that runs all its command lines in one process group
 (tests/distributed_worker.py `matrix`), 3 steps of the tiny preset at a global batch of 4 x 32 tokens. The default run
-keeps a representative subset (every router, every stage, compile on, the capacity case); the full cross product is
+keeps a representative subset (every router, every stage, compile on, the local-capacity case); the full cross product is
 marked slow (`pytest -m slow tests/test_matrix.py`).
 
 Where the math differs between layouts, and what is checked instead:
@@ -13,11 +13,12 @@ Where the math differs between layouts, and what is checked instead:
   dp=2 drops other tokens than one process routing the whole batch. Their balance loss E * sum_i f_i P_i is likewise
   computed over each forward's own tokens (balance_scope=global windows only the DeepSeek router's losses), and a
   mean over ranks of products is not the product over the whole batch. The exactness runs set capacity_factor=0
-  (dropless) and router_aux_loss_coef=0; with both on (Switch's defaults, the "local" stage), dp=2 and ep=2 equal
-  one process with grad_accum=2, which routes the same two halves one at a time.
+  (dropless) and router_aux_loss_coef=0; with both on (Switch's defaults, the "local" stage), micro-batches of one
+  sequence make every layout route the same micro-batches: 4 on one process by grad_accum=4, 2 on each of 2 ranks,
+  1 on each of 4.
 - SFT's loss is a mean over each micro-batch's assistant tokens, micro-batches averaged with equal weight (not a
   mean over every labelled token of the step), so 4 sequences in one micro-batch differ from 2 + 2 on two ranks when
-  the halves hold different numbers of labelled tokens; dp=2/ep=2 equal one process with grad_accum=2.
+  the halves hold different numbers of labelled tokens; with micro-batches of one sequence every layout agrees.
 - GShard keeps its second expert with probability min(1, g2 / second_expert_threshold), drawn by torch.rand per
   routed token: every rank draws from the same seeded generator for its own tokens, so rank 1's draws are not the
   ones one process draws for the second half of the batch. A tiny threshold keeps every second expert (no draw
@@ -54,6 +55,12 @@ ROUTERS = {
 LAYOUTS = {"one": (1, 1), "dp2": (2, 1), "ep2": (2, 2), "dp2xep2": (4, 2)}  # name: (processes, ep)
 
 
+def one_sequence_micro_batches(nproc: int) -> dict:
+    """The global batch of 4 as micro-batches of one sequence, 4 / nproc on each rank: the same micro-batches, each
+    weighing 1/4, at any layout (for the objectives computed per micro-batch)."""
+    return {"batch_size": 1, "grad_accum": 4 // nproc}
+
+
 def overrides(fields: dict) -> list[str]:
     """`field=value` arguments (values as YAML reads them)."""
     return [f"{k}={json.dumps(v)}" for k, v in fields.items()]
@@ -65,6 +72,7 @@ class Stages:
     def __init__(self, root: Path, corpus: Path, cache: str):
         self.root, self.corpus, self.cache = root, corpus, cache
         self.references: dict[str, list[float]] = {}
+        self.launches = 0
         common = {**TRAIN, "cache_dir": cache, "batch_size": 4, "max_position_embeddings": BASE_POSITIONS}
         assert main(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(root / "base"),
                      "--no-progress", *overrides({**common, "max_steps": 2})]) == 0
@@ -89,9 +97,9 @@ class Stages:
             head = ["train", "--preset", "tiny"]
         elif stage == "local":
             # Switch with its default capacity (1.25) and balance loss, both local to the batch a forward routes:
-            # one process routes the same two halves as two ranks do, by grad_accum=2.
-            fields.update(router_type="switch", num_experts_per_tok=1, max_position_embeddings=BASE_POSITIONS, batch_size=2,
-                          grad_accum=2 // nproc)
+            # one process routes the same micro-batches as the ranks do, by grad_accum.
+            fields.update(router_type="switch", num_experts_per_tok=1, max_position_embeddings=BASE_POSITIONS,
+                          **one_sequence_micro_batches(nproc))
             head = ["train", "--preset", "tiny"]
         elif stage == "extend":
             fields.update(seq_len=2 * BASE_POSITIONS, min_file_bytes=0, lr=3e-3)
@@ -102,8 +110,8 @@ class Stages:
         elif stage == "sft":
             # Each micro-batch's loss is the mean over its own assistant tokens, and micro-batches (and ranks) weigh
             # equally, so the split matters when they hold different numbers of labelled tokens: two ranks equal
-            # one process that takes the same two halves by grad_accum=2 (see the module docstring).
-            fields.update(batch_size=2, grad_accum=2 // nproc)
+            # one process that takes the same micro-batches by grad_accum (see the module docstring).
+            fields.update(one_sequence_micro_batches(nproc))
             head, data = ["sft", "--model", str(self.base)], ["--data", str(self.chats)]
         else:
             raise ValueError(stage)
@@ -121,7 +129,8 @@ class Stages:
         """Run (stage, layout, compile) combinations of `nproc` processes in one torchrun launch; each must give
         its stage's single-process eager losses."""
         assert all(LAYOUTS[layout][0] == nproc for _, layout, _ in runs)
-        outs = [self.root / "runs" / f"{stage}-{layout}-{'compiled' if compiled else 'eager'}"
+        self.launches += 1  # each check its own folders: a combination may recur in another check
+        outs = [self.root / f"launch-{self.launches}" / f"{stage}-{layout}-{'compiled' if compiled else 'eager'}"
                 for stage, layout, compiled in runs]
         jobs = [self.argv(stage, layout, out, compiled) for (stage, layout, compiled), out in zip(runs, outs)]
         if nproc > 1:
