@@ -181,6 +181,7 @@ def test_every_router_and_stage_under_two_processes_reproduces_one_process(stage
 
 @pytest.mark.slow
 def test_full_matrix_under_two_processes(stages):
+    """Every router under FSDP dp=2 and EP=2, compiled and not; every other stage under both (one launch)."""
     runs = [(f"pretrain-{router}", layout, compiled) for router in ROUTERS for layout in ("dp2", "ep2")
             for compiled in (False, True)]
     runs += [(stage, layout, False) for stage in ("extend", "sft", "grow") for layout in ("dp2", "ep2")]
@@ -189,6 +190,7 @@ def test_full_matrix_under_two_processes(stages):
 
 @pytest.mark.slow
 def test_full_matrix_under_dp2_x_ep2(stages):
+    """Every router compiled and not, and every other stage, on 4 processes: FSDP over 2 x EP over 2 (one launch)."""
     runs = [(f"pretrain-{router}", "dp2xep2", compiled) for router in ROUTERS for compiled in (False, True)]
     stages.check(4, runs + [(stage, "dp2xep2", False) for stage in ("extend", "sft", "grow")])
 
@@ -196,4 +198,5 @@ def test_full_matrix_under_dp2_x_ep2(stages):
 @pytest.mark.slow
 @pytest.mark.parametrize("router", list(ROUTERS))
 def test_compiled_one_process_reproduces_eager(stages, router):
+    """compile=true in one process (aot_eager) gives the eager losses."""
     stages.check(1, [(f"pretrain-{router}", "one", True)])
