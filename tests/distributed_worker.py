@@ -3,11 +3,15 @@
     python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py grads EP
     python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py train OUT CORPUS JSON_OVERRIDES
     (JSON_OVERRIDES may hold `stop_at` and `init_from`, a model folder to start from)
+    python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py matrix JOBS_JSON
 
 `grads`: forward and backward of an expert-parallel + FSDP2 model on each rank's slice of a global batch equal the
 single-process model's on the whole batch (logits, loss, every gradient), for a random routing, a routing that
 leaves an expert without tokens, and one that sends every token to the same experts; also node-limited routing.
 `train`: a Trainer run; every rank then checks that the router biases are bit-identical on every rank.
+`matrix` (tests/test_matrix.py): several `seekmoe` command lines (a JSON list of argv lists) one after the other in
+this one process group, each under its own `parallel.ep=`, so a matrix pays torchrun's start-up once; compile=true
+compiles with the aot_eager backend (the graphs inductor would get, without inductor's minutes of codegen on CPU).
 Exits non-zero with the failing check on stderr.
 """
 
@@ -130,11 +134,24 @@ def run_training(out: str, corpus: str, overrides: str) -> None:
     assert gathered[0].abs().max() > 0
 
 
+def run_commands(jobs: str) -> None:
+    from seekmoe.cli import main
+    from seekmoe.parallel import compile as compile_options
+
+    compile_options.apply_compute_options.__kwdefaults__["compile_backend"] = "aot_eager"
+    for argv in json.loads(jobs):
+        status = main(argv)
+        assert status == 0, f"seekmoe {' '.join(argv)} exited {status}"
+        torch._dynamo.reset()  # each run compiles its own model's blocks; drop the previous run's graphs
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "grads":
         check_grads(int(sys.argv[2]))
     elif sys.argv[1] == "mixed":
         check_mixed_precision(int(sys.argv[2]))
+    elif sys.argv[1] == "matrix":
+        run_commands(sys.argv[2])
     else:
         run_training(*sys.argv[2:5])
     dist.barrier()

@@ -118,5 +118,14 @@ def init_processes(config: ParallelConfig, model: ModelConfig) -> Processes:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    mesh = init_device_mesh(device.type, (world_size // config.ep, config.ep), mesh_dim_names=("dp_mod_ep", "ep"))
-    return Processes(rank, world_size, device, mesh)
+    key = (dist.group.WORLD, device.type, world_size // config.ep, config.ep)  # a new process group: new meshes
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device.type, key[2:], mesh_dim_names=("dp_mod_ep", "ep"))
+    return Processes(rank, world_size, device, _MESHES[key])
+
+
+# One mesh per shape for the life of the process group: a second run in the same process group (a script that pretrains
+# then fine-tunes, tests/test_matrix.py) reuses it. A fresh mesh of a shape built after a mesh of another shape
+# failed FSDP2's check that the experts' DTensor mesh is the one passed to fully_shard (torch 2.11: the flattened
+# "dp" sub-mesh is process-global state keyed by dimension names).
+_MESHES: dict[tuple, DeviceMesh] = {}
