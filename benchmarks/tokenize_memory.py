@@ -131,7 +131,7 @@ def main() -> None:
                 rows.append([shape, f"{mb:,.0f}", phase, str(r["threads"]), f"{r['seconds']:.1f}",
                              f"{mb / r['seconds']:.2f}", f"{r['peak_mib']:,.0f}", f"{r['growth_mib']:,.0f}",
                              f"{r['growth_mib'] * 2**20 / (mb * 1e6):.3f}"])
-                print(rows[-1], flush=True)
+                print(f"{shape} {phase}: {r['seconds']:.1f} s, peak growth {r['growth_mib']:,.0f} MiB", flush=True)
     print()
     print(table(rows))
     write_json(args.out, {"size": size, "train_mb": args.train_mb, "results": results})
