@@ -43,3 +43,12 @@ def test_progress_on_a_terminal_is_a_bar_and_disabled_is_silent():
     off.update(10)
     off.close()
     assert "\r" in tty.getvalue() and quiet.getvalue() == ""
+
+
+def test_progress_of_bytes_in_a_log_reads_in_megabytes():
+    log = io.StringIO()
+    bar = show_progress(20_000_000, "tokenizing", "B", stream=log)
+    bar.update(20_000_000)
+    bar.close()
+    line = log.getvalue().splitlines()[-1]
+    assert line.startswith("tokenizing 20.0 MB/20.0 MB (100%)") and line.endswith("MB/s"), line

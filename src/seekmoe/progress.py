@@ -51,12 +51,19 @@ class LogProgress:
         self._closed = True
 
     def _write(self, now: float) -> None:
-        done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
+        count = _megabytes if self.unit == "B" else str  # bytes read as MB, as tqdm's unit_scale shows them
+        done = (f"{count(self.n)}/{count(self.total)} ({100 * self.n / self.total:.0f}%)" if self.total
+                else count(self.n))
         elapsed = now - self._start
-        rate = f" {(self.n - self._start_n) / elapsed:.3g} {self.unit}/s" if elapsed > 0 else ""
+        per_s = (self.n - self._start_n) / elapsed if elapsed > 0 else None
+        rate = "" if per_s is None else (f" {count(per_s)}/s" if self.unit == "B" else f" {per_s:.3g} {self.unit}/s")
         extra = "".join(f" {k}={v}" for k, v in self.postfix.items())
         print(f"{self.desc} {done}{rate}{extra}", file=self.stream, flush=True)
         self._last_time, self._last_n = now, self.n
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 class _Off:
