@@ -12,8 +12,6 @@ from .sft import SFT_DEFAULTS, sft
 
 def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `sft` command's options."""
-    from ..train.cli import add_resume_arguments
-
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "data: JSONL, one record a line, either\n"
@@ -26,17 +24,10 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="the model folder to fine-tune (a final/)")
     parser.add_argument("--data", required=True, nargs="+", metavar="FILE", help="JSONL files of chats or "
                                                                                "prompt/completion pairs")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where metrics, checkpoints and final/ go")
-    parser.add_argument("--max-steps", type=int, metavar="N", help=f"optimizer steps (default "
-                                                                  f"{SFT_DEFAULTS['max_steps']})")
     parser.add_argument("--freeze-router-bias", action="store_true",
                         help="keep the routers' balancing biases as the model has them (no auxiliary-loss-free "
                              "bias updates); the balance losses of the model's config still apply")
-    parser.add_argument("--stop-at", type=int, metavar="N", help="end after step N with a checkpoint; --resume "
-                                                                 "continues")
-    add_resume_arguments(parser)
-    parser.add_argument("--seed", type=int, metavar="S", help="seed of the held-out split and data order")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_arguments(parser, SFT_DEFAULTS["max_steps"], "seed of the held-out split and data order")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
                         help="any TrainConfig field (lr=1e-4 seq_len=512 batch_size=16 ...), or a ModelConfig field "
                              "no weight depends on")
@@ -44,16 +35,12 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_sft(args: argparse.Namespace) -> int:
     """Run `seekmoe sft`; returns the exit status."""
-    from ..train.config import parse_overrides
     from ..train.cli import resume_mode
     from ..train.trainer import exit_status
 
     # `--data a.jsonl lr=1e-3`: argparse hands the override to --data; a field=value that is no file is one.
     data = [p for p in args.data if "=" not in p or Path(p).exists()]
-    overrides = parse_overrides([p for p in args.data if p not in data] + args.overrides)
-    for flag in ("max_steps", "seed"):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
+    overrides = _run_overrides(args, [p for p in args.data if p not in data] + args.overrides)
     return exit_status("sft", lambda: sft(args.model, data, args.out, overrides, resume=resume_mode(args),
                                           stop_at=args.stop_at, progress=not args.no_progress,
                                           freeze_router_bias=args.freeze_router_bias))
@@ -61,7 +48,6 @@ def run_sft(args: argparse.Namespace) -> int:
 
 def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `rl` command's options."""
-    from ..train.cli import add_resume_arguments
     from .grpo import GRPOConfig
     from .tasks import BUILTIN_TASKS
 
@@ -86,27 +72,40 @@ def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, metavar="TASK",
                         help=f"a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) or a Python file of reward()")
     parser.add_argument("--prompts", metavar="FILE", help="JSONL prompts of a user task")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where metrics, checkpoints and final/ go")
-    parser.add_argument("--max-steps", type=int, metavar="N", help=f"optimizer steps (default "
-                                                                  f"{RL_DEFAULTS['max_steps']})")
-    parser.add_argument("--stop-at", type=int, metavar="N", help="end after step N with a checkpoint; --resume "
-                                                                 "continues")
-    add_resume_arguments(parser)
-    parser.add_argument("--seed", type=int, metavar="S", help="seed of the rollouts' prompts and sampling")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_arguments(parser, RL_DEFAULTS["max_steps"], "seed of the rollouts' prompts and sampling")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
                         help="GRPO settings (below) and TrainConfig fields, e.g. beta=0.04 num_generations=8 lr=1e-5")
 
 
 def run_rl(args: argparse.Namespace) -> int:
     """Run `seekmoe rl`; returns the exit status."""
-    from ..train.config import parse_overrides
     from ..train.cli import resume_mode
     from ..train.trainer import exit_status
 
-    overrides = parse_overrides(args.overrides)
+    overrides = _run_overrides(args, args.overrides)
+    return exit_status("rl", lambda: rl(args.model, args.task, args.out, overrides, prompts_file=args.prompts,
+                                        resume=resume_mode(args), stop_at=args.stop_at, progress=not args.no_progress))
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, max_steps: int, seed_help: str) -> None:
+    """The options sft and rl share with each other: where the run goes, how long, resuming, seed, progress."""
+    from ..train.cli import add_resume_arguments
+
+    parser.add_argument("--out", required=True, metavar="DIR", help="where metrics, checkpoints and final/ go")
+    parser.add_argument("--max-steps", type=int, metavar="N", help=f"optimizer steps (default {max_steps})")
+    parser.add_argument("--stop-at", type=int, metavar="N", help="end after step N with a checkpoint; --resume "
+                                                                 "continues")
+    add_resume_arguments(parser)
+    parser.add_argument("--seed", type=int, metavar="S", help=seed_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_overrides(args: argparse.Namespace, items: list[str]) -> dict:
+    """The field=value overrides, with --max-steps and --seed among them when given."""
+    from ..train.config import parse_overrides
+
+    overrides = parse_overrides(items)
     for flag in ("max_steps", "seed"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
-    return exit_status("rl", lambda: rl(args.model, args.task, args.out, overrides, prompts_file=args.prompts,
-                                        resume=resume_mode(args), stop_at=args.stop_at, progress=not args.no_progress))
+    return overrides

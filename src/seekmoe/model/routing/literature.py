@@ -57,16 +57,21 @@ def switch_balance_loss(probs: torch.Tensor, first: torch.Tensor) -> torch.Tenso
     return E * (f / first.numel() * probs.mean(dim=0)).sum()
 
 
-class SwitchRouter(Router):
-    """Switch Transformer's top-1 router: weight = the chosen expert's softmax probability."""
+class _LearnedGate(Router):
+    """The fields every learned literature router shares: experts, k, input jitter, its balance-loss and z-loss
+    weights, and a gate `weight` [rows, hidden] (rows = experts, or groups for the hierarchical gate)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rows: int | None = None):
         super().__init__()
         self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.jitter = config.router_jitter
         self.aux_coef = config.router_aux_loss()
         self.z_coef = config.router_z_loss_coef
-        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        self.weight = nn.Parameter(torch.empty(rows or self.n_experts, config.hidden_size))
+
+
+class SwitchRouter(_LearnedGate):
+    """Switch Transformer's top-1 router: weight = the chosen expert's softmax probability."""
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
@@ -118,18 +123,13 @@ class NoisyScores(Scores):
     std: torch.Tensor | None = None
 
 
-class NoisyTopKRouter(Router):
+class NoisyTopKRouter(_LearnedGate):
     """Shazeer et al.'s noisy top-k gating: G(x) = Softmax(KeepTopK(x W_g + N(0, 1) * Softplus(x W_noise), k))."""
 
     noise_epsilon = 1e-2  # a floor on the noise scale, as in the reference implementation
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
-        self.jitter = config.router_jitter
-        self.aux_coef = config.router_aux_loss()
-        self.z_coef = config.router_z_loss_coef
-        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))  # W_g
+        super().__init__(config)  # weight: W_g
         self.noise_weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))  # W_noise
 
     @torch.no_grad()
@@ -226,7 +226,7 @@ class HierarchicalScores(Scores):
     primary_logits: torch.Tensor | None = None
 
 
-class HierarchicalRouter(Router):
+class HierarchicalRouter(_LearnedGate):
     """A two-level gate: primary softmax over the kept top-`topk_group` of `n_group` group logits, times a
     secondary softmax over the kept top-b expert logits inside each chosen group (b = num_experts_per_tok /
     topk_group). `weight` [n_group, hidden] is the primary gate, `group_weight` [E, hidden] the secondary gates,
@@ -234,13 +234,8 @@ class HierarchicalRouter(Router):
     first chosen group, then those of the second, ..."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.n_experts, self.n_group, self.topk_group = config.n_routed_experts, config.n_group, config.topk_group
-        self.top_k = config.num_experts_per_tok
-        self.jitter = config.router_jitter
-        self.aux_coef = config.router_aux_loss()
-        self.z_coef = config.router_z_loss_coef
-        self.weight = nn.Parameter(torch.empty(self.n_group, config.hidden_size))
+        super().__init__(config, rows=config.n_group)  # weight: the primary gate
+        self.n_group, self.topk_group = config.n_group, config.topk_group
         self.group_weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
 
     @torch.no_grad()
