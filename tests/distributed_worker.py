@@ -16,6 +16,7 @@ Exits non-zero with the failing check on stderr.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -157,3 +158,8 @@ if __name__ == "__main__":
     dist.barrier()
     dist.destroy_process_group()
     print("ok", flush=True)
+    # Every check passed. Skip the interpreter's teardown: destroying torch's leftover C++ threads there sometimes
+    # aborts ("terminate called without an active exception", exit -6) after the work is done, failing a test
+    # that passed (seen about once in five suite runs; see the stop-20 note).
+    sys.stderr.flush()
+    os._exit(0)

@@ -9,6 +9,7 @@ model. Rank 0 gathers each model and checks it bit for bit against the one-proce
 """
 
 import json
+import os
 import re
 import sys
 
@@ -73,3 +74,6 @@ def main(folder: str, ep: int, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip the interpreter's teardown, which sometimes aborts on torch's C++ threads (distributed_worker.py)
