@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import LatentCacheLayer, MultiHeadLatentAttention
+from .mha import MultiHeadAttention
 from .mlp import MLP
 from .moe import MoE, MoEStats
 from .norm import RMSNorm
@@ -18,7 +19,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, moe: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(config)
+        self.self_attn = MultiHeadLatentAttention(config) if config.use_mla else MultiHeadAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
 
