@@ -1,6 +1,7 @@
 """optimizer=muon: the Newton-Schulz step against torch.optim.Muon and a float64 reference, Moonlight's parameter
 split (AdamW for embeddings, head, norms, routers), experts per matrix, and FSDP (2 gloo processes) equal to one."""
 
+import json
 import math
 from pathlib import Path
 
@@ -117,3 +118,20 @@ def test_optimizer_config_checks_name_the_field():
 @pytest.mark.parametrize("ep", [1, 2])
 def test_muon_under_fsdp_with_two_processes_equals_one_process(ep):
     torchrun(2, str(Path(__file__).parent / "muon_worker.py"), str(ep))
+
+
+def test_muon_training_of_a_multi_head_model_resumes_exactly(corpus, cache, tmp_path):
+    """optimizer=muon through the Trainer: its state (momentum buffers, AdamW moments) survives a checkpoint."""
+    from seekmoe.train import load_run_config, train
+    from seekmoe.train.metrics import read_metrics
+
+    model_cfg, cfg = load_run_config("tiny", overrides={
+        "seq_len": 32, "batch_size": 4, "warmup_steps": 2, "eval_every": 4, "save_every": 3, "eval_batches": 1,
+        "cache_dir": cache, "precision": "fp32", "max_steps": 6, "optimizer": "muon", "use_mla": False,
+        "rope_interleave": False, "num_nextn_predict_layers": 0})
+    train(model_cfg, cfg, tmp_path / "whole", data=[str(corpus)], progress=False)
+    train(model_cfg, cfg, tmp_path / "split", data=[str(corpus)], stop_at=3, progress=False)
+    train(model_cfg, cfg, tmp_path / "split", data=[str(corpus)], resume=True, progress=False)
+    whole, split = ([r["loss"] for r in read_metrics(tmp_path / d)] for d in ("whole", "split"))
+    assert whole == split and whole[-1] < whole[0]
+    assert json.loads((tmp_path / "whole" / "final" / "config.json").read_text())["use_mla"] is False
