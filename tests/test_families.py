@@ -119,3 +119,40 @@ def test_glm_4_7_flash_preset_counts_30b_total_3b_active():
     s = model_summary(ModelConfig.preset("glm-4.7-flash"))
     assert 29.5e9 < s["total_params"] < 30.5e9 and 30.5e9 < s["total_params"] + s["mtp_params"] < 31e9
     assert 3e9 < s["active_params"] - 2 * s["embedding_params"] < 4e9
+
+
+# deepseek-ai/deepseek-moe-16b-base's config.json (model_type "deepseek": its own remote code, multi-head attention)
+DEEPSEEK_MOE_16B = {
+    "architectures": ["DeepseekForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
+    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+    "max_position_embeddings": 4096, "model_type": "deepseek", "moe_intermediate_size": 1408, "moe_layer_freq": 1,
+    "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16,
+    "num_experts_per_tok": 6, "num_hidden_layers": 28, "num_key_value_heads": 16, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.36.0", "use_cache": True,
+    "vocab_size": 102400}
+
+
+def test_deepseek_moe_16b_config_json_reads_as_the_preset_and_writes_back_its_model_type():
+    config = ModelConfig.from_dict(DEEPSEEK_MOE_16B)
+    assert not config.use_mla and not config.rope_interleave and config.model_type == "deepseek"
+    assert model_summary(config)["total_params"] == model_summary(ModelConfig.preset("deepseek-moe-16b"))["total_params"]
+    written = config.to_dict()
+    assert written["model_type"] == "deepseek" and written["auto_map"] == DEEPSEEK_MOE_16B["auto_map"]
+    assert written["architectures"] == ["DeepseekForCausalLM"] and written["head_dim"] == 128
+    assert ModelConfig.from_dict(written) == config
+
+
+def test_multi_head_deepseek_v2_language_config_keeps_use_mla_false():
+    """DeepSeek-VL2-Tiny's language model: a deepseek_v2 config with use_mla false."""
+    d = {**DEEPSEEK_MOE_16B, "model_type": "deepseek_v2", "use_mla": False, "num_hidden_layers": 12,
+         "hidden_size": 1280, "num_attention_heads": 10, "num_key_value_heads": 10}
+    d.pop("auto_map")
+    config = ModelConfig.from_dict(d)
+    assert not config.use_mla and config.mha_head_dim == 128 and config.model_type == "deepseek_v2"
+    written = config.to_dict()
+    assert written["use_mla"] is False and written["model_type"] == "deepseek_v2"
+    assert ModelConfig.from_dict(written) == config
