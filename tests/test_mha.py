@@ -109,3 +109,39 @@ def test_multi_head_config_checks_name_the_field():
         ModelConfig.from_dict({**hf_text_config().to_dict(), "num_key_value_heads": 2})
     with pytest.raises(ValueError, match="mlp_layer_types"):
         ModelConfig.from_dict({**hf_text_config().to_dict(), "mlp_layer_types": ["sparse", "dense", "sparse"]})
+
+
+def ocr2_generation_model(ours: seekmoe.CausalLM):
+    """transformers' DeepSeek-OCR-2 (a vision tower far smaller than the release's) whose language model and head
+    hold `ours`'s weights: its `generate` on text alone is the decoding oracle."""
+    from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+
+    text = ours.config.to_dict()
+    vision = dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
+                                  global_attn_indexes=[0]),
+                  encoder_config=dict(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    config = DeepseekOcr2Config(text_config=text, vision_config=vision, image_token_id=ours.config.vocab_size - 1)
+    config._attn_implementation = "eager"
+    model = DeepseekOcr2ForConditionalGeneration(config).float().eval()
+    state = {k[len("model."):]: v for k, v in ours.state_dict().items() if k.startswith("model.")}
+    missing, unexpected = model.model.language_model.load_state_dict(state, strict=False)
+    assert not missing and all("rotary_emb" in k for k in unexpected), (missing, unexpected)
+    model.lm_head.load_state_dict(ours.lm_head.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_decoding_through_our_cache_equals_transformers_generate(variant):
+    from seekmoe.inference import Engine, SamplingParams
+
+    config = ModelConfig.from_dict({**hf_text_config(**VARIANTS[variant]).to_dict(), "eos_token_id": None})
+    ours = random_ours(config)
+    theirs = ocr2_generation_model(ours)
+    prompts = [_ids(config.vocab_size - 1, seed, (1, n))[0].tolist() for seed, n in ((2, 9), (3, 4))]
+    params = SamplingParams(max_new_tokens=14, temperature=0)
+    got = Engine(ours, max_batch_size=2).generate(prompts, params)  # one batch: two lengths, two slots
+    for prompt, result in zip(prompts, got):
+        with torch.no_grad():
+            want = theirs.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False)[0, len(prompt):]
+        assert result.output_ids == want.tolist()
