@@ -43,10 +43,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Dense counterparts (every layer a SwiGLU FFN) for `seekmoe upcycle` (grow/upcycle.py).
 PRESETS["tiny-dense"] = {**PRESETS["tiny"], "n_routed_experts": 0, "first_k_dense_replace": 2}
 PRESETS["small-dense"] = {**PRESETS["small"], "n_routed_experts": 0, "first_k_dense_replace": 3}
-# DeepSeekMoE 16B's expert layout (64 routed, 6 active, 2 shared) and depth, 4K context. seekmoe implements MLA
-# only, so its attention is MLA with DeepSeek-V2-Lite's ranks instead of the original's 16-head MHA.
-PRESETS["deepseek-moe-16b"] = {**PRESETS["deepseek-v2-lite"], "num_hidden_layers": 28,
-                               "max_position_embeddings": 4096, "rope_scaling": None}
 
 # ----- issue 21: DeepSeekMoE 16B's real attention, and the families read as DeepSeek-V3 -----
 # DeepSeekMoE 16B (deepseek-ai/deepseek-moe-16b-base): 16 heads of ordinary multi-head attention, head_dim 128,
