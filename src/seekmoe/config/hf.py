@@ -168,9 +168,10 @@ def mha_model_type(config: "ModelConfig") -> str:
 def _write_family(config: "ModelConfig", d: dict) -> None:
     """The keys of `d` (config.json) that the family's transformers config reads instead of, or beside, DeepSeek's."""
     d.pop("family", None)
-    if config.use_mla and not config.attention_bias and config.model_type != "glm4_moe_lite":
+    if config.use_mla:  # MLA configs stay as DeepSeek writes them (GLM's lists attention_bias: false)
         d.pop("use_mla")
-        d.pop("attention_bias")
+        if config.model_type != "glm4_moe_lite":
+            d.pop("attention_bias")
     if not config.use_mla:
         d["head_dim"] = config.mha_head_dim
     if config.model_type in ("glm4_moe_lite", "deepseek_ocr2_text"):
