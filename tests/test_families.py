@@ -10,7 +10,7 @@ import torch
 import seekmoe
 from seekmoe import ModelConfig
 from seekmoe.info import model_summary
-from hf_oracle import hf_config, hf_model, rel_error
+from hf_oracle import YARN, hf_config, hf_model, rel_error
 
 pytest.importorskip("transformers")
 TOL = 2e-4
@@ -32,8 +32,8 @@ def _ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "mlp_layer_types": ["dense", "dense", "sparse"]}],
-                         ids=["default", "no_q_lora_two_dense"])
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "mlp_layer_types": ["dense", "dense", "sparse"],
+                                             "rope_parameters": dict(YARN)}], ids=["default", "no_q_lora_two_dense_yarn"])
 def test_glm4_moe_lite_folder_loads_with_transformers_logits_and_saves_back(overrides, tmp_path):
     from transformers import AutoModelForCausalLM
 
