@@ -9,13 +9,13 @@ from safetensors.torch import save_file
 
 import seekmoe
 from seekmoe import ModelConfig
-from hf_oracle import rel_error
+from hf_oracle import YARN, rel_error
 
 pytest.importorskip("transformers")
 TOL = 2e-4
 
 VARIANTS = {
-    "greedy": dict(topk_method="greedy"),
+    "greedy_yarn": dict(topk_method="greedy", rope_parameters=dict(YARN)),
     "group_limited_bias": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, attention_bias=True),
 }
 
