@@ -17,7 +17,8 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
     - flops_per_token: forward FLOPs of the matrix products (2 per multiply-add) of the activated weights other
       than the embedding lookup, plus attention scores and values averaged over a causal window of `context`;
     - kv_cache_bytes_per_token: MLA's cache, (kv_lora_rank + qk_rope_head_dim) per layer, against the full keys
-      and values a standard multi-head attention with the same heads would cache.
+      and values a standard multi-head attention with the same heads would cache (mha_kv_cache_bytes_per_token);
+      with `use_mla: false` both are the multi-head cache, 2 x heads x head_dim per layer (`attention`: mla/mha).
     """
     from ..model import CausalLM
 
@@ -35,10 +36,14 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
     embedding = config.vocab_size * config.hidden_size
     L, heads = config.num_hidden_layers, config.num_attention_heads
     attended = (context + 1) / 2  # mean number of keys a query sees in a causal window
-    attention_flops = 2 * L * heads * (config.qk_head_dim + config.v_head_dim) * attended
     per_dtype = DTYPE_BYTES[cache_dtype]
-    mla_values = (config.kv_lora_rank + config.qk_rope_head_dim) * L
-    mha_values = heads * (config.qk_head_dim + config.v_head_dim) * L
+    if config.use_mla:
+        attention_flops = 2 * L * heads * (config.qk_head_dim + config.v_head_dim) * attended
+        mla_values = (config.kv_lora_rank + config.qk_rope_head_dim) * L
+        mha_values = heads * (config.qk_head_dim + config.v_head_dim) * L
+    else:  # multi-head attention caches every head's key and value (the "MHA it replaces" is itself)
+        attention_flops = 2 * L * heads * 2 * config.mha_head_dim * attended
+        mla_values = mha_values = 2 * heads * config.mha_head_dim * L
     return {
         "total_params": total,
         "active_params": active,
@@ -47,6 +52,7 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
         "flops_per_token": int(2 * (active - embedding) + attention_flops),
         "context_for_flops": context,
         "kv_cache_dtype": cache_dtype,
+        "attention": "mla" if config.use_mla else "mha",
         "kv_cache_bytes_per_token": mla_values * per_dtype,
         "mha_kv_cache_bytes_per_token": mha_values * per_dtype,
         "num_hidden_layers": L,
@@ -101,5 +107,8 @@ def format_summary(name: str, s: dict) -> str:
         (f"KV cache per token, MHA ({s['kv_cache_dtype']})",
          f"{s['mha_kv_cache_bytes_per_token']:,} bytes ({ratio:.1f}x MLA)"),
     ]
+    if s.get("attention") == "mha":  # no latent cache: one row, keys and values of every head
+        rows[-2:] = [(f"KV cache per token, multi-head attention ({s['kv_cache_dtype']})",
+                      f"{s['kv_cache_bytes_per_token']:,} bytes (keys and values of every head)")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
