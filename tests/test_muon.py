@@ -115,9 +115,10 @@ def test_optimizer_config_checks_name_the_field():
         TrainConfig(muon_momentum=1.0)
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_muon_under_fsdp_with_two_processes_equals_one_process(ep):
-    torchrun(2, str(Path(__file__).parent / "muon_worker.py"), str(ep))
+@pytest.mark.parametrize("ep,attention", [(1, "mla"), (2, "mha")])
+def test_muon_under_fsdp_with_two_processes_equals_one_process(ep, attention):
+    """FSDP over 2 processes (ep=1), and expert parallelism with a multi-head attention model (ep=2)."""
+    torchrun(2, str(Path(__file__).parent / "muon_worker.py"), str(ep), attention)
 
 
 def test_muon_training_of_a_multi_head_model_resumes_exactly(corpus, cache, tmp_path):
