@@ -6,6 +6,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MultiHeadLatentAttention
+from .mha import MultiHeadAttention
 
 
 def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
@@ -13,4 +14,6 @@ def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
 
     Every kind takes (x, cos, sin, attn_mask, cache) in its forward and declares `cache_widths()`, what it keeps per
     token while decoding (inference/cache.py)."""
+    if not config.use_mla:  # DeepSeekMoE 16B, DeepSeek-VL2-Tiny's and DeepSeek-OCR's language models
+        return MultiHeadAttention(config)
     return MultiHeadLatentAttention(config)

@@ -171,6 +171,8 @@ def init_module(module: nn.Module, std: float) -> bool:
     tensors of its own to set. parallel/materialize.py calls it module by module to initialize shards."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         module.weight.normal_(0.0, std)
+        if getattr(module, "bias", None) is not None:  # attention_bias: zero, as transformers initializes them
+            module.bias.zero_()
     elif isinstance(module, RMSNorm):
         module.weight.fill_(1.0)
     elif isinstance(module, Router):  # every router initializes its own parameters
