@@ -230,10 +230,17 @@ def _unfold_providers(module: RoutedExperts, state: dict, prefix: str, *args) ->
 
 def fold_weight_providers(model: nn.Module, state: dict) -> dict:
     """Fold the weight providers' own entries of `model`'s full (unsharded) state dict into the plain [E, ...]
-    stacks, in place: what the Hugging Face layout saves. Returns `state`."""
+    stacks, in place: what the Hugging Face layout saves. Returns `state`.
+
+    A dense module put in place of an nn.Linear from outside (lora/layers.py's LoRALinear) that keeps its weight in
+    another form folds it the same way: its `fold_state(state, prefix)` leaves the plain `prefix + 'weight'`."""
     for name, module in model.named_modules():
-        if isinstance(module, RoutedExperts) and module.providers:
-            module.fold_state(state, f"{name}." if name else "")
+        prefix = f"{name}." if name else ""
+        if isinstance(module, RoutedExperts):
+            if module.providers:
+                module.fold_state(state, prefix)
+        elif not isinstance(module, WeightProvider) and callable(getattr(module, "fold_state", None)):
+            module.fold_state(state, prefix)
     return state
 
 
