@@ -20,7 +20,7 @@ from ..model.mlp import MLP
 from ..model.moe import MoE
 from .config import LoRAConfig
 from .layers import LoRAExperts, LoRALinear
-from .nf4 import to_nf4
+from .nf4 import NF4Experts, to_nf4
 
 PROVIDER = "lora"  # the experts' provider name: state-dict keys `...experts.providers.lora.gate_up_A`
 NF4_PROVIDER = "nf4"
@@ -89,14 +89,15 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> AdaptedModel:
             adapt(mlp, f"{path}.mlp")
     if config.quantize == "nf4":
         quantize_base(linears)
+        for moe in model.moe_layers()[:len(routers)]:
+            moe.experts.add_provider(NF4_PROVIDER, NF4Experts(moe.experts))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return AdaptedModel(linears, experts, routers, trainable, total)
 
 
 def quantize_base(linears: dict[str, LoRALinear]) -> None:
-    """QLoRA: the frozen base weights of the adapted projections in NF4 (the routed experts' stacks stay in the
-    model's dtype: see the README)."""
+    """QLoRA: the frozen base weights of the adapted projections in NF4 (the routed experts': NF4Experts)."""
     for wrapped in linears.values():
         base = wrapped.base_layer
         base.weight = nn.Parameter(to_nf4(base.weight.data), requires_grad=False)

@@ -194,8 +194,9 @@ class RoutedExperts(nn.Module):
         return w.gate_up_proj, w.down_proj
 
     def fold_state(self, state: dict, prefix: str = "") -> None:
-        """Fold every provider's own entries of `state` into the plain stacks (the layout checkpoints keep)."""
-        for name, provider in reversed(list(self.providers.items())):
+        """Fold every provider's own entries of `state` into the plain stacks (the layout checkpoints keep), in the
+        providers' order, as the forward applies them (quantized stacks become plain before adapters add to them)."""
+        for name, provider in self.providers.items():
             provider.fold_state(state, prefix, f"{prefix}providers.{name}.")
 
     def forward(self, rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
