@@ -48,14 +48,14 @@ def adapted(tmp_path_factory):
     ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=g)
     with torch.no_grad():
         logits = model(ids).logits
-    return folder, ids, logits
+    return folder, ids, logits, model
 
 
 def test_peft_and_transformers_load_the_adapter_with_seekmoe_logits(adapted):
     from transformers import AutoModelForCausalLM
 
     peft = pytest.importorskip("peft")
-    folder, ids, ours = adapted
+    folder, ids, ours, _ = adapted
     base = AutoModelForCausalLM.from_pretrained(folder / "base", attn_implementation="eager").float().eval()
     model = peft.PeftModel.from_pretrained(base, folder / "adapter").eval()
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_peft_and_transformers_load_the_adapter_with_seekmoe_logits(adapted):
 
 
 def test_merge_equals_applying_the_adapter_and_never_writes_the_base(adapted, tmp_path):
-    folder, ids, ours = adapted
+    folder, ids, ours, _ = adapted
     before = _folder_digest(folder / "base")
     assert main(["merge", "--model", str(folder / "base"), "--adapter", str(folder / "adapter"),
                  "--out", str(tmp_path / "merged")]) == 0
@@ -88,7 +88,7 @@ def test_merge_equals_applying_the_adapter_and_never_writes_the_base(adapted, tm
 
 
 def test_merge_refuses_an_out_inside_the_base_and_a_foreign_adapter(adapted, tmp_path, capsys):
-    folder, _, _ = adapted
+    folder, _, _, _ = adapted
     before = _folder_digest(folder / "base")
     assert main(["merge", "--model", str(folder / "base"), "--adapter", str(folder / "adapter"),
                  "--out", str(folder / "base" / "merged")]) == 2
@@ -99,6 +99,21 @@ def test_merge_refuses_an_out_inside_the_base_and_a_foreign_adapter(adapted, tmp
     assert main(["merge", "--model", str(other), "--adapter", str(folder / "adapter"),
                  "--out", str(tmp_path / "m")]) == 2
     assert "shape" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_cached_decoding_sees_the_adapted_projections(adapted, tmp_path):
+    """Absorbed MLA decoding reads kv_b_proj's matrix: an adapted model decodes as its merged folder does."""
+    from seekmoe.inference.engine import Engine
+    from seekmoe.inference.sampling import SamplingParams
+
+    folder, ids, _, model = adapted
+    merge_adapter(folder / "base", folder / "adapter", tmp_path / "merged")
+    merged = seekmoe.from_pretrained(tmp_path / "merged")
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    prompt = ids[0, :5].tolist()
+    ours = Engine(model, max_batch_size=1, compile=False).generate([prompt], greedy)[0].output_ids
+    ref = Engine(merged, max_batch_size=1, compile=False).generate([prompt], greedy)[0].output_ids
+    assert ours == ref and len(ours) == 12
 
 
 def test_adapted_model_starts_where_its_base_stands():
