@@ -246,3 +246,23 @@ def test_nf4_without_torchao_is_one_clear_line(sft_base, tmp_path, monkeypatch, 
     assert main(_sft(sft_base, out, "--max-steps", "2", "--lora", "4", "--quantize", "nf4")) == 2
     assert "--quantize nf4 needs torchao" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_lora_under_expert_parallelism_and_fsdp_reproduces_one_process(corpus, cache, tmp_path):
+    """Two processes, experts split two ways (ExpertShards first, the adapters on each rank's slice) and FSDP2 over
+    the rest: the losses and the adapter equal one process's."""
+    from safetensors.torch import load_file
+    from test_distributed import WORKER, assert_same_losses, losses, one_process, settings, torchrun
+
+    one_process(tmp_path / "pre", corpus, cache, overrides=settings(cache, 4, max_steps=2, save_every=2))
+    run = {**settings(cache, 4, max_steps=3, save_every=3, eval_every=100), "init_from": str(tmp_path / "pre" / "final"),
+           "lora": {"rank": 2, "targets": EVERY_TARGET}}
+    one_process(tmp_path / "one", corpus, cache, overrides=run)
+    torchrun(2, WORKER, "train", str(tmp_path / "ep2"), str(corpus),
+             json.dumps({**run, "batch_size": 2, "parallel": {"ep": 2}}))
+    assert_same_losses(losses(tmp_path / "ep2"), losses(tmp_path / "one"))
+    want = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "ep2" / "adapter" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and any(".mlp.experts.base_layer.lora_B" in k for k in want)
+    for key in want:
+        assert rel_error(got[key], want[key]) < 1e-4 or torch.equal(got[key], want[key]), key
