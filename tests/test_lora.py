@@ -224,6 +224,10 @@ def test_sft_with_lora_learns_and_writes_adapter_and_final(sft_base, tmp_path):
     assert not torch.equal(merged[gate.replace("weight", "e_score_correction_bias")],
                            base[gate.replace("weight", "e_score_correction_bias")])
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    # The run's last checkpoint exports to the same folder (the adapted modules rebuilt from its train_config).
+    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "exported")]) == 0
+    exported = seekmoe.from_pretrained(tmp_path / "exported").state_dict()
+    assert exported.keys() == merged.keys() and all(torch.equal(exported[k], merged[k]) for k in merged)
 
 
 def test_qlora_trains_on_nf4_base_weights_and_merges_into_the_full_precision_base(sft_base, tmp_path):
