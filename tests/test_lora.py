@@ -27,12 +27,10 @@ def _folder_digest(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def adapted(tmp_path_factory):
-    """A tiny DeepSeek-V3 folder written by transformers, its seekmoe model adapted on every target with random
-    factors (B nonzero) and moved selection biases, and that adapter saved."""
-    folder = tmp_path_factory.mktemp("lora")
-    hf_model(hf_config()).save_pretrained(folder / "base")
+def _adapted(folder, model_type: str):
+    """A tiny DeepSeek folder written by transformers, its seekmoe model adapted on every target with random factors
+    (B nonzero) and moved selection biases, and that adapter saved: (folder, ids, the adapted logits, model)."""
+    hf_model(hf_config(model_type)).save_pretrained(folder / "base")
     model = seekmoe.from_pretrained(folder / "base").float().eval()
     config = LoRAConfig(rank=4, alpha=6.0, targets=EVERY_TARGET)
     apply_lora(model, config)
@@ -51,11 +49,25 @@ def adapted(tmp_path_factory):
     return folder, ids, logits, model
 
 
-def test_peft_and_transformers_load_the_adapter_with_seekmoe_logits(adapted):
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    """`_adapted` for DeepSeek-V3."""
+    return _adapted(tmp_path_factory.mktemp("lora_v3"), "deepseek_v3")
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "deepseek_v2"])
+def adapted_any(request, adapted, tmp_path_factory):
+    """`_adapted` for each model type transformers has (V2: softmax routers, no selection bias)."""
+    if request.param == "deepseek_v3":
+        return adapted
+    return _adapted(tmp_path_factory.mktemp("lora_v2"), request.param)
+
+
+def test_peft_and_transformers_load_the_adapter_with_seekmoe_logits(adapted_any):
     from transformers import AutoModelForCausalLM
 
     peft = pytest.importorskip("peft")
-    folder, ids, ours, _ = adapted
+    folder, ids, ours, _ = adapted_any
     base = AutoModelForCausalLM.from_pretrained(folder / "base", attn_implementation="eager").float().eval()
     model = peft.PeftModel.from_pretrained(base, folder / "adapter").eval()
     with torch.no_grad():
