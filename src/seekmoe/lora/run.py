@@ -42,14 +42,11 @@ def full_adapter_state(model: nn.Module, distributed: bool, rank: int) -> dict[s
         return {k: v.detach().cpu() for k, v in lora_parameters(model).items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    names = set(lora_parameters(model))
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
-    return {k: v for k, v in state.items() if k in _adapter_names(model)}
-
-
-def _adapter_names(model: nn.Module) -> set[str]:
-    return set(lora_parameters(model))
+    return {k: v for k, v in state.items() if k in names}
 
 
 def save_lora_outputs(out: Path, model: nn.Module, config: LoRAConfig, model_config, init_from, rank: int,
@@ -63,7 +60,7 @@ def save_lora_outputs(out: Path, model: nn.Module, config: LoRAConfig, model_con
     return save_adapter(Path(out) / ADAPTER_DIR, state, config, model_config, base=str(init_from))
 
 
-def merged_final(out: Path, init_from, tokenizer_writer) -> Path:
+def merged_final(out: Path, init_from, write_tokenizer) -> Path:
     """QLoRA's OUT/final/: the full-precision base folder with the adapter merged in (not the NF4 weights the run
     trained on), the run's tokenizer files written into it."""
     import shutil
@@ -73,5 +70,5 @@ def merged_final(out: Path, init_from, tokenizer_writer) -> Path:
     final = Path(out) / "final"
     shutil.rmtree(final, ignore_errors=True)  # a previous attempt's: final/ is rewritten whole at a run's end
     merge_adapter(init_from, Path(out) / ADAPTER_DIR, final)
-    tokenizer_writer(final)
+    write_tokenizer(final)
     return final
