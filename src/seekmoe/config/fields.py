@@ -74,6 +74,12 @@ class ModelConfig:
     router_aux_loss_coef: float | None = None
     second_expert_threshold: float = 0.2  # GShard: the 2nd expert is kept with probability min(1, g2 / threshold)
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
+    # DeepSeek-V3.2's sparse attention (DSA, model_type deepseek_v32): in every attention layer a lightning indexer
+    # of index_n_heads heads of index_head_dim scores each past token for each query, and MLA attends to the
+    # index_topk best only (model/indexer.py, model/sparse_attention.py). index_topk None = dense MLA (V2/V3).
+    index_topk: int | None = None
+    index_n_heads: int = 64
+    index_head_dim: int = 128
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +96,8 @@ class ModelConfig:
         transformers, which then refuses the checkpoint) when no transformers model computes what this one does."""
         if self.router_type != "deepseek" or self.eval_capacity() > 0:
             return f"seekmoe_{self.router_type}"
+        if self.index_topk is not None:
+            return "deepseek_v32"
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
 
     def train_capacity(self) -> float:

@@ -47,3 +47,10 @@ PRESETS["small-dense"] = {**PRESETS["small"], "n_routed_experts": 0, "first_k_de
 # only, so its attention is MLA with DeepSeek-V2-Lite's ranks instead of the original's 16-head MHA.
 PRESETS["deepseek-moe-16b"] = {**PRESETS["deepseek-v2-lite"], "num_hidden_layers": 28,
                                "max_position_embeddings": 4096, "rope_scaling": None}
+# DeepSeek-V3.2(-Exp): DeepSeek-V3 plus DeepSeek Sparse Attention, a lightning indexer of 64 heads of 128 picking
+# 2048 past tokens per query in every layer (the MTP layer's included).
+PRESETS["deepseek-v3.2"] = {**PRESETS["deepseek-v3"], "index_topk": 2048, "index_n_heads": 64,
+                            "index_head_dim": 128}
+# For tests and a CPU demo of sparse attention: `tiny` with an indexer whose top-k (8) is shorter than the
+# training sequences, so attention is sparse in every step.
+PRESETS["tiny-v32"] = {**PRESETS["tiny"], "index_topk": 8, "index_n_heads": 2, "index_head_dim": 16}

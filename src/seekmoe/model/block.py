@@ -10,6 +10,7 @@ from .attention import LatentCacheLayer, MultiHeadLatentAttention
 from .mlp import MLP
 from .moe import MoE, MoEStats
 from .norm import RMSNorm
+from .sparse_attention import SparseLatentAttention
 
 
 class DecoderBlock(nn.Module):
@@ -18,7 +19,8 @@ class DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, moe: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(config)
+        self.self_attn = (MultiHeadLatentAttention(config) if config.index_topk is None
+                          else SparseLatentAttention(config))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
 
