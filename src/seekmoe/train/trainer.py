@@ -457,6 +457,7 @@ class Trainer:
 
 def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, data: list[str] | None = None,
           resume: bool | str = False, stop_at: int | None = None, progress: bool = True,
-          init_from: str | Path | None = None) -> dict:
-    """Pretrain a model (see `Trainer`) and return the run summary."""
-    return Trainer(model_config, config, out, data, resume, stop_at, progress, init_from).run()
+          init_from: str | Path | None = None, forward: Forward | None = None) -> dict:
+    """Pretrain a model (see `Trainer`; `forward` its objective, default the next-token loss) and return the run
+    summary."""
+    return Trainer(model_config, config, out, data, resume, stop_at, progress, init_from, forward=forward).run()

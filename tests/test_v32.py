@@ -1,0 +1,155 @@
+"""DeepSeek-V3.2 (model_type deepseek_v32): the lightning indexer and sparse MLA against transformers, its decoding
+cache, its training stages, presets and hostile configs."""
+
+import json
+
+import pytest
+import torch
+
+import seekmoe
+from seekmoe import ModelConfig
+from hf_oracle import hf_model, rel_error
+
+TOPK = 5  # shorter than every test sequence: attention is sparse
+
+
+def hf_v32_config(**overrides):
+    """A transformers DeepseekV32Config small enough for CPU tests."""
+    from transformers import DeepseekV32Config
+
+    settings = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24,
+                    num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+                    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                    q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                    index_topk=TOPK, index_head_dim=16, index_n_heads=3, initializer_range=0.1,
+                    max_position_embeddings=128, tie_word_embeddings=False)
+    settings.update(overrides)
+    return DeepseekV32Config(**settings)
+
+
+def hf_v32_model(seed: int = 0, **overrides):
+    """A random transformers V3.2 model with a non-trivial indexer key norm (weight and bias)."""
+    model = hf_model(hf_v32_config(**overrides), seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".indexer.k_norm." in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def v32_folder(tmp_path_factory):
+    """(a transformers V3.2 model, the folder it saved)."""
+    path = tmp_path_factory.mktemp("v32")
+    reference = hf_v32_model()
+    reference.save_pretrained(path)
+    return reference, path
+
+
+def test_a_transformers_v32_folder_loads_with_its_logits_on_sequences_longer_than_index_topk(v32_folder):
+    reference, path = v32_folder
+    ours = seekmoe.from_pretrained(path, dtype=torch.float32).eval()
+    assert ours.config.model_type == "deepseek_v32" and ours.config.index_topk == TOPK
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (2, 4 * TOPK))
+    with torch.no_grad():
+        logits = ours(ids).logits
+        assert rel_error(logits, reference(ids).logits) < 2e-4
+        # ...and the indexer's choice mattered: dense MLA over the same weights is far off
+        for layer in ours.model.layers:
+            layer.self_attn.index_topk = 10 ** 6
+        assert rel_error(ours(ids).logits, logits) > 1e-2
+
+
+def test_save_then_transformers_reloads_the_same_logits(v32_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    reference, path = v32_folder
+    seekmoe.from_pretrained(path, dtype=torch.float32).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "deepseek_v32" and saved["layer_types"] == ["indexed_attention"] * 3
+    assert saved["mlp_layer_types"] == ["dense", "sparse", "sparse"] and "rope_interleave" not in saved
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    ids = torch.randint(0, 97, (1, 3 * TOPK))
+    with torch.no_grad():
+        assert rel_error(reloaded(ids).logits, reference(ids).logits) < 1e-6
+
+
+def test_v3_configs_keep_no_indexer_keys():
+    saved = ModelConfig.preset("tiny").to_dict()
+    assert saved["model_type"] == "deepseek_v3" and not {"index_topk", "layer_types"} & set(saved)
+
+
+@pytest.mark.parametrize("field, value", [("index_topk", 0), ("index_topk", -3), ("index_topk", True),
+                                          ("index_topk", "8"), ("index_n_heads", 0), ("index_head_dim", 4),
+                                          ("q_lora_rank", None), ("scoring_func", "softmax"),
+                                          ("rope_interleave", False)])
+def test_hostile_v32_configs_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}="):
+        ModelConfig.preset("tiny-v32", **{field: value})
+
+
+@pytest.mark.parametrize("key, value", [("layer_types", ["indexed_attention", "sliding_attention", "x"]),
+                                        ("layer_types", ["indexed_attention"]),
+                                        ("mlp_layer_types", ["sparse", "dense", "sparse"]),
+                                        ("mlp_layer_types", ["dense", "moe", "moe"]),
+                                        ("index_topk", 0)])
+def test_hostile_v32_config_json_names_the_field(key, value):
+    d = hf_v32_config().to_dict()
+    d[key] = value
+    with pytest.raises(ValueError, match=f"ModelConfig.{key}="):
+        ModelConfig.from_dict(d)
+
+
+def tiny_v32(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    # a wide initialization: peaked attention, so the indexer has a distribution to learn
+    settings = {"num_nextn_predict_layers": 0, "initializer_range": 0.2, **overrides}
+    return seekmoe.build_model(ModelConfig.preset("tiny-v32", **settings))
+
+
+def test_the_dsa_warmup_lowers_the_indexers_kl_and_moves_nothing_else():
+    from seekmoe.train.freeze import select_trainable
+    from seekmoe.train.indexer_warmup import indexer_objective
+
+    model = tiny_v32().train()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    select_trainable(model, "indexer")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(".indexer." in n for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    objective = indexer_objective("warmup")
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(2))
+    kls = []
+    for _ in range(8):
+        out = objective(model, ids, torch.device("cpu"), None)
+        kls.append(out.metrics["indexer_kl"].item())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert kls[-1] < 0.7 * kls[0], kls
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, before[name]) == (".indexer." not in name), name
+
+
+def test_in_the_sparse_stage_the_lm_loss_trains_the_model_and_the_kl_the_indexer_alone():
+    from seekmoe.model.sparse_attention import indexer_modules
+    from seekmoe.train.indexer_warmup import indexer_objective
+
+    model = tiny_v32(num_nextn_predict_layers=1).train()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
+    out = indexer_objective("sparse")(model, ids, torch.device("cpu"), None)
+    assert torch.allclose(out.loss, out.lm_loss + 0.3 * out.mtp_loss + out.balance_loss + out.metrics["indexer_kl"])
+
+    layers = indexer_modules(model)
+    assert len(layers) == 3  # the MTP layer's attention is sparse too
+    out = model(ids, labels=ids)  # the layers keep the stage the objective set
+    kl = torch.stack([layer.indexer_loss for layer in layers]).mean()
+    indexer = [p for n, p in model.named_parameters() if ".indexer." in n]
+    main = [p for n, p in model.named_parameters() if ".indexer." not in n]
+    lm_grads = torch.autograd.grad(out.loss, indexer + main, allow_unused=True, retain_graph=True)
+    assert all(g is None for g in lm_grads[:len(indexer)])
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in lm_grads[len(indexer):]) > len(main) // 2
+    kl_grads = torch.autograd.grad(kl, indexer + main, allow_unused=True)
+    assert all(g is not None for g in kl_grads[:len(indexer)])
+    assert all(g is None for g in kl_grads[len(indexer):])
