@@ -153,3 +153,34 @@ def test_in_the_sparse_stage_the_lm_loss_trains_the_model_and_the_kl_the_indexer
     kl_grads = torch.autograd.grad(kl, indexer + main, allow_unused=True)
     assert all(g is not None for g in kl_grads[:len(indexer)])
     assert all(g is None for g in kl_grads[len(indexer):])
+
+
+def test_seekmoe_train_pretrains_tiny_v32_then_runs_the_dsa_warmup_stage(tmp_path, corpus, cache):
+    from seekmoe.cli import main
+
+    common = ["--data", str(corpus), "--no-progress", f"cache_dir={cache}", "seq_len=32", "batch_size=4",
+              "eval_every=100", "precision=fp32", "num_threads=1"]
+    assert main(["train", "--preset", "tiny-v32", "--out", str(tmp_path / "base"), "--max-steps", "2",
+                 *common]) == 0
+    records = [json.loads(line) for line in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["indexer_kl"] > 0 for r in records if "lm_loss" in r)  # pretraining V3.2 trains its indexer
+    base = tmp_path / "base" / "final"
+    assert main(["train", "--init-from", str(base), "--dsa-stage", "warmup", "--out", str(tmp_path / "warm"),
+                 "--max-steps", "4", *common, "lr=1e-2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["indexer_kl"] for r in records if "indexer_kl" in r]
+    assert len(kls) == 4 and kls[-1] < kls[0]
+    before, after = seekmoe.from_pretrained(base), seekmoe.from_pretrained(tmp_path / "warm" / "final")
+    for (name, p), q in zip(before.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(p, q) == (".indexer." not in name), name
+
+
+def test_the_dsa_stages_refuse_a_model_without_an_indexer(tmp_path, capsys):
+    from seekmoe.cli import main
+
+    seekmoe.build_model(ModelConfig.preset("tiny")).save_pretrained(tmp_path / "v3")
+    assert main(["train", "--init-from", str(tmp_path / "v3"), "--dsa-stage", "warmup",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "index_topk" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny-v32", "--dsa-stage", "sparse", "--out", str(tmp_path / "run")]) == 2
+    assert "--init-from" in capsys.readouterr().err
