@@ -184,3 +184,19 @@ def test_the_dsa_stages_refuse_a_model_without_an_indexer(tmp_path, capsys):
     assert "index_topk" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny-v32", "--dsa-stage", "sparse", "--out", str(tmp_path / "run")]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+def test_info_counts_deepseek_v32_as_v3_plus_its_indexers_and_their_key_cache():
+    from seekmoe.info import model_summary
+
+    # at 128K tokens of context (the counts do not depend on it)
+    v3 = model_summary(ModelConfig.preset("deepseek-v3"), context=131072)
+    v32 = model_summary(ModelConfig.preset("deepseek-v3.2"), context=131072)
+    per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64  # wq_b, wk, k_norm, weights_proj
+    assert v32["total_params"] - v3["total_params"] == 61 * per_layer
+    assert v32["active_params"] - v3["active_params"] == 61 * per_layer  # every token runs every indexer
+    assert 671e9 < v32["total_params"] < 673e9 and 37e9 < v32["active_params"] < 39e9
+    assert v32["indexer_cache_bytes_per_token"] == 61 * 128 * 2 and v3["indexer_cache_bytes_per_token"] == 0
+    assert v32["kv_cache_bytes_per_token"] == v3["kv_cache_bytes_per_token"] + 61 * 128 * 2
+    # attention over 2048 keys costs far less than over all of them, the indexer's scan included
+    assert v32["flops_per_token"] < 0.5 * v3["flops_per_token"]
