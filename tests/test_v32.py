@@ -2,6 +2,7 @@
 cache, its training stages, presets and hostile configs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,23 @@ def test_save_then_transformers_reloads_the_same_logits(v32_folder, tmp_path):
     with torch.no_grad():
         assert rel_error(reloaded(ids).logits, reference(ids).logits) < 1e-6
 
+
+
+@pytest.mark.parametrize("prefill", [64, 3])  # one chunk, and chunks of 3 (the indexer keys cached chunk by chunk)
+def test_greedy_decoding_through_seekmoes_caches_equals_transformers_generate(v32_folder, prefill):
+    from seekmoe.inference import Engine, SamplingParams
+
+    reference, path = v32_folder
+    engine = Engine(seekmoe.from_pretrained(path, dtype=torch.float32), None, max_batch_size=2,
+                    max_seq_len=64, max_prefill_tokens=prefill)
+    # in one batch: a prompt longer than index_topk, and one that outgrows it while decoding
+    prompts = [[0, 5, 9, 13, 2, 7, 30, 31, 8, 60, 61], [0, 40, 41]]
+    greedy = SamplingParams(max_new_tokens=14, temperature=0, ignore_eos=True)
+    ours = engine.generate(prompts, greedy)
+    for prompt, request in zip(prompts, ours):
+        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        assert request.output_ids == theirs[0, len(prompt):].tolist()
 
 def test_v3_configs_keep_no_indexer_keys():
     saved = ModelConfig.preset("tiny").to_dict()
@@ -155,24 +173,52 @@ def test_in_the_sparse_stage_the_lm_loss_trains_the_model_and_the_kl_the_indexer
     assert all(g is None for g in kl_grads[len(indexer):])
 
 
-def test_seekmoe_train_pretrains_tiny_v32_then_runs_the_dsa_warmup_stage(tmp_path, corpus, cache):
+def _cli_train(argv: list[str], corpus, cache) -> list[dict]:
+    """Run `seekmoe train ARGV` on the test corpus (tiny sequences, fp32); its metrics.jsonl step records."""
     from seekmoe.cli import main
 
-    common = ["--data", str(corpus), "--no-progress", f"cache_dir={cache}", "seq_len=32", "batch_size=4",
-              "eval_every=100", "precision=fp32", "num_threads=1"]
-    assert main(["train", "--preset", "tiny-v32", "--out", str(tmp_path / "base"), "--max-steps", "2",
-                 *common]) == 0
-    records = [json.loads(line) for line in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["indexer_kl"] > 0 for r in records if "lm_loss" in r)  # pretraining V3.2 trains its indexer
-    base = tmp_path / "base" / "final"
-    assert main(["train", "--init-from", str(base), "--dsa-stage", "warmup", "--out", str(tmp_path / "warm"),
-                 "--max-steps", "4", *common, "lr=1e-2"]) == 0
-    records = [json.loads(line) for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
-    kls = [r["indexer_kl"] for r in records if "indexer_kl" in r]
+    out = argv[argv.index("--out") + 1]
+    assert main(["train", *argv, f"cache_dir={cache}", "seq_len=32", "batch_size=4", "eval_every=100",
+                 "precision=fp32", "num_threads=1", "--data", str(corpus), "--no-progress"]) == 0
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "lm_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def pretrained_v32(tmp_path_factory, corpus, cache):
+    """A tiny-v32 model pretrained for 2 steps: (its final/ folder, its step records)."""
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    records = _cli_train(["--preset", "tiny-v32", "--out", str(out), "--max-steps", "2"], corpus, cache)
+    return out / "final", records
+
+
+def test_pretraining_tiny_v32_trains_its_indexers_and_the_warmup_lowers_their_kl(pretrained_v32, tmp_path,
+                                                                                 corpus, cache):
+    base, records = pretrained_v32
+    assert len(records) == 2 and all(r["indexer_kl"] > 0 for r in records)
+    records = _cli_train(["--init-from", str(base), "--dsa-stage", "warmup", "--out", str(tmp_path / "warm"),
+                          "--max-steps", "4", "lr=1e-2"], corpus, cache)
+    kls = [r["indexer_kl"] for r in records]
     assert len(kls) == 4 and kls[-1] < kls[0]
     before, after = seekmoe.from_pretrained(base), seekmoe.from_pretrained(tmp_path / "warm" / "final")
     for (name, p), q in zip(before.state_dict().items(), after.state_dict().values()):
         assert torch.equal(p, q) == (".indexer." not in name), name
+
+
+def test_the_warmup_adds_new_indexers_to_a_v3_model(pretrained_v32, tmp_path, corpus, cache):
+    v3 = tiny_v32(index_topk=None)  # DeepSeek-V3.2 was made from V3.1 so
+    v3.save_pretrained(tmp_path / "v3")
+    (tmp_path / "v3" / "tokenizer.json").write_bytes((pretrained_v32[0] / "tokenizer.json").read_bytes())
+    records = _cli_train(["--init-from", str(tmp_path / "v3"), "--dsa-stage", "warmup", "--out",
+                          str(tmp_path / "warm"), "--max-steps", "2", "index_topk=8", "index_n_heads=2",
+                          "index_head_dim=16"], corpus, cache)
+    assert len(records) == 2 and records[0]["indexer_kl"] > 0.01  # a fresh indexer, far from the attention
+    warmed = seekmoe.from_pretrained(tmp_path / "warm" / "final")
+    assert warmed.config.model_type == "deepseek_v32"
+    state = warmed.state_dict()
+    assert any(".indexer." in name for name in state)
+    for name, p in v3.state_dict().items():
+        assert torch.equal(p, state[name]), name
 
 
 def test_the_dsa_stages_refuse_a_model_without_an_indexer(tmp_path, capsys):
