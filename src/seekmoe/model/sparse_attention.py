@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import ABSORB_MAX_QUERIES, LatentCacheLayer, MultiHeadLatentAttention
+from .attention import ABSORB_MAX_QUERIES, CacheLayer, MultiHeadLatentAttention
 from .indexer import LightningIndexer, select_top_k
 
 # How the indexer takes part in a forward (`SparseLatentAttention.indexer_stage`, set once per run by a training
@@ -42,7 +42,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         return {"c_kv": self.kv_lora_rank, "k_pe": self.qk_rope_head_dim, "index_k": self.indexer.head_dim}
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: LatentCacheLayer | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache: CacheLayer | None = None) -> torch.Tensor:
         """As `MultiHeadLatentAttention.forward`, each query seeing only its top-k of the tokens it may see."""
         S = x.shape[1]
         q_latent = self.q_a_layernorm(self.q_a_proj(x))
