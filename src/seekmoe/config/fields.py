@@ -83,6 +83,12 @@ class ModelConfig:
     # attention; config.json is written back under this name. None = the model_type the fields imply.
     family: str | None = None
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
+    # DeepSeek-V3.2's sparse attention (DSA, model_type deepseek_v32): in every attention layer a lightning indexer
+    # of index_n_heads heads of index_head_dim scores each past token for each query, and MLA attends to the
+    # index_topk best only (model/indexer.py, model/sparse_attention.py). index_topk None = dense MLA (V2/V3).
+    index_topk: int | None = None
+    index_n_heads: int = 64
+    index_head_dim: int = 128
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,6 +109,8 @@ class ModelConfig:
             return self.family
         if not self.use_mla:
             return mha_model_type(self)
+        if self.index_topk is not None:
+            return "deepseek_v32"
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
 
     def train_capacity(self) -> float:

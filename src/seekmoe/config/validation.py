@@ -53,6 +53,7 @@ def validate(config: "ModelConfig") -> None:
             raise bad(name, "a non-negative number")
     _validate_router_type(config)
     _validate_attention_choice(config)
+    _validate_sparse_attention(config)
 
 def _validate_router_type(config: "ModelConfig") -> None:
     def bad(name: str, expected: str) -> ValueError:
@@ -157,3 +158,28 @@ def _validate_attention_choice(config: "ModelConfig") -> None:
         raise bad("num_attention_heads", f"a number of heads leaving an even head width with use_mla=False "
                                          f"(RoPE rotates pairs; hidden_size / heads = {config.mha_head_dim})")
 
+def _validate_sparse_attention(config: "ModelConfig") -> None:
+    """DeepSeek-V3.2's indexer fields (index_topk None: no indexer, the rest unread)."""
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}={getattr(config, name)!r} is invalid: expected {expected}")
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if config.index_topk is not None and not positive_int(config.index_topk):
+        raise bad("index_topk", "None (dense MLA) or a positive integer (past tokens each query attends to)")
+    for name in ("index_n_heads", "index_head_dim"):
+        if not positive_int(getattr(config, name)):
+            raise bad(name, "a positive integer")
+    if config.index_topk is None:
+        return
+    if config.index_head_dim < config.qk_rope_head_dim:
+        raise bad("index_head_dim", f"at least qk_rope_head_dim={config.qk_rope_head_dim} (the indexer rotates its "
+                                    f"first qk_rope_head_dim dimensions)")
+    if config.q_lora_rank is None:
+        raise bad("q_lora_rank", "a positive integer with index_topk set (the indexer's queries come from the "
+                                 "query latent)")
+    if config.scoring_func != "sigmoid":
+        raise bad("scoring_func", "'sigmoid' with index_topk set (DeepSeek-V3.2 routes as V3 does)")
+    if not config.rope_interleave:
+        raise bad("rope_interleave", "True with index_topk set (DeepSeek-V3.2 rotates interleaved pairs)")

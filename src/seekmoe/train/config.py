@@ -309,3 +309,4 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
 }
 PRESET_TRAINING["tiny-dense"] = PRESET_TRAINING["tiny"]
 PRESET_TRAINING["small-dense"] = PRESET_TRAINING["small"]
+PRESET_TRAINING["tiny-v32"] = PRESET_TRAINING["tiny"]

@@ -233,7 +233,7 @@ class Trainer:
         Under torchrun (and for any folder) the model is built on the meta device, checked against the folder's
         headers, parallelized, and only then materialized: each rank allocates and fills its own shards
         (parallel/materialize.py), so no rank holds the whole model."""
-        from ..parallel.materialize import check_folder, materialize
+        from ..parallel.materialize import added_modules, check_folder, materialize
 
         full_weights = None
         if self.init_from is not None and self.resume_from is None:
@@ -247,6 +247,8 @@ class Trainer:
             model = build_model(self.model_config, device="meta")
             if full_weights is not None:
                 check_folder(model, full_weights)
+                if added_modules(model, full_weights):
+                    self.log(f"{full_weights} has no lightning indexers: initializing new ones")
             if not self.processes.distributed:
                 model = materialize(model, self.device, full_weights)  # one process: read straight into place
         if self.config.trainable != "all":
@@ -473,6 +475,7 @@ class Trainer:
 
 def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, data: list[str] | None = None,
           resume: bool | str = False, stop_at: int | None = None, progress: bool = True,
-          init_from: str | Path | None = None) -> dict:
-    """Pretrain a model (see `Trainer`) and return the run summary."""
-    return Trainer(model_config, config, out, data, resume, stop_at, progress, init_from).run()
+          init_from: str | Path | None = None, forward: Forward | None = None) -> dict:
+    """Pretrain a model (see `Trainer`; `forward` its objective, default the next-token loss) and return the run
+    summary."""
+    return Trainer(model_config, config, out, data, resume, stop_at, progress, init_from, forward=forward).run()
