@@ -73,6 +73,28 @@ class ModelConfig:
     # (aux_loss_alpha, expert_balance_alpha, device_balance_alpha and bias_update_speed are the DeepSeek router's.)
     router_aux_loss_coef: float | None = None
     second_expert_threshold: float = 0.2  # GShard: the 2nd expert is kept with probability min(1, g2 / threshold)
+    # DeepSeek-V4 (model_type deepseek_v4; transformers' DeepseekV4Config names): `layer_types` set = a V4 model.
+    # Per-layer attention: "sliding_attention" (a window of `sliding_window` keys), "compressed_sparse_attention"
+    # (the window plus the indexer's top-`index_topk` of the keys compressed every compress_rates[type] tokens) or
+    # "heavily_compressed_attention" (the window plus every compressed key); one shared KV head of `head_dim`, its
+    # last qk_rope_head_dim rotated (compressed branches with base compress_rope_theta and rope_scaling's YaRN),
+    # a sink per head, the output through o_groups low-rank (o_lora_rank) groups. The residual is hc_mult streams
+    # (mHC, Sinkhorn-normalized mixing); "hash_moe" layers of mlp_layer_types route by a fixed token->experts table.
+    layer_types: list[str] | None = None
+    compress_rates: dict | None = None  # {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    compress_rope_theta: float = 160000.0
+    head_dim: int = 512
+    sliding_window: int = 128
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    mlp_layer_types: list[str] | None = None  # "hash_moe" or "moe" per layer
+    swiglu_limit: float | None = None  # experts' gate clamped to <= limit, up to [-limit, limit] (V4: 10.0)
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
 
     def __post_init__(self) -> None:
@@ -88,9 +110,16 @@ class ModelConfig:
     def model_type(self) -> str:
         """The transformers model type whose numerics this config matches; `seekmoe_<router_type>` (unknown to
         transformers, which then refuses the checkpoint) when no transformers model computes what this one does."""
+        if self.is_v4:
+            return "deepseek_v4"
         if self.router_type != "deepseek" or self.eval_capacity() > 0:
             return f"seekmoe_{self.router_type}"
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
+
+    @property
+    def is_v4(self) -> bool:
+        """A DeepSeek-V4 model (per-layer compressed attention, hyper-connections): `layer_types` is set."""
+        return self.layer_types is not None
 
     def train_capacity(self) -> float:
         """The capacity factor in training (0 = dropless), after the router type's default."""
