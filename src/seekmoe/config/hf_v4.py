@@ -18,7 +18,6 @@ V4_DEFAULTS: dict[str, Any] = {
     "bos_token_id": 0, "eos_token_id": 1, "initializer_range": 0.02,
 }
 DEFAULT_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-_RATE_TO_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 _DEFAULT_HASH_LAYERS = 3
 # V4 has no MLA latent, expert groups or dense layers: these ModelConfig fields are not written for it.
 _NOT_V4_KEYS = ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "n_group", "topk_group", "topk_method",
@@ -47,11 +46,12 @@ def v4_from_hf(d: dict) -> dict:
     d["compress_rates"] = rates
     if d.get("layer_types") is None:
         ratios = d.get("compress_ratios")
-        if isinstance(ratios, list):
-            if any(r not in _RATE_TO_TYPE for r in ratios):
+        if isinstance(ratios, list):  # per layer: 0 = sliding window only, else the rate of CSA or HCA
+            by_rate = {0: "sliding_attention", **{rate: kind for kind, rate in rates.items()}}
+            if any(r not in by_rate for r in ratios):
                 raise ValueError(f"config.json compress_ratios={ratios!r} is invalid: expected entries from "
-                                 f"{sorted(_RATE_TO_TYPE)} (0 = sliding window only)")
-            d["layer_types"] = [_RATE_TO_TYPE[r] for r in ratios]
+                                 f"{sorted(by_rate)} (0 = sliding window only, else a rate of compress_rates)")
+            d["layer_types"] = [by_rate[r] for r in ratios]
         elif isinstance(L, int):  # transformers' default: two HCA layers, then CSA and HCA alternating
             d["layer_types"] = (["heavily_compressed_attention"] * min(L, 2)
                                 + ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
