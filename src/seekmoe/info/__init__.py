@@ -69,6 +69,8 @@ def parameter_count(config: ModelConfig) -> int:
     L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     n_moe = config.n_moe_layers
     total = V * H * (1 if config.tie_word_embeddings else 2) + H  # embedding, LM head, final norm
+    if config.is_v4:
+        return total + _v4_blocks_count(config)
     with torch.device("meta"):
         if n_moe:
             total += n_moe * count(DecoderBlock(config, moe=True))
@@ -77,6 +79,24 @@ def parameter_count(config: ModelConfig) -> int:
         if config.num_nextn_predict_layers:
             total += config.num_nextn_predict_layers * count(MTPModule(config))
     return total
+
+
+def _v4_blocks_count(config: ModelConfig) -> int:
+    """The parameters of a DeepSeek-V4 model's blocks and final stream collapse, one block built per distinct
+    (attention type, MoE type) pair (its MTP module is not built)."""
+    from ..model.hyper_connections import HyperHead
+    from ..model.v4_block import V4DecoderBlock
+    from ..model.v4_rope import V4RotaryEmbedding
+
+    kinds: dict[tuple[str, str], int] = {}
+    for i, kind in enumerate(zip(config.layer_types, config.mlp_layer_types)):
+        kinds.setdefault(kind, i)
+    with torch.device("meta"):
+        rotary = V4RotaryEmbedding(config)
+        per_kind = {kind: sum(p.numel() for p in V4DecoderBlock(config, i, rotary).parameters())
+                    for kind, i in kinds.items()}
+        head = sum(p.numel() for p in HyperHead(config.hidden_size, config.hc_mult, 0.0, 1.0).parameters())
+    return head + sum(per_kind[kind] for kind in zip(config.layer_types, config.mlp_layer_types))
 
 
 def _human(n: float, unit: str = "") -> str:

@@ -49,6 +49,8 @@ class Compressor(nn.Module):
         `first_position`; `prior` (kv, gate) [B, rate, head_dim] is the previous window's first series (overlap)."""
         B, m, D = kv.shape[0], self.rate, self.head_dim
         n = kv.shape[1] // m
+        if n == 0:  # no window complete yet
+            return kv.new_zeros(B, 0, D)
         kv = kv.view(B, n, m, -1)
         gate = gate.view(B, n, m, -1) + self.position_bias
         if self.overlap:
