@@ -303,3 +303,23 @@ def test_mxfp4_experts_load_dequantized(v4_folder, tmp_path):
     experts = ours.model.layers[2].mlp.experts
     assert torch.equal(experts.gate_up_proj[3, :16], expected["model.layers.2.ffn.experts.3.w1.weight"])
     assert torch.equal(experts.gate_up_proj[3, 16:], expected["model.layers.2.ffn.experts.3.w3.weight"])
+
+
+def test_greedy_decoding_on_v4_caches_equals_transformers_generate(v4_folder):
+    """A 13-token prefill, then 20 tokens one at a time through each layer's V4LayerCache (window, compressed keys,
+    the indexer's keys): CSA and HCA windows close mid-decoding, the indexer's top-k binds."""
+    from seekmoe.model.v4_cache import V4LayerCache
+
+    path, hf = v4_folder
+    ours = from_pretrained(path)
+    prompt = torch.randint(0, 80, (1, 13), generator=torch.Generator().manual_seed(2))
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(prompt, max_new_tokens=20, do_sample=False)
+    caches = [V4LayerCache(ours.config.sliding_window) for _ in ours.model.layers]
+    with torch.no_grad():
+        tokens = [ours(prompt, position_ids=torch.arange(13), cache=caches).logits[:, -1].argmax(-1)]
+        for t in range(13, 32):
+            logits = ours(tokens[-1][:, None], position_ids=torch.tensor([t]), cache=caches).logits
+            tokens.append(logits[:, -1].argmax(-1))
+    assert torch.equal(torch.cat([prompt, torch.stack(tokens, 1)], 1), ref)
+    assert caches[2].compressor.keys.shape[1] == 32 // 8 and caches[1].indexer.keys.shape[1] == 32 // 4

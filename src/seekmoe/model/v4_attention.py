@@ -90,35 +90,39 @@ class V4Attention(nn.Module):
         """x [B, S, hidden] with cos/sin [2, ..., S, 1, rope_dim / 2] (main, compress: V4RotaryEmbedding) -> the
         attention output [B, S, hidden]. `attn_mask` [B, 1, S, S] (True = may attend), if given, is intersected
         with the sliding window (the compressed keys do not see it: they cover whole windows from position 0)."""
-        if cache is not None:
-            raise NotImplementedError("DeepSeek-V4 attention has no decoding cache in this build")
         B, S, _ = x.shape
         cos_l, sin_l = cos[self.rope_index], sin[self.rope_index]
         q, q_latent = self.query(x, cos_l, sin_l)
         kv = self.key(x, cos_l, sin_l)  # [B, S, D]
-        positions = torch.arange(S, device=x.device).expand(B, S)
+        first = key_first = 0  # positions of the first query and of the first key
+        if cache is not None:  # V4LayerCache (v4_cache.py): x holds the new tokens only
+            first = cache.seen
+            attn_mask = None  # every sequence of the batch at the same positions: causal + window say it all
+            kv, key_first = cache.keys(kv)
+        positions = torch.arange(first, first + S, device=x.device).expand(B, S)
         i = positions.unsqueeze(-1)
-        j = positions.unsqueeze(-2)
-        visible = (j <= i) & (j > i - self.sliding_window)  # [B, S, S]
+        j = torch.arange(key_first, key_first + kv.shape[1], device=x.device).view(1, 1, -1)
+        visible = (j <= i) & (j > i - self.sliding_window)  # [B, S, keys]
         if attn_mask is not None:
             visible = visible & attn_mask[:, 0]
         keys = kv
         if self.compressor is not None:
-            inv_freq = self._compress_inv_freq(cos)
-            compressed = self.compressor(x, inv_freq)  # [B, T, D]
+            inv_freq = self.rotary.inv_freq[1]
+            if cache is None:
+                compressed = self.compressor(x, inv_freq)  # [B, T, D]
+            else:
+                compressed = cache.compressor.step(self.compressor, x, inv_freq)
             T = compressed.shape[1]
             seen = visible_windows(positions, T, self.compressor.rate)  # [B, S, T]
             if isinstance(self.compressor, SparseCompressor):
                 indexer = self.compressor.indexer
-                top = indexer.select(x, q_latent, indexer(x, inv_freq), positions, cos_l, sin_l)
+                index_keys = indexer(x, inv_freq) if cache is None else cache.indexer.step(indexer, x, inv_freq)
+                top = indexer.select(x, q_latent, index_keys, positions, cos_l, sin_l)
                 seen = seen & topk_mask(top, T)
             keys = torch.cat([kv, compressed], dim=1)
             visible = torch.cat([visible, seen], dim=-1)
         out = self.attend(q, keys, visible)
         return self.output(out, cos_l, sin_l)
-
-    def _compress_inv_freq(self, cos: torch.Tensor) -> torch.Tensor:
-        return self.rotary.inv_freq[1]
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Softmax attention of q [B, S, heads, D] over keys = values [B, T, D] where `visible` [B, S, T], each

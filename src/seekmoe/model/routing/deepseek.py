@@ -77,7 +77,7 @@ class DeepSeekRouter(Router):
         if self.topk_method != "greedy" and self.n_group > 1:
             T = ranking.shape[0]
             grouped = ranking.view(T, self.n_group, -1)  # [T, groups, experts per group]
-            if self.topk_method == "noaux_tc" if selection_bias is None else selection_bias:
+            if self.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
