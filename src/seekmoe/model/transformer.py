@@ -45,19 +45,18 @@ class DeepseekModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.hc_head = None  # DeepSeek-V4: the final collapse of its hyper-connection streams
         if config.is_v4:  # v4_block.py; its MTP module is not built (transformers does not run it either)
-            self.rotary_emb = V4RotaryEmbedding(config)
-            self.layers = nn.ModuleList(V4DecoderBlock(config, i, self.rotary_emb)
-                                        for i in range(config.num_hidden_layers))
-            self.hc_head = HyperHead(config.hidden_size, config.hc_mult, config.hc_eps, config.rms_norm_eps)
-            self.mtp = nn.ModuleList()
+            rotary = V4RotaryEmbedding(config)
+            self.layers = nn.ModuleList(V4DecoderBlock(config, i, rotary) for i in range(config.num_hidden_layers))
         else:
             self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i))
                                         for i in range(config.num_hidden_layers))
-            self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.num_nextn_predict_layers))
-            self.rotary_emb = RotaryEmbedding(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.num_nextn_predict_layers * (not config.is_v4)))
+        self.rotary_emb = rotary if config.is_v4 else RotaryEmbedding(config)
+        # DeepSeek-V4: the final collapse of its hyper-connection streams (None otherwise)
+        self.hc_head = (HyperHead(config.hidden_size, config.hc_mult, config.hc_eps, config.rms_norm_eps)
+                        if config.is_v4 else None)
 
 
 class CausalLM(nn.Module):
