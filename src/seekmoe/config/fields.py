@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .hf import config_from_hf_dict, config_to_hf_dict
+from .hf import config_from_hf_dict, config_to_hf_dict, mha_model_type
 from .presets import PRESETS
 from .validation import validate
 
@@ -73,6 +73,15 @@ class ModelConfig:
     # (aux_loss_alpha, expert_balance_alpha, device_balance_alpha and bias_update_speed are the DeepSeek router's.)
     router_aux_loss_coef: float | None = None
     second_expert_threshold: float = 0.2  # GShard: the 2nd expert is kept with probability min(1, g2 / threshold)
+    # --- Multi-head attention (issue 21; DeepSeekMoE 16B, DeepSeek-VL2-Tiny's and DeepSeek-OCR's language models):
+    # use_mla=False replaces MLA by standard multi-head attention whose RoPE rotates the whole head
+    # (hidden_size / num_attention_heads wide, `mha_head_dim`); the MLA ranks and head dims are then unused.
+    use_mla: bool = True
+    attention_bias: bool = False  # biases on the q/k/v/o projections (multi-head attention only)
+    # --- Families with another family's numerics under their own model_type (issue 21): glm4_moe_lite and
+    # kimi_k2 compute as deepseek_v3, deepseek (DeepSeekMoE's remote code) and deepseek_ocr2_text as multi-head
+    # attention; config.json is written back under this name. None = the model_type the fields imply.
+    family: str | None = None
     # DeepSeek-V4 (model_type deepseek_v4; transformers' DeepseekV4Config names): `layer_types` set = a V4 model.
     # Per-layer attention: "sliding_attention" (a window of `sliding_window` keys), "compressed_sparse_attention"
     # (the window plus the indexer's top-`index_topk` of the keys compressed every compress_rates[type] tokens) or
@@ -114,6 +123,10 @@ class ModelConfig:
             return "deepseek_v4"
         if self.router_type != "deepseek" or self.eval_capacity() > 0:
             return f"seekmoe_{self.router_type}"
+        if self.family is not None:
+            return self.family
+        if not self.use_mla:
+            return mha_model_type(self)
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
 
     @property
@@ -142,6 +155,16 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` holds a MoE (True) or a dense MLP (False)."""
         return self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+    @property
+    def mha_head_dim(self) -> int:
+        """Query/key/value width per head of multi-head attention (use_mla=False): hidden_size / heads."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_head_dim(self) -> int:
+        """How many dimensions of each query/key head RoPE rotates: MLA's decoupled rope part, or the whole head."""
+        return self.qk_rope_head_dim if self.use_mla else self.mha_head_dim
 
     @property
     def n_moe_layers(self) -> int:

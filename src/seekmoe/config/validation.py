@@ -55,6 +55,7 @@ def validate(config: "ModelConfig") -> None:
         if not isinstance(getattr(config, name), (int, float)) or getattr(config, name) < 0:
             raise bad(name, "a non-negative number")
     _validate_router_type(config)
+    _validate_attention_choice(config)
     if config.is_v4:
         from .validation_v4 import validate_v4
 
@@ -134,3 +135,35 @@ def _validate_rope_scaling(config: "ModelConfig") -> None:
     if not rs.get("original_max_position_embeddings"):
         raise ValueError("ModelConfig.rope_scaling['original_max_position_embeddings'] is missing: expected the "
                          "context length the model was pretrained at")
+
+
+# ----- issue 21: multi-head attention and the families read as another's numerics -----
+# model_type -> whether it uses MLA (True) or multi-head attention (False); the family a config.json is written
+# back under (ModelConfig.family).
+FAMILIES = {"glm4_moe_lite": True, "kimi_k2": True, "deepseek": False, "deepseek_ocr2_text": False,
+            "deepseek_v2": None, "deepseek_v3": None}
+
+
+def _validate_attention_choice(config: "ModelConfig") -> None:
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}={getattr(config, name)!r} is invalid: expected {expected}")
+
+    for name in ("use_mla", "attention_bias"):
+        if not isinstance(getattr(config, name), bool):
+            raise bad(name, "true or false")
+    if config.family is not None and config.family not in FAMILIES:
+        raise bad("family", f"None or one of {sorted(FAMILIES)}")
+    wants_mla = FAMILIES.get(config.family)
+    if wants_mla is not None and wants_mla != config.use_mla:
+        raise bad("use_mla", f"{wants_mla} for a {config.family} model")
+    if config.use_mla:
+        if config.attention_bias:
+            raise bad("attention_bias", "false with use_mla=True (MLA's projections have no biases here)")
+        return
+    if config.hidden_size % config.num_attention_heads:
+        raise bad("num_attention_heads", f"a divisor of hidden_size={config.hidden_size} with use_mla=False "
+                                         f"(each head is hidden_size / heads wide)")
+    if config.mha_head_dim % 2:
+        raise bad("num_attention_heads", f"a number of heads leaving an even head width with use_mla=False "
+                                         f"(RoPE rotates pairs; hidden_size / heads = {config.mha_head_dim})")
+

@@ -21,15 +21,17 @@ from .rope import apply_rope
 ABSORB_MAX_QUERIES = 8
 
 
-class LatentCacheLayer(Protocol):
-    """One layer's decoding cache as attention sees it: store this step's latents, return every cached one."""
+class CacheLayer(Protocol):
+    """One layer's decoding cache as attention sees it (inference/cache.py): store this step's per-token tensors by
+    name, as the attention's `cache_widths()` declared them, and return every cached one."""
 
-    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store c_kv [B, S, kv_lora_rank] and k_pe [B, S, rope_dim]; return the cache [B, T, ...] including them."""
+    def update(self, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store each named tensor [B, S, width]; return, by name, the cache [B, T, width] including them."""
         ...
 
     # True when this step's attn_mask is plain causal over its new tokens alone (a first prefill chunk).
     causal: bool
+    positions: torch.Tensor  # [B, S] the new tokens' positions
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -64,6 +66,10 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, H, bias=False)
         self.softmax_scale = self.qk_head_dim ** -0.5 * config.yarn_mscale()
 
+    def cache_widths(self) -> dict[str, int]:
+        """What decoding caches per token: the latent and the rope key."""
+        return {"c_kv": self.kv_lora_rank, "k_pe": self.qk_rope_head_dim}
+
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head query parts: q_nope [B, S, heads, qk_nope_head_dim] and rotated q_pe [B, S, heads, rope_dim]."""
         B, S, _ = x.shape
@@ -79,7 +85,7 @@ class MultiHeadLatentAttention(nn.Module):
         return self.kv_a_layernorm(c_kv), k_pe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: LatentCacheLayer | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache: CacheLayer | None = None) -> torch.Tensor:
         """Causal self-attention over x [B, S, hidden] (or under `attn_mask`, True = may attend).
 
         With a `cache`, x holds only the new tokens: their latents are stored in it and the queries attend to every
@@ -89,7 +95,8 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is not None:
-            c_kv, k_pe = cache.update(c_kv, k_pe)
+            cached = cache.update(c_kv=c_kv, k_pe=k_pe)
+            c_kv, k_pe = cached["c_kv"], cached["k_pe"]
             if x.shape[1] <= ABSORB_MAX_QUERIES:
                 return self.attend_latent(q_nope, q_pe, c_kv, k_pe, attn_mask)
             if getattr(cache, "causal", False):

@@ -10,19 +10,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .attention import LatentCacheLayer
+from .attention import CacheLayer
 from .block import DecoderBlock
 from .experts import RoutedExperts
+from .hyper_connections import HyperConnection, HyperHead, expand_streams
 from .moe import BalanceWindow, MoE, MoEStats, batch_balance_loss
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
-from .hyper_connections import HyperConnection, HyperHead, expand_streams
+from .routing import Router
 from .v4_attention import V4Attention
 from .v4_block import V4DecoderBlock
 from .v4_compressor import Compressor
 from .v4_rope import V4RotaryEmbedding
-from .routing import Router
 
 
 @dataclass
@@ -45,14 +45,15 @@ class DeepseekModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        if config.is_v4:  # v4_block.py; its MTP module is not built (transformers does not run it either)
+        n_mtp = 0 if config.is_v4 else config.num_nextn_predict_layers  # V4's MTP module is not built (as in transformers)
+        if config.is_v4:  # v4_block.py: blocks over hyper-connection streams
             rotary = V4RotaryEmbedding(config)
             self.layers = nn.ModuleList(V4DecoderBlock(config, i, rotary) for i in range(config.num_hidden_layers))
         else:
-            self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i))
+            self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i), i)
                                         for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.num_nextn_predict_layers * (not config.is_v4)))
+        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, n_mtp + 1))
         self.rotary_emb = rotary if config.is_v4 else RotaryEmbedding(config)
         # DeepSeek-V4: the final collapse of its hyper-connection streams (None otherwise)
         self.hc_head = (HyperHead(config.hidden_size, config.hc_mult, config.hc_eps, config.rms_norm_eps)
@@ -85,12 +86,12 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: list[LatentCacheLayer] | None = None, mtp: bool | None = None,
+                cache: list[CacheLayer] | None = None, mtp: bool | None = None,
                 balance_window: BalanceWindow | None = None, mtp_loss_weight: float | None = None) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] (usually input_ids); position_ids [S] or [B, S]; attn_mask, if given,
         a boolean [B, 1, S, S] (True = may attend) replacing the causal mask.
 
-        For decoding, `cache` holds one latent cache per decoder layer: input_ids are then only the new tokens,
+        For decoding, `cache` holds one cache layer per decoder layer (inference/cache.py): input_ids are then only the new tokens,
         position_ids their positions and attn_mask [B, 1, S, T] which cached tokens each may attend to.
 
         With labels, the MTP modules run (and `mtp_loss` is reported) when `mtp` says so, by default in training
@@ -155,7 +156,7 @@ class CausalLM(nn.Module):
 
     def mtp_forward(self, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                    cache: LatentCacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+                    cache: CacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         """MTP module `depth` (1-based) over h_prev [B, S, hidden] (the previous depth's states) and the tokens
         `depth` ahead [B, S]: (h [B, S, hidden], its MoE stats). The one MTP forward of training (`_mtp_loss`) and
         of drafting while decoding (inference/compiled.py, with `cache`)."""
@@ -185,6 +186,8 @@ def init_module(module: nn.Module, std: float) -> bool:
     tensors of its own to set. parallel/materialize.py calls it module by module to initialize shards."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         module.weight.normal_(0.0, std)
+        if getattr(module, "bias", None) is not None:  # attention_bias: zero, as transformers initializes them
+            module.bias.zero_()
     elif isinstance(module, RMSNorm):
         module.weight.fill_(1.0)
     elif isinstance(module, Router):  # every router initializes its own parameters
