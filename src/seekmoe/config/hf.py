@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from .hf_v4 import V4_ONLY_FIELDS, v4_from_hf, v4_to_hf
+
 if TYPE_CHECKING:
     from .fields import ModelConfig
 
@@ -32,6 +34,11 @@ def config_from_hf_dict(cls: type["ModelConfig"], d: dict) -> "ModelConfig":
     d = dict(d)
     known = {f.name for f in fields(cls)} - {"extra"}
     kwargs: dict[str, Any] = {}
+    if d.get("model_type") == "deepseek_v4":  # its own rope layout and legacy keys (hf_v4.py)
+        d = v4_from_hf(d)
+        kwargs["rope_scaling"] = d.pop("rope_scaling")
+    else:
+        d.pop("head_dim", None)  # V2/V3: transformers writes qk_rope_head_dim again under this name
     rope = d.pop("rope_parameters", None)
     scaling = d.pop("rope_scaling", None)
     if rope:  # transformers 5.x: theta and scaling in one dict
@@ -88,6 +95,11 @@ def config_to_hf_dict(config: "ModelConfig") -> dict:
         if d.get(key) == default:
             d.pop(key)
     d["model_type"] = config.model_type
+    if config.is_v4:
+        return v4_to_hf(config, d)
+    for key in V4_ONLY_FIELDS:  # at their defaults (validation.py): not part of a V2/V3 config.json
+        if key not in _V32_KEYS:  # the indexer's fields are V3.2's too (below)
+            d.pop(key, None)
     d["architectures"] = ({"deepseek_v3": ["DeepseekV3ForCausalLM"], "deepseek_v2": ["DeepseekV2ForCausalLM"],
                            "deepseek_v32": ["DeepseekV32ForCausalLM"], **_FAMILY_ARCHITECTURES}
                           .get(config.model_type, ["SeekMoEForCausalLM"]))

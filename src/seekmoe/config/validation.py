@@ -7,12 +7,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .fields import ModelConfig
 
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")  # sqrtsoftplus: sqrt(softplus(logits)), DeepSeek-V4
 # greedy: plain top-k (V2-Lite); group_limited_greedy: groups scored by their best expert (V2);
 # noaux_tc: groups scored by the sum of their two best experts, bias-corrected selection (V3).
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # deepseek: DeepSeek's router (the default); the others are the MoE literature's, for comparison (model/routing/).
 ROUTER_TYPES = ("deepseek", "switch", "gshard", "noisy_topk", "hash", "hierarchical")
+# DeepSeek-V4's attention of a layer (layer_types) and its MoE routing (mlp_layer_types).
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
 
 
 def validate(config: "ModelConfig") -> None:
@@ -53,7 +56,15 @@ def validate(config: "ModelConfig") -> None:
             raise bad(name, "a non-negative number")
     _validate_router_type(config)
     _validate_attention_choice(config)
-    _validate_sparse_attention(config)
+    if config.is_v4:
+        from .validation_v4 import validate_v4
+
+        validate_v4(config)
+    elif config.mlp_layer_types is not None or config.compress_rates is not None:
+        raise bad("layer_types", "a list of per-layer attention types when mlp_layer_types or compress_rates is "
+                                 "set (DeepSeek-V4)")
+    else:
+        _validate_sparse_attention(config)
 
 def _validate_router_type(config: "ModelConfig") -> None:
     def bad(name: str, expected: str) -> ValueError:

@@ -17,6 +17,6 @@ def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
     token while decoding (inference/cache.py)."""
     if not config.use_mla:  # DeepSeekMoE 16B, DeepSeek-VL2-Tiny's and DeepSeek-OCR's language models
         return MultiHeadAttention(config)
-    if config.index_topk is not None:  # DeepSeek-V3.2: every layer's MLA sparse, picked by a lightning indexer
+    if config.index_topk is not None and not config.is_v4:  # DeepSeek-V3.2: every layer's MLA sparse, picked by a lightning indexer
         return SparseLatentAttention(config)
     return MultiHeadLatentAttention(config)

@@ -135,8 +135,10 @@ class RoutedExperts(nn.Module):
     up rows; down_proj [E, hidden, moe_intermediate_size]. `backend` (None = the module docstring's table) picks
     the grouped GEMM; `providers` the weight providers, applied in their order."""
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str | None = None):
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str | None = None,
+                 swiglu_limit: float | None = None):
         super().__init__()
+        self.swiglu_limit = swiglu_limit  # DeepSeek-V4 clamps gate and up (grouped_swiglu.clamp_gate_up)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown routed-experts backend {backend!r}: expected one of {BACKENDS}")
         self.n_experts = n_experts
@@ -217,10 +219,11 @@ class RoutedExperts(nn.Module):
             name = backend.few_rows
         with torch.autocast(device_type, enabled=False):
             if name == "gathered":
-                y = gathered_swiglu(rows, weights, gate_up_proj, down_proj, plan.expert)
+                y = gathered_swiglu(rows, weights, gate_up_proj, down_proj, plan.expert, self.swiglu_limit)
             else:
                 layout = "ragged" if name == "grouped_mm" else "padded"
-                y = grouped_swiglu(rows, weights, gate_up_proj, down_proj, plan.offsets, layout)[0]
+                y = grouped_swiglu(rows, weights, gate_up_proj, down_proj, plan.offsets, layout,
+                                   self.swiglu_limit)[0]
         return y.to(dtype)
 
 

@@ -10,6 +10,14 @@ from ...config import ModelConfig
 from .interface import Router, RouterOutput, Scores
 
 
+# scoring_func -> the affinities of the router logits [T, E] (fp32).
+SCORING = {
+    "sigmoid": torch.sigmoid,  # DeepSeek-V3
+    "softmax": lambda logits: logits.softmax(dim=-1),  # DeepSeek-V2
+    "sqrtsoftplus": lambda logits: F.softplus(logits).sqrt(),  # DeepSeek-V4
+}
+
+
 class DeepSeekRouter(Router):
     """Scores every routed expert for each token and picks `num_experts_per_tok` of them.
 
@@ -20,7 +28,7 @@ class DeepSeekRouter(Router):
 
     uses_balance_losses = True
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, selection_bias: bool | None = None):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.n_experts = config.n_routed_experts
@@ -31,7 +39,7 @@ class DeepSeekRouter(Router):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
-        if self.topk_method == "noaux_tc":
+        if self.topk_method == "noaux_tc" if selection_bias is None else selection_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
@@ -57,9 +65,10 @@ class DeepSeekRouter(Router):
             self.e_score_correction_bias.zero_()
 
     def score(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> Scores:
-        """Sigmoid (V3) or softmax (V2) affinities of the fp32 logits; the ranking adds the selection bias."""
+        """Affinities of the fp32 logits by `scoring_func` (SCORING: sigmoid V3, softmax V2, sqrtsoftplus V4); the
+        ranking adds the selection bias."""
         logits = F.linear(hidden.float(), self.weight.float())  # [T, E]
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        scores = SCORING[self.scoring_func](logits)
         ranking = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         return Scores(logits, scores, ranking)
 
