@@ -73,6 +73,13 @@ class ModelConfig:
     # (aux_loss_alpha, expert_balance_alpha, device_balance_alpha and bias_update_speed are the DeepSeek router's.)
     router_aux_loss_coef: float | None = None
     second_expert_threshold: float = 0.2  # GShard: the 2nd expert is kept with probability min(1, g2 / threshold)
+    # Vision-language models (Kimi-K2.5's name): the token id standing for image features in input_ids; the image
+    # features replace its embeddings, and modality-aware routing counts a token as an image token by it.
+    media_placeholder_token_id: int | None = None
+    # Modality-aware routing (MoMa-style expert groups; seekmoe's own key): {"image": [group ids], "text": [group
+    # ids]}, a partition of the n_group router groups. Image tokens (== media_placeholder_token_id) choose only
+    # among the image groups' experts, every other token among the text groups'; None = one shared routing.
+    modality_expert_groups: dict | None = None
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
 
     def __post_init__(self) -> None:
@@ -88,7 +95,7 @@ class ModelConfig:
     def model_type(self) -> str:
         """The transformers model type whose numerics this config matches; `seekmoe_<router_type>` (unknown to
         transformers, which then refuses the checkpoint) when no transformers model computes what this one does."""
-        if self.router_type != "deepseek" or self.eval_capacity() > 0:
+        if self.router_type != "deepseek" or self.eval_capacity() > 0 or self.modality_expert_groups:
             return f"seekmoe_{self.router_type}"
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
 
