@@ -9,7 +9,8 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from seekmoe.vision_demo_data import COLOURS, Scene, draw, position_name, questions, random_scene, write_chat_dataset
+from seekmoe.vision_demo_data import (COLOURS, Scene, draw, main, position_name, questions, random_scene,
+                                     write_chat_dataset)
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -67,3 +68,12 @@ def test_chat_dataset_records_hold_an_image_part_a_question_and_the_answer(tmp_p
             data = unquote(urlparse(url).path)
         assert PIL.open(data).size == (48, 48)
     assert len(list((tmp_path / "data" / "images").glob("*.png"))) == (0 if inline else 3)
+
+
+def test_the_module_command_writes_a_dataset_and_refuses_impossible_scenes(tmp_path, capsys):
+    assert main([str(tmp_path / "d"), "--scenes", "2", "--questions", "1", "--grid", "4", "--max-objects", "16"]) == 0
+    assert len((tmp_path / "d" / "data.jsonl").read_text().splitlines()) == 2
+    assert main([str(tmp_path / "e"), "--max-objects", "10"]) == 2
+    assert "objects 1..10: expected" in capsys.readouterr().err
+    full = Scene(4, (("red", "circle"),) * 12 + (None,) * 4)
+    assert dict(questions(full))["how many red shapes are there"] == "12"

@@ -7,6 +7,8 @@ shape's colour, each answered by one word.
 OpenAI-style parts — `{"type": "image_url", "image_url": {"url": "file:///..." | "data:image/png;base64,..."}}` and
 `{"type": "text", "text": ...}` — and the assistant turn the answer. benchmarks/modality_routing.py encodes the same
 scenes as one "image token" per cell instead of pixels, so a text model can learn the task without a vision tower.
+
+    python -m seekmoe.vision_demo_data data/shapes --scenes 500 --questions 3     # images/*.png + data.jsonl
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import base64
 import io
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,11 @@ def position_name(cell: int, grid: int) -> str:
     return f"row {cell // grid + 1} column {cell % grid + 1}"
 
 
+def number(n: int) -> str:
+    """A count as one word: "zero" ... "nine", digits from 10 on."""
+    return NUMBERS[n] if n < len(NUMBERS) else str(n)
+
+
 def random_scene(rng: random.Random, grid: int = 3, min_objects: int = 1, max_objects: int = 4,
                  colours: tuple[str, ...] = tuple(COLOURS), shapes: tuple[str, ...] = SHAPES) -> Scene:
     """A scene of `min_objects`..`max_objects` objects of random colour and shape in distinct random cells."""
@@ -60,9 +68,9 @@ def questions(scene: Scene, rng: random.Random | None = None, n: int | None = No
     """(question, one-word answer) pairs the scene answers: how many objects of each colour and of each shape, what
     is at each cell, and the colour of every shape the scene holds once. With `rng` and `n`, n of them at random."""
     objects = scene.objects()
-    pairs = [(f"how many {colour} shapes are there", NUMBERS[sum(c == colour for _, c, _ in objects)])
+    pairs = [(f"how many {colour} shapes are there", number(sum(c == colour for _, c, _ in objects)))
              for colour in colours]
-    pairs += [(f"how many {shape}s are there", NUMBERS[sum(s == shape for _, _, s in objects)]) for shape in shapes]
+    pairs += [(f"how many {shape}s are there", number(sum(s == shape for _, _, s in objects))) for shape in shapes]
     pairs += [(f"what is at the {position_name(i, scene.grid)}", NOTHING if cell is None else cell[1])
               for i, cell in enumerate(scene.cells)]
     for shape in shapes:
@@ -139,3 +147,31 @@ def write_chat_dataset(out: str | Path, n_scenes: int, questions_per_scene: int 
             for question, answer in questions(scene, rng, questions_per_scene):
                 f.write(json.dumps(chat_record(url, question, answer)) + "\n")
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m seekmoe.vision_demo_data OUT [--scenes N] ...`: write a dataset (see `write_chat_dataset`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m seekmoe.vision_demo_data", description=main.__doc__)
+    p.add_argument("out", help="folder for data.jsonl and images/")
+    p.add_argument("--scenes", type=int, default=200, help="pictures to draw (default 200)")
+    p.add_argument("--questions", type=int, default=3, help="questions per picture (default 3)")
+    p.add_argument("--grid", type=int, default=3, help="cells per side (default 3)")
+    p.add_argument("--max-objects", type=int, default=4, help="objects per picture at most (default 4)")
+    p.add_argument("--size", type=int, default=96, help="picture side in pixels (default 96)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inline", action="store_true", help="embed each picture as a data URL instead of a PNG file")
+    args = p.parse_args(argv)
+    try:
+        path = write_chat_dataset(args.out, args.scenes, args.questions, args.seed, args.grid, args.max_objects,
+                                  args.size, args.inline)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
