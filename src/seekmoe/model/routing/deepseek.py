@@ -1,13 +1,15 @@
 """DeepSeek's router: fp32 affinity scores, (group-limited) top-k selection, and normalized, scaled weights.
 
 With `modality_expert_groups` (MoMa-style modality-aware experts, Lin et al. 2024) the router groups are split between
-image and text tokens: a token's ranking is -inf outside its modality's groups before the group scores are taken, so
-the group limit (`topk_group` best groups) and the top-k act inside the modality's experts only. A token is an image
-token when its id is `media_placeholder_token_id` (the vision-language model replaces those tokens' embeddings with
-image features); every other token is a text token.
+image and text tokens: a token's ranking is -inf outside its modality's groups from the start, so a probe's skipped
+best experts, the group limit (`topk_group` best groups) and the top-k all act inside the modality's experts. A token
+is an image token when its id is `media_placeholder_token_id` (a vision-language model replaces those tokens'
+embeddings with image features); every other token is a text token.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,13 @@ from torch import nn
 
 from ...config import ModelConfig
 from .interface import Router, RouterOutput, Scores
+
+
+@dataclass
+class DeepSeekScores(Scores):
+    """The DeepSeek router's scoring; with modality groups its ranking is -inf outside each token's groups."""
+
+    allowed: torch.Tensor | None = None  # [T, n_group] bool: the groups each token may choose from (None: all)
 
 
 class DeepSeekRouter(Router):
@@ -69,12 +78,20 @@ class DeepSeekRouter(Router):
         if self.e_score_correction_bias is not None:
             self.e_score_correction_bias.zero_()
 
-    def score(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> Scores:
-        """Sigmoid (V3) or softmax (V2) affinities of the fp32 logits; the ranking adds the selection bias."""
+    def score(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> DeepSeekScores:
+        """Sigmoid (V3) or softmax (V2) affinities of the fp32 logits; the ranking adds the selection bias (and is
+        -inf outside each token's modality groups)."""
         logits = F.linear(hidden.float(), self.weight.float())  # [T, E]
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         ranking = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        return Scores(logits, scores, ranking)
+        allowed = self.allowed_groups(token_ids)  # [T, groups] bool, or None
+        if allowed is None:
+            return DeepSeekScores(logits, scores, ranking)
+        # -inf outside the modality's groups, so the final top-k (k <= the experts a modality reaches, validated)
+        # never takes one of their experts, even when topk_group exceeds the modality's groups
+        T = ranking.shape[0]
+        ranking = ranking.view(T, self.n_group, -1).masked_fill(~allowed.unsqueeze(-1), float("-inf")).view(T, -1)
+        return DeepSeekScores(logits, scores, ranking, allowed)
 
     def allowed_groups(self, token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The router groups each token may choose from, [T, n_group] bool (None: every group, no modality split).
@@ -89,15 +106,11 @@ class DeepSeekRouter(Router):
         group = torch.arange(self.n_group, device=token_ids.device)
         return ((bits[:, None] >> group) & 1).bool()  # [T, n_group]
 
-    def select(self, scored: Scores, ranking: torch.Tensor, k: int, token_ids: torch.Tensor | None) -> torch.Tensor:
+    def select(self, scored: DeepSeekScores, ranking: torch.Tensor, k: int,
+               token_ids: torch.Tensor | None) -> torch.Tensor:
         """Top-k expert ids [T, k], inside the token's modality groups when `modality_expert_groups` is set, and
         restricted to the `topk_group` best of those groups unless greedy."""
-        allowed = self.allowed_groups(token_ids)  # [T, groups] bool, or None
-        if allowed is not None:
-            # -inf outside the modality's groups, so the final top-k (k <= the experts a modality reaches, validated)
-            # never takes one of their experts, even when topk_group exceeds the modality's groups
-            T = ranking.shape[0]
-            ranking = ranking.view(T, self.n_group, -1).masked_fill(~allowed.unsqueeze(-1), float("-inf")).view(T, -1)
+        allowed = scored.allowed  # [T, groups] bool with modality groups (the ranking is already masked), or None
         if self.topk_method != "greedy" and self.n_group > 1:
             T = ranking.shape[0]
             grouped = ranking.view(T, self.n_group, -1)  # [T, groups, experts per group]
