@@ -70,13 +70,13 @@ def test_modality_routing_never_leaves_the_tokens_groups(routing, image, text, t
 
 
 @pytest.mark.parametrize("routing", ["v3", "v2"])
-def test_an_image_token_routes_as_a_router_holding_only_the_image_experts(routing):
+@pytest.mark.parametrize("norm", [True, False])
+def test_an_image_token_routes_as_a_router_holding_only_the_image_experts(routing, norm):
     """Oracle: the image groups [1, 2] (experts 2..5) as a router of their own (4 experts, 2 groups, the same rows
-    of the gate and of the bias) picks the same experts, with the same weights (sigmoid scores are per expert; softmax
-    ones differ by a per-token factor that norm_topk_prob cancels)."""
-    config = _config(routing, [1, 2], [0, 3], 2, norm_topk_prob=True)
+    of the gate and of the bias) picks the same experts with the same weights, and has the same affinities."""
+    config = _config(routing, [1, 2], [0, 3], 2, norm_topk_prob=norm)
     sub_config = ModelConfig.preset("tiny", **{**ROUTINGS[routing], "n_routed_experts": 4, "n_group": 2,
-                                               "topk_group": 2, "norm_topk_prob": True})
+                                               "topk_group": 2, "norm_topk_prob": norm})
     for seed in range(3):
         router = _router(config, seed).eval()
         sub = build_router(sub_config).eval()
@@ -90,6 +90,8 @@ def test_an_image_token_routes_as_a_router_holding_only_the_image_experts(routin
         order, ref_order = out.indices.argsort(dim=1), ref.indices.argsort(dim=1)
         assert torch.equal(out.indices.gather(1, order), ref.indices.gather(1, ref_order) + 2)
         torch.testing.assert_close(out.weights.gather(1, order), ref.weights.gather(1, ref_order))
+        torch.testing.assert_close(out.scores[:, 2:6], ref.scores)
+        assert (out.scores[:, :2] == 0).all() and (out.scores[:, 6:] == 0).all()
 
 
 def test_without_modality_groups_routing_is_group_limited_routing_bit_for_bit():
@@ -109,6 +111,21 @@ def test_without_modality_groups_routing_is_group_limited_routing_bit_for_bit():
     d = config.to_dict()
     assert "modality_expert_groups" not in d and "media_placeholder_token_id" not in d
     assert d["model_type"] == "deepseek_v3"
+
+
+def test_balance_losses_count_each_tokens_top_k_among_its_modalitys_experts():
+    """The sequence-wise loss's plain top-k counts (MoEStats.topk_counts) of image tokens fall on image experts."""
+    config = _config("v3", [0, 1], [2, 3], 2, num_nextn_predict_layers=0, aux_loss_alpha=0.01)
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    ids = torch.full((1, 16), IMAGE)
+    stats = []
+    moe = model.moe_layers()[0]
+    moe.register_forward_hook(lambda module, args, out: stats.append(out[1]))
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.balance_loss) and out.balance_loss > 0
+    assert stats[0].topk_counts[4:].sum() == 0 and stats[0].topk_counts[:4].sum() == 16 * 2
+    assert stats[0].score_mean[4:].sum() == 0
 
 
 def test_gradients_reach_the_router_and_the_experts_of_both_modalities():

@@ -1,8 +1,9 @@
 """DeepSeek's router: fp32 affinity scores, (group-limited) top-k selection, and normalized, scaled weights.
 
 With `modality_expert_groups` (MoMa-style modality-aware experts, Lin et al. 2024) the router groups are split between
-image and text tokens: a token's ranking is -inf outside its modality's groups from the start, so a probe's skipped
-best experts, the group limit (`topk_group` best groups) and the top-k all act inside the modality's experts. A token
+image and text tokens: a token's affinities are those of its modality's experts alone and its ranking is -inf
+elsewhere, so it routes as a router holding only those experts would — a probe's skipped best experts, the group
+limit (`topk_group` best groups), the top-k, the weights and the balance losses all stay inside the modality. A token
 is an image token when its id is `media_placeholder_token_id` (a vision-language model replaces those tokens'
 embeddings with image features); every other token is a text token.
 """
@@ -79,19 +80,26 @@ class DeepSeekRouter(Router):
             self.e_score_correction_bias.zero_()
 
     def score(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> DeepSeekScores:
-        """Sigmoid (V3) or softmax (V2) affinities of the fp32 logits; the ranking adds the selection bias (and is
-        -inf outside each token's modality groups)."""
+        """Sigmoid (V3) or softmax (V2) affinities of the fp32 logits; the ranking adds the selection bias. With
+        modality groups a token's affinities are those of its modality's experts alone (0 elsewhere; softmax over
+        them only) and its ranking is -inf elsewhere: it routes as a router holding only those experts would."""
         logits = F.linear(hidden.float(), self.weight.float())  # [T, E]
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        ranking = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         allowed = self.allowed_groups(token_ids)  # [T, groups] bool, or None
         if allowed is None:
+            scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+            ranking = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
             return DeepSeekScores(logits, scores, ranking)
-        # -inf outside the modality's groups, so the final top-k (k <= the experts a modality reaches, validated)
-        # never takes one of their experts, even when topk_group exceeds the modality's groups
-        T = ranking.shape[0]
-        ranking = ranking.view(T, self.n_group, -1).masked_fill(~allowed.unsqueeze(-1), float("-inf")).view(T, -1)
-        return DeepSeekScores(logits, scores, ranking, allowed)
+        # The affinities outside the modality are 0, not just unranked: the MoE layer's balance losses then count
+        # each token's plain top-k and normalized affinities among the experts it may use, so they balance each
+        # modality's experts, and the final top-k (k <= the experts a modality reaches, validated) never takes a
+        # -inf expert even when topk_group exceeds the modality's groups.
+        outside = ~allowed.repeat_interleave(self.n_experts // self.n_group, dim=1)  # [T, E]
+        if self.scoring_func == "sigmoid":
+            scores = logits.sigmoid().masked_fill(outside, 0.0)
+        else:
+            scores = logits.masked_fill(outside, float("-inf")).softmax(dim=-1)
+        ranking = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        return DeepSeekScores(logits, scores, ranking.masked_fill(outside, float("-inf")), allowed)
 
     def allowed_groups(self, token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The router groups each token may choose from, [T, n_group] bool (None: every group, no modality split).
