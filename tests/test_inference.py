@@ -7,7 +7,7 @@ import torch
 
 import seekmoe
 from seekmoe import ModelConfig
-from seekmoe.inference import Engine, LatentCache, SamplingParams
+from seekmoe.inference import DecodeCache, Engine, SamplingParams
 from seekmoe.inference.engine import Request
 from hf_oracle import rel_error
 
@@ -35,7 +35,7 @@ def yarn_model():
 def test_cached_decoding_matches_recomputing_the_whole_sequence_at_every_step(which, request):
     model = request.getfixturevalue(which)
     config = model.config
-    cache = LatentCache.for_model(config, config.num_hidden_layers, 2, 64, torch.float32)
+    cache = DecodeCache.for_model(model, 2, 64, torch.float32)
     # Two rows of different lengths in one batch, right-padded, each with its own positions.
     rows = [torch.randint(2, config.vocab_size, (n,)).tolist() for n in (9, 4)]
     step = cache.step([0, 1], [9, 4], 9)
@@ -61,9 +61,11 @@ def test_cached_decoding_matches_recomputing_the_whole_sequence_at_every_step(wh
 def test_cache_holds_only_the_latent_and_rope_key_per_layer_and_token(model):
     c = model.config
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-        cache = LatentCache.for_model(c, c.num_hidden_layers, 3, 10, dtype)
+        cache = DecodeCache.for_model(model, 3, 10, dtype)
         assert cache.bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * size
-        assert cache.c_kv.shape[-1] == c.kv_lora_rank and cache.k_pe.shape[-1] == c.qk_rope_head_dim
+        assert all(layer.keys() == {"c_kv", "k_pe"} for layer in cache.tensors)
+        assert all(layer["c_kv"].shape[-1] == c.kv_lora_rank and layer["k_pe"].shape[-1] == c.qk_rope_head_dim
+                   for layer in cache.tensors)
 
 
 def alone(model, prompt, params=GREEDY, **kwargs):

@@ -32,6 +32,9 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # On disk, each MTP layer repeats the shared embedding and output head (DeepSeek-V3's release does this).
 _MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# model_types whose checkpoints hold each layer's experts stacked (`mlp.experts.gate_up_proj` [E, 2I, H]), as
+# transformers writes a model it has no per-expert key conversion for; loading reads either form.
+STACKED_EXPERT_MODEL_TYPES = ("deepseek_ocr2_text",)
 
 
 # ----------------------------------------------------------------------------------------------------- saving
@@ -42,14 +45,16 @@ def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     state = fold_weight_providers(model, model.state_dict(keep_vars=False))  # partly frozen experts: plain stacks
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    # transformers writes DeepSeek-OCR-2's text model with its experts stacked, as we hold them (no conversion)
+    per_expert = config.model_type not in STACKED_EXPERT_MODEL_TYPES
     for key, tensor in state.items():
         key = _to_disk_key(key, L)
-        if key.endswith(".mlp.experts.gate_up_proj"):
+        if per_expert and key.endswith(".mlp.experts.gate_up_proj"):
             prefix = key[: -len("gate_up_proj")]
             for e in range(tensor.shape[0]):
                 yield f"{prefix}{e}.gate_proj.weight", tensor[e, :I]
                 yield f"{prefix}{e}.up_proj.weight", tensor[e, I:]
-        elif key.endswith(".mlp.experts.down_proj"):
+        elif per_expert and key.endswith(".mlp.experts.down_proj"):
             prefix = key[: -len("down_proj")]
             for e in range(tensor.shape[0]):
                 yield f"{prefix}{e}.down_proj.weight", tensor[e]
@@ -293,6 +298,9 @@ class _Loader:
         self.params.update(dict(model.named_buffers()))
         self.filled: set[tuple[str, tuple[int, str] | None]] = set()
         self.handles: dict[str, object] = {}
+        # Name fragments of parameters the folder may lack, initialized fresh by the caller instead: the lightning
+        # indexers a DeepSeek-V3.2 training stage adds to a V3 model (parallel/materialize.py).
+        self.fresh: tuple[str, ...] = ()
         # Experts split into a frozen stack and trainable rows (train/freeze.py's TrainableRows, which a sharded
         # load sets before parallelize): the rows are copies of some experts of the stack, kept apart.
         # stack parameter name -> (the rows' parameter name, {expert id: row})
@@ -387,6 +395,8 @@ class _Loader:
         missing = []
         for name_, param in self.params.items():
             if (name_, None) in self.filled or name_.endswith(_IGNORED_SUFFIXES):
+                continue
+            if any(fragment in name_ for fragment in self.fresh):
                 continue
             if name_.endswith("lm_head.weight") and self.config.tie_word_embeddings:
                 continue

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .hf import config_from_hf_dict, config_to_hf_dict
+from .hf import config_from_hf_dict, config_to_hf_dict, mha_model_type
 from .presets import PRESETS
 from .validation import validate
 
@@ -73,6 +73,22 @@ class ModelConfig:
     # (aux_loss_alpha, expert_balance_alpha, device_balance_alpha and bias_update_speed are the DeepSeek router's.)
     router_aux_loss_coef: float | None = None
     second_expert_threshold: float = 0.2  # GShard: the 2nd expert is kept with probability min(1, g2 / threshold)
+    # --- Multi-head attention (issue 21; DeepSeekMoE 16B, DeepSeek-VL2-Tiny's and DeepSeek-OCR's language models):
+    # use_mla=False replaces MLA by standard multi-head attention whose RoPE rotates the whole head
+    # (hidden_size / num_attention_heads wide, `mha_head_dim`); the MLA ranks and head dims are then unused.
+    use_mla: bool = True
+    attention_bias: bool = False  # biases on the q/k/v/o projections (multi-head attention only)
+    # --- Families with another family's numerics under their own model_type (issue 21): glm4_moe_lite and
+    # kimi_k2 compute as deepseek_v3, deepseek (DeepSeekMoE's remote code) and deepseek_ocr2_text as multi-head
+    # attention; config.json is written back under this name. None = the model_type the fields imply.
+    family: str | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
+    # DeepSeek-V3.2's sparse attention (DSA, model_type deepseek_v32): in every attention layer a lightning indexer
+    # of index_n_heads heads of index_head_dim scores each past token for each query, and MLA attends to the
+    # index_topk best only (model/indexer.py, model/sparse_attention.py). index_topk None = dense MLA (V2/V3).
+    index_topk: int | None = None
+    index_n_heads: int = 64
+    index_head_dim: int = 128
     # Vision-language models (Kimi-K2.5's name): the token id standing for image features in input_ids; the image
     # features replace its embeddings, and modality-aware routing counts a token as an image token by it.
     media_placeholder_token_id: int | None = None
@@ -80,7 +96,6 @@ class ModelConfig:
     # ids]}, a partition of the n_group router groups. Image tokens (== media_placeholder_token_id) choose only
     # among the image groups' experts, every other token among the text groups'; None = one shared routing.
     modality_expert_groups: dict | None = None
-    extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +112,12 @@ class ModelConfig:
         transformers, which then refuses the checkpoint) when no transformers model computes what this one does."""
         if self.router_type != "deepseek" or self.eval_capacity() > 0 or self.modality_expert_groups:
             return f"seekmoe_{self.router_type}"
+        if self.family is not None:
+            return self.family
+        if not self.use_mla:
+            return mha_model_type(self)
+        if self.index_topk is not None:
+            return "deepseek_v32"
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
 
     def train_capacity(self) -> float:
@@ -120,6 +141,16 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` holds a MoE (True) or a dense MLP (False)."""
         return self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+    @property
+    def mha_head_dim(self) -> int:
+        """Query/key/value width per head of multi-head attention (use_mla=False): hidden_size / heads."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_head_dim(self) -> int:
+        """How many dimensions of each query/key head RoPE rotates: MLA's decoupled rope part, or the whole head."""
+        return self.qk_rope_head_dim if self.use_mla else self.mha_head_dim
 
     @property
     def n_moe_layers(self) -> int:

@@ -52,6 +52,8 @@ def validate(config: "ModelConfig") -> None:
         if not isinstance(getattr(config, name), (int, float)) or getattr(config, name) < 0:
             raise bad(name, "a non-negative number")
     _validate_router_type(config)
+    _validate_attention_choice(config)
+    _validate_sparse_attention(config)
     _validate_modality(config)
 
 def _validate_router_type(config: "ModelConfig") -> None:
@@ -125,6 +127,63 @@ def _validate_rope_scaling(config: "ModelConfig") -> None:
     if not rs.get("original_max_position_embeddings"):
         raise ValueError("ModelConfig.rope_scaling['original_max_position_embeddings'] is missing: expected the "
                          "context length the model was pretrained at")
+
+
+# ----- issue 21: multi-head attention and the families read as another's numerics -----
+# model_type -> whether it uses MLA (True) or multi-head attention (False); the family a config.json is written
+# back under (ModelConfig.family).
+FAMILIES = {"glm4_moe_lite": True, "kimi_k2": True, "deepseek": False, "deepseek_ocr2_text": False,
+            "deepseek_v2": None, "deepseek_v3": None}
+
+
+def _validate_attention_choice(config: "ModelConfig") -> None:
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}={getattr(config, name)!r} is invalid: expected {expected}")
+
+    for name in ("use_mla", "attention_bias"):
+        if not isinstance(getattr(config, name), bool):
+            raise bad(name, "true or false")
+    if config.family is not None and config.family not in FAMILIES:
+        raise bad("family", f"None or one of {sorted(FAMILIES)}")
+    wants_mla = FAMILIES.get(config.family)
+    if wants_mla is not None and wants_mla != config.use_mla:
+        raise bad("use_mla", f"{wants_mla} for a {config.family} model")
+    if config.use_mla:
+        if config.attention_bias:
+            raise bad("attention_bias", "false with use_mla=True (MLA's projections have no biases here)")
+        return
+    if config.hidden_size % config.num_attention_heads:
+        raise bad("num_attention_heads", f"a divisor of hidden_size={config.hidden_size} with use_mla=False "
+                                         f"(each head is hidden_size / heads wide)")
+    if config.mha_head_dim % 2:
+        raise bad("num_attention_heads", f"a number of heads leaving an even head width with use_mla=False "
+                                         f"(RoPE rotates pairs; hidden_size / heads = {config.mha_head_dim})")
+
+def _validate_sparse_attention(config: "ModelConfig") -> None:
+    """DeepSeek-V3.2's indexer fields (index_topk None: no indexer, the rest unread)."""
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}={getattr(config, name)!r} is invalid: expected {expected}")
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if config.index_topk is not None and not positive_int(config.index_topk):
+        raise bad("index_topk", "None (dense MLA) or a positive integer (past tokens each query attends to)")
+    for name in ("index_n_heads", "index_head_dim"):
+        if not positive_int(getattr(config, name)):
+            raise bad(name, "a positive integer")
+    if config.index_topk is None:
+        return
+    if config.index_head_dim < config.qk_rope_head_dim:
+        raise bad("index_head_dim", f"at least qk_rope_head_dim={config.qk_rope_head_dim} (the indexer rotates its "
+                                    f"first qk_rope_head_dim dimensions)")
+    if config.q_lora_rank is None:
+        raise bad("q_lora_rank", "a positive integer with index_topk set (the indexer's queries come from the "
+                                 "query latent)")
+    if config.scoring_func != "sigmoid":
+        raise bad("scoring_func", "'sigmoid' with index_topk set (DeepSeek-V3.2 routes as V3 does)")
+    if not config.rope_interleave:
+        raise bad("rope_interleave", "True with index_topk set (DeepSeek-V3.2 rotates interleaved pairs)")
 
 
 MODALITIES = ("image", "text")  # the keys of modality_expert_groups

@@ -1,7 +1,7 @@
 """Inference: MLA's latent cache, sampling, a continuously batched engine, and MTP speculative decoding."""
 
-from .cache import LatentCache
+from .cache import DecodeCache, LatentCache
 from .engine import Engine, Request
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "LatentCache", "Request", "SamplingParams"]
+__all__ = ["DecodeCache", "Engine", "LatentCache", "Request", "SamplingParams"]

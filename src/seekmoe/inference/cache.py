@@ -1,4 +1,5 @@
-"""MLA's decoding cache: per layer and token only the latent c_kv (kv_lora_rank) and the rope key k_pe."""
+"""Decoding caches: per layer and token what that layer's attention keeps (MLA: only the latent c_kv and the rope
+key k_pe), and the plan of one step's writes and reads."""
 
 from __future__ import annotations
 
@@ -23,38 +24,53 @@ class CacheStep:
     causal: bool = False
 
 
-class LatentCache:
-    """Preallocated latents for `batch_size` sequences ("slots") of up to `max_len` tokens each.
+class DecodeCache:
+    """Preallocated decoding caches for `batch_size` sequences ("slots") of up to `max_len` tokens each.
 
-    c_kv [layers, batch_size, max_len + 1, kv_lora_rank] and k_pe [layers, batch_size, max_len + 1, rope_dim]; the
-    extra last column absorbs the writes of padding tokens. `lengths[slot]` counts the tokens a slot holds; a step
-    writes its new tokens right after them, and `commit` advances a slot by the tokens it keeps (speculative
-    decoding keeps fewer than it wrote: the rest are simply overwritten later).
+    Each layer's attention says what it keeps per token (`cache_widths()`: MLA keeps {"c_kv": kv_lora_rank,
+    "k_pe": qk_rope_head_dim}); `tensors[layer][name]` is [batch_size, max_len + 1, width], the extra last column
+    absorbing the writes of padding tokens. Layers may differ (V4's layer types). `lengths[slot]` counts the tokens a
+    slot holds; a step writes its new tokens right after them, and `commit` advances a slot by the tokens it keeps
+    (speculative decoding keeps fewer than it wrote: the rest are simply overwritten later).
     """
 
-    def __init__(self, n_layers: int, batch_size: int, max_len: int, kv_lora_rank: int, qk_rope_head_dim: int,
+    def __init__(self, widths: list[dict[str, int]], batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         if batch_size < 1 or max_len < 1:
-            raise ValueError(f"LatentCache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
+            raise ValueError(f"DecodeCache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
         self.max_len = max_len
-        self.c_kv = torch.zeros(n_layers, batch_size, max_len + 1, kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(n_layers, batch_size, max_len + 1, qk_rope_head_dim, dtype=dtype, device=device)
+        self.device = torch.device(device or "cpu")
+        self.tensors = [{name: torch.zeros(batch_size, max_len + 1, width, dtype=dtype, device=device)
+                         for name, width in layer.items()} for layer in widths]
         self.lengths = [0] * batch_size
 
     @classmethod
-    def for_model(cls, config, n_layers: int, batch_size: int, max_len: int, dtype: torch.dtype,
-                  device: torch.device | str | None = None) -> "LatentCache":
-        """A cache shaped for `config`'s MLA, for `n_layers` layers (the decoder's, or an MTP module's one)."""
-        return cls(n_layers, batch_size, max_len, config.kv_lora_rank, config.qk_rope_head_dim, dtype, device)
+    def for_attention(cls, attention: list, batch_size: int, max_len: int, dtype: torch.dtype,
+                      device: torch.device | str | None = None) -> "DecodeCache":
+        """A cache for these attention modules (one layer each), shaped by their `cache_widths()`."""
+        return cls([a.cache_widths() for a in attention], batch_size, max_len, dtype, device)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> "DecodeCache":
+        """A cache for `model`'s decoder layers."""
+        return cls.for_attention([layer.self_attn for layer in model.model.layers], batch_size, max_len, dtype,
+                                 device)
+
+    @classmethod
+    def for_mtp(cls, model, depth: int, batch_size: int, max_len: int, dtype: torch.dtype,
+                device: torch.device | str | None = None) -> "DecodeCache":
+        """A one-layer cache for `model`'s MTP module `depth` (1-based)."""
+        return cls.for_attention([model.model.mtp[depth - 1].self_attn], batch_size, max_len, dtype, device)
 
     @property
     def batch_size(self) -> int:
-        return self.c_kv.shape[1]
+        return len(self.lengths)
 
     def bytes_per_token(self) -> int:
-        """(kv_lora_rank + qk_rope_head_dim) x layers x dtype size."""
-        n_layers, _, _, rank = self.c_kv.shape
-        return (rank + self.k_pe.shape[-1]) * n_layers * self.c_kv.element_size()
+        """The sum of every layer's per-token widths times the dtype's size (MLA: (kv_lora_rank +
+        qk_rope_head_dim) x layers x size)."""
+        return sum(t.shape[-1] * t.element_size() for layer in self.tensors for t in layer.values())
 
     def reset(self, slot: int) -> None:
         """Empty a slot for a new sequence."""
@@ -71,7 +87,7 @@ class LatentCache:
         For shapes that do not change from step to step (CUDA graphs): `batch` pads the batch with rows that write
         only to the spare column, and `full_length` makes the step read every column of the cache (T = max_len + 1,
         the mask hiding what is not there yet) instead of the longest slot's tokens."""
-        device = self.c_kv.device
+        device = self.device
         for s, n in zip(slots, n_new):
             if self.lengths[s] + n > self.max_len:
                 raise ValueError(f"slot {s} would hold {self.lengths[s] + n} tokens: expected at most the cache's "
@@ -93,37 +109,46 @@ class LatentCache:
         return CacheStep(positions, attn_mask, torch.tensor(slots + slots[:1] * pad, device=device), write_at, rows,
                          causal)
 
-    def layers(self, step: CacheStep) -> list["LatentCacheLayer"]:
+    def layers(self, step: CacheStep) -> list["CacheLayer"]:
         """The per-layer views of this cache that the model's attention reads and writes during `step`."""
-        return cache_layers(self.c_kv, self.k_pe, step)
+        return cache_layers(self.tensors, step)
 
 
-def cache_layers(c_kv: torch.Tensor, k_pe: torch.Tensor, step: CacheStep) -> list["LatentCacheLayer"]:
-    """Per-layer views of the cache tensors c_kv [layers, batch, max_len + 1, rank] and k_pe for `step` (a plain
+# The name of the MLA-only cache this one generalizes.
+LatentCache = DecodeCache
+
+
+def cache_layers(tensors: list[dict[str, torch.Tensor]], step: CacheStep) -> list["CacheLayer"]:
+    """Per-layer views of the cache tensors (per layer, name -> [batch, max_len + 1, width]) for `step` (a plain
     function of tensors, so that a compiled forward can build them itself)."""
-    T = step.attn_mask.shape[-1]
-    return [LatentCacheLayer(c_kv[i], k_pe[i], step.rows, step.slots, step.write_at, T, step.causal)
-            for i in range(c_kv.shape[0])]
+    return [CacheLayer(layer, step) for layer in tensors]
 
 
-class LatentCacheLayer:
-    """One layer of a `LatentCache` during one step: what `MultiHeadLatentAttention` calls `update` on."""
+class CacheLayer:
+    """One layer of a `DecodeCache` during one step: what an attention module calls `update` on. The step's
+    `positions` [B, S], `attn_mask` [B, 1, S, T] and `causal` flag are there for attention that needs them (sliding
+    windows, compression, the indexer's top-k)."""
 
-    def __init__(self, c_kv: torch.Tensor, k_pe: torch.Tensor, rows: slice | None, slots: torch.Tensor,
-                 write_at: torch.Tensor, kv_len: int, causal: bool = False):
-        self.c_kv, self.k_pe = c_kv, k_pe  # [batch, max_len + 1, kv_lora_rank], [batch, max_len + 1, rope_dim]
-        self.rows, self.slots, self.write_at, self.kv_len = rows, slots, write_at, kv_len
-        self.causal = causal  # see CacheStep.causal
+    def __init__(self, tensors: dict[str, torch.Tensor], step: CacheStep):
+        self.tensors = tensors
+        self.rows, self.slots, self.write_at = step.rows, step.slots, step.write_at
+        self.positions, self.attn_mask = step.positions, step.attn_mask
+        self.kv_len = step.attn_mask.shape[-1]
+        self.causal = step.causal  # see CacheStep.causal
 
-    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write c_kv [B, S, kv_lora_rank] and k_pe [B, S, rope_dim]; return the slots' first T cached tokens."""
+    def update(self, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Write each named tensor [B, S, width] at the step's positions; return, by name, the slots' first T
+        cached tokens [B, T, width] (these new ones included)."""
         index = (self.slots[:, None], self.write_at)
-        self.c_kv.index_put_(index, c_kv.to(self.c_kv.dtype))
-        self.k_pe.index_put_(index, k_pe.to(self.k_pe.dtype))
-        if self.rows is not None:  # contiguous slots: a view, no copy
-            return self.c_kv[self.rows, : self.kv_len], self.k_pe[self.rows, : self.kv_len]
-        return (self.c_kv[:, : self.kv_len].index_select(0, self.slots),
-                self.k_pe[:, : self.kv_len].index_select(0, self.slots))
+        out = {}
+        for name, values in new.items():
+            stored = self.tensors[name]
+            stored.index_put_(index, values.to(stored.dtype))
+            if self.rows is not None:  # contiguous slots: a view, no copy
+                out[name] = stored[self.rows, : self.kv_len]
+            else:
+                out[name] = stored[:, : self.kv_len].index_select(0, self.slots)
+        return out
 
 
 def _as_slice(slots: list[int]) -> slice | None:

@@ -49,26 +49,26 @@ def should_compile(choice: str | bool | None, device: torch.device, long_running
     return choice == "on"
 
 
-def main_forward(model, tokens: torch.Tensor, step: CacheStep, c_kv: torch.Tensor,
-                 k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model over tokens [B, S] placed by `step` in the cache tensors c_kv/k_pe [layers, slots, len, ...]:
-    (logits [B, S, vocab], final-normed hidden states [B, S, hidden])."""
-    out = model(tokens, position_ids=step.positions, attn_mask=step.attn_mask, cache=cache_layers(c_kv, k_pe, step))
+def main_forward(model, tokens: torch.Tensor, step: CacheStep,
+                 cache: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model over tokens [B, S] placed by `step` in the cache tensors (`DecodeCache.tensors`: per layer, name ->
+    [slots, len, width]): (logits [B, S, vocab], final-normed hidden states [B, S, hidden])."""
+    out = model(tokens, position_ids=step.positions, attn_mask=step.attn_mask, cache=cache_layers(cache, step))
     return out.logits, out.hidden_states
 
 
-def mtp_forward(model, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, step: CacheStep, c_kv: torch.Tensor,
-                k_pe: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mtp_forward(model, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, step: CacheStep,
+                cache: list[dict[str, torch.Tensor]], last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MTP module `depth` (1-based) over h_prev [B, S, hidden] and the tokens `depth` ahead [B, S], cached as `step`
     says in its own one-layer cache: (h [B, S, hidden], logits [B, vocab] at each row's position `last` [B])."""
     cos, sin = model.model.rotary_emb(step.positions)
-    h, _ = model.mtp_forward(depth, h_prev, tokens, cos, sin, step.attn_mask, cache_layers(c_kv, k_pe, step)[0])
+    h, _ = model.mtp_forward(depth, h_prev, tokens, cos, sin, step.attn_mask, cache_layers(cache, step)[0])
     h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, hidden]
     return h, model.mtp_logits(depth, h_last)
 
 
-def greedy_speculative_forward(model, tokens: torch.Tensor, step: CacheStep, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                               mtp_steps: list[CacheStep], mtp_c_kv: list[torch.Tensor], mtp_k_pe: list[torch.Tensor],
+def greedy_speculative_forward(model, tokens: torch.Tensor, step: CacheStep, cache: list[dict[str, torch.Tensor]],
+                               mtp_steps: list[CacheStep], mtp_caches: list[list[dict[str, torch.Tensor]]],
                                carry: torch.Tensor):
     """One greedy MTP step without leaving the device: verify, accept, and draft with every module.
 
@@ -83,7 +83,7 @@ def greedy_speculative_forward(model, tokens: torch.Tensor, step: CacheStep, c_k
 
     Returns (a [B, 1 + D], c [B], new drafts [B, D], new carry [D, B, hidden]: module k's state at L + c + 1 - k).
     """
-    logits, hidden = main_forward(model, tokens, step, c_kv, k_pe)
+    logits, hidden = main_forward(model, tokens, step, cache)
     best = greedy_tokens(logits)  # [B, 1 + D]
     B, D = tokens.shape[0], tokens.shape[1] - 1
     accepted = (best[:, :D] == tokens[:, 1:]).long().cumprod(dim=1).sum(dim=1)  # c [B]
@@ -97,8 +97,7 @@ def greedy_speculative_forward(model, tokens: torch.Tensor, step: CacheStep, c_k
             new = torch.stack(drafts, dim=1).gather(1, (i - accepted[:, None] - 1).clamp(0, k - 2))
             ids = torch.where(i <= accepted[:, None], ids, new)
         h_in = h if k == 1 else torch.cat([carry[k - 2][:, None], h], dim=1)
-        h, draft_logits = mtp_forward(model, k, h_in, ids, mtp_steps[k - 1], mtp_c_kv[k - 1], mtp_k_pe[k - 1],
-                                      accepted + k - 1)
+        h, draft_logits = mtp_forward(model, k, h_in, ids, mtp_steps[k - 1], mtp_caches[k - 1], accepted + k - 1)
         drafts.append(greedy_tokens(draft_logits))
         carries.append(h[rows, accepted])
     return best, accepted, torch.stack(drafts, dim=1), torch.stack(carries)
@@ -146,18 +145,18 @@ class DecodeForwards:
         """A step as the compiled forwards take it: slots as an index tensor only, no Python slice to guard on."""
         return replace(step, rows=None) if self.compiled else step
 
-    def main(self, model, tokens, step, c_kv, k_pe):
-        return self._timed(self._main, model, tokens, self.plan(step), c_kv, k_pe)
+    def main(self, model, tokens, step, cache):
+        return self._timed(self._main, model, tokens, self.plan(step), cache)
 
-    def mtp(self, model, depth, h_prev, tokens, step, c_kv, k_pe, last, eager: bool = False):
+    def mtp(self, model, depth, h_prev, tokens, step, cache, last, eager: bool = False):
         """mtp_forward; `eager` for drafting after a prefill chunk, whose shapes, like the prefill's, vary."""
         if eager:
-            return mtp_forward(model, depth, h_prev, tokens, step, c_kv, k_pe, last)
-        return self._timed(self._mtp, model, depth, h_prev, tokens, self.plan(step), c_kv, k_pe, last)
+            return mtp_forward(model, depth, h_prev, tokens, step, cache, last)
+        return self._timed(self._mtp, model, depth, h_prev, tokens, self.plan(step), cache, last)
 
-    def greedy_speculative(self, model, tokens, step, c_kv, k_pe, mtp_steps, mtp_c_kv, mtp_k_pe, carry):
-        return self._timed(self._speculative, model, tokens, self.plan(step), c_kv, k_pe,
-                           [self.plan(s) for s in mtp_steps], mtp_c_kv, mtp_k_pe, carry)
+    def greedy_speculative(self, model, tokens, step, cache, mtp_steps, mtp_caches, carry):
+        return self._timed(self._speculative, model, tokens, self.plan(step), cache,
+                           [self.plan(s) for s in mtp_steps], mtp_caches, carry)
 
     def _timed(self, fn, *args):
         if not self.compiled:

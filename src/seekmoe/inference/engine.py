@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .cache import LatentCache
+from .cache import DecodeCache
 from .compiled import DecodeForwards, should_compile
 from .sampling import SamplingParams, TokenLogprob, greedy_tokens, next_token_probs, sample, token_logprobs
 from .speculative import MTPDrafter, verify
@@ -110,8 +110,7 @@ class Engine:
                         if speculative else None)
         # A verifying forward writes the drafts after the newest token: room for them past max_seq_len.
         room = self.drafter.depth if self.drafter else 0
-        self.cache = LatentCache.for_model(self.config, self.config.num_hidden_layers, max_batch_size,
-                                           self.max_seq_len + room, param.dtype, param.device)
+        self.cache = DecodeCache.for_model(model, max_batch_size, self.max_seq_len + room, param.dtype, param.device)
         self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else self.config.eos_token_id
         self.free_slots = list(range(max_batch_size))[::-1]
         self.running: list[Request] = []
@@ -232,7 +231,7 @@ class Engine:
         tokens a request) go through `self.forwards`, compiled when the engine compiles; prefill runs eagerly."""
         n_new = [len(x) for x in ids]
         width = max(n_new)
-        device = self.cache.c_kv.device
+        device = self.cache.device
         self._count_forward(requests, n_new, width)
         if not decoding:
             tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
@@ -244,7 +243,7 @@ class Engine:
         pad = (batch or len(requests)) - len(requests)
         tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids] + [[0] * width] * pad, device=device)
         step = self.cache.step([r.slot for r in requests], n_new, width, batch=batch, full_length=self.forwards.static)
-        logits, hidden = self.forwards.main(self.model, tokens, step, self.cache.c_kv, self.cache.k_pe)
+        logits, hidden = self.forwards.main(self.model, tokens, step, self.cache.tensors)
         return logits[: len(requests)], hidden[: len(requests)]
 
     def _count_forward(self, requests: list[Request], n_new: list[int], width: int) -> None:

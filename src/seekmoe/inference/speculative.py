@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import LatentCache
+from .cache import DecodeCache
 from .compiled import DecodeForwards
 
 
@@ -38,8 +38,8 @@ class MTPDrafter:
         self.forwards = forwards or DecodeForwards(next(model.parameters()).device, compile=False)
         param = next(model.parameters())
         # A greedy step (greedy_step) computes every module up to the last draft's position: depth columns of room.
-        self.caches = [LatentCache.for_model(model.config, 1, batch_size, max_len + depth, param.dtype, param.device)
-                       for _ in range(depth)]
+        self.caches = [DecodeCache.for_mtp(model, k, batch_size, max_len + depth, param.dtype, param.device)
+                       for k in range(1, depth + 1)]
         self.fused = True  # greedy_step may be used (tests turn it off to run `draft` every step)
         # carry[k - 1][slot]: module k's output at its last kept position, the state module k + 1 starts from.
         self.carry = torch.zeros(depth, batch_size, model.config.hidden_size, dtype=param.dtype, device=param.device)
@@ -83,7 +83,7 @@ class MTPDrafter:
                                + [hidden.new_zeros(width, hidden.shape[-1])] * pad_rows)
             ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens] + [[0] * width] * pad_rows, device=device)
             last = torch.tensor([n - 1 for n in n_new] + [0] * pad_rows, device=device)
-            h, logits = self.forwards.mtp(self.model, k, h_in, ids, step, cache.c_kv, cache.k_pe, last, eager)
+            h, logits = self.forwards.mtp(self.model, k, h_in, ids, step, cache.tensors, last, eager)
             guesses = logits[: len(slots)].argmax(dim=-1).tolist()
             for i, s in enumerate(slots):
                 # Keep the positions whose input token is verified; the rest are redone next step.
@@ -102,7 +102,7 @@ class MTPDrafter:
         return all(cache.lengths[s] == n + 1 - k for k, cache in enumerate(self.caches, start=1)
                    for s, n in zip(slots, lengths))
 
-    def greedy_step(self, cache: LatentCache, slots: list[int], tokens: list[list[int]], batch: int | None = None,
+    def greedy_step(self, cache: DecodeCache, slots: list[int], tokens: list[list[int]], batch: int | None = None,
                     full_length: bool = False) -> list[tuple[list[int], list[int]]]:
         """Verify each slot's newest token and drafts (tokens[i], 1 + depth of them) with the main model whose
         cache is `cache`, and draft the next ones, in one forward (`compiled.greedy_speculative_forward`) and one
@@ -112,13 +112,12 @@ class MTPDrafter:
         the main model's next token, the new drafts)."""
         n, width = len(slots), self.depth + 1
         pad = (batch or n) - n
-        ids = torch.tensor(tokens + [[0] * width] * pad, device=cache.c_kv.device)
+        ids = torch.tensor(tokens + [[0] * width] * pad, device=cache.device)
         step = cache.step(slots, [width] * n, width, batch=batch, full_length=full_length)
         mtp_steps = [c.step(slots, [self.depth + k] * n, self.depth + k, batch=batch, full_length=full_length)
                      for k, c in enumerate(self.caches, start=1)]
         best, accepted, drafts, carry = self.forwards.greedy_speculative(
-            self.model, ids, step, cache.c_kv, cache.k_pe, mtp_steps, [c.c_kv for c in self.caches],
-            [c.k_pe for c in self.caches], self.carry)
+            self.model, ids, step, cache.tensors, mtp_steps, [c.tensors for c in self.caches], self.carry)
         self.carry[:, step.slots[:n]] = carry[:, :n]
         results = []
         for s, row in zip(slots, torch.cat([best, accepted[:, None], drafts], dim=1)[:n].tolist()):

@@ -21,15 +21,17 @@ from .rope import apply_rope
 ABSORB_MAX_QUERIES = 8
 
 
-class LatentCacheLayer(Protocol):
-    """One layer's decoding cache as attention sees it: store this step's latents, return every cached one."""
+class CacheLayer(Protocol):
+    """One layer's decoding cache as attention sees it (inference/cache.py): store this step's per-token tensors by
+    name, as the attention's `cache_widths()` declared them, and return every cached one."""
 
-    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store c_kv [B, S, kv_lora_rank] and k_pe [B, S, rope_dim]; return the cache [B, T, ...] including them."""
+    def update(self, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store each named tensor [B, S, width]; return, by name, the cache [B, T, width] including them."""
         ...
 
     # True when this step's attn_mask is plain causal over its new tokens alone (a first prefill chunk).
     causal: bool
+    positions: torch.Tensor  # [B, S] the new tokens' positions
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -64,10 +66,18 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, H, bias=False)
         self.softmax_scale = self.qk_head_dim ** -0.5 * config.yarn_mscale()
 
+    def cache_widths(self) -> dict[str, int]:
+        """What decoding caches per token: the latent and the rope key."""
+        return {"c_kv": self.kv_lora_rank, "k_pe": self.qk_rope_head_dim}
+
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head query parts: q_nope [B, S, heads, qk_nope_head_dim] and rotated q_pe [B, S, heads, rope_dim]."""
-        B, S, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return self.split_query(q, cos, sin)
+
+    def split_query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected queries q [B, S, heads * qk_head_dim] as `query` returns them (q_pe rotated)."""
+        B, S, _ = q.shape
         q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_head_dim).split(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
@@ -79,7 +89,7 @@ class MultiHeadLatentAttention(nn.Module):
         return self.kv_a_layernorm(c_kv), k_pe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: LatentCacheLayer | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache: CacheLayer | None = None) -> torch.Tensor:
         """Causal self-attention over x [B, S, hidden] (or under `attn_mask`, True = may attend).
 
         With a `cache`, x holds only the new tokens: their latents are stored in it and the queries attend to every
@@ -89,7 +99,8 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is not None:
-            c_kv, k_pe = cache.update(c_kv, k_pe)
+            cached = cache.update(c_kv=c_kv, k_pe=k_pe)
+            c_kv, k_pe = cached["c_kv"], cached["k_pe"]
             if x.shape[1] <= ABSORB_MAX_QUERIES:
                 return self.attend_latent(q_nope, q_pe, c_kv, k_pe, attn_mask)
             if getattr(cache, "causal", False):
@@ -119,15 +130,22 @@ class MultiHeadLatentAttention(nn.Module):
         into the query and W_UV into the output. attn_mask [B, 1, S, T] is True where a query may attend.
         """
         B, S, h, _ = q_nope.shape
-        w_kv_b = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w_kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, dn, r], [h, dv, r]
+        probs = self.attention_probs(q_nope, q_pe, c_kv, k_pe, attn_mask).to(c_kv.dtype)
+        w_uv = self.kv_b_proj.weight.view(h, -1, self.kv_lora_rank)[:, self.qk_nope_head_dim:]  # [h, dv, r]
+        mixed = torch.matmul(probs.transpose(1, 2).reshape(B, S * h, -1), c_kv).view(B, S, h, -1)  # [B, S, h, r]
+        out = torch.einsum("bshc,hdc->bshd", mixed, w_uv)  # [B, S, h, dv]
+        return self.o_proj(out.reshape(B, S, h * self.v_head_dim))
+
+    def attention_probs(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                        attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Each head's attention distribution [B, heads, S, T] (fp32) of the queries over the latents, W_UK absorbed
+        into the query (see `attend_latent`); attn_mask [B, 1, S, T] is True where a query may attend."""
+        B, S, h, _ = q_nope.shape
+        w_uk = self.kv_b_proj.weight.view(h, -1, self.kv_lora_rank)[:, :self.qk_nope_head_dim]  # [h, dn, r]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, h, r]
         scores = (torch.matmul(q_latent.reshape(B, S * h, -1), c_kv.transpose(1, 2))
                   + torch.matmul(q_pe.reshape(B, S * h, -1), k_pe.transpose(1, 2)))  # [B, S*h, T]
         scores = scores.view(B, S, h, -1).transpose(1, 2).float() * self.softmax_scale  # [B, h, S, T]
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        mixed = torch.matmul(probs.transpose(1, 2).reshape(B, S * h, -1), c_kv).view(B, S, h, -1)  # [B, S, h, r]
-        out = torch.einsum("bshc,hdc->bshd", mixed, w_uv)  # [B, S, h, dv]
-        return self.o_proj(out.reshape(B, S, h * self.v_head_dim))
+        return scores.softmax(dim=-1)

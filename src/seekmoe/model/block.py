@@ -1,4 +1,4 @@
-"""A decoder block: pre-norm MLA attention, then a pre-norm dense MLP or DeepSeekMoE layer, each residual."""
+"""A decoder block: pre-norm attention (MLA by default), then a pre-norm dense MLP or DeepSeekMoE layer, each residual."""
 
 from __future__ import annotations
 
@@ -6,25 +6,27 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import LatentCacheLayer, MultiHeadLatentAttention
+from .attention import CacheLayer
+from .attention_choice import build_attention
 from .mlp import MLP
 from .moe import MoE, MoEStats
 from .norm import RMSNorm
 
 
 class DecoderBlock(nn.Module):
-    """x + Attn(norm(x)), then + FFN(norm(.)) where FFN is a MoE (moe=True) or a dense SwiGLU MLP."""
+    """x + Attn(norm(x)), then + FFN(norm(.)) where FFN is a MoE (moe=True) or a dense SwiGLU MLP; the attention
+    of layer `layer_idx` is the config's choice (attention_choice.py)."""
 
-    def __init__(self, config: ModelConfig, moe: bool):
+    def __init__(self, config: ModelConfig, moe: bool, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(config)
+        self.self_attn = build_attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None,
-                cache: LatentCacheLayer | None = None,
+                cache: CacheLayer | None = None,
                 token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         """x [B, S, hidden] -> (x, MoE stats or None); `cache` switches attention to cached latent decoding;
         token_ids [B, S] reach the MoE layer (hash routing reads them)."""

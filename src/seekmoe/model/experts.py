@@ -194,8 +194,9 @@ class RoutedExperts(nn.Module):
         return w.gate_up_proj, w.down_proj
 
     def fold_state(self, state: dict, prefix: str = "") -> None:
-        """Fold every provider's own entries of `state` into the plain stacks (the layout checkpoints keep)."""
-        for name, provider in reversed(list(self.providers.items())):
+        """Fold every provider's own entries of `state` into the plain stacks (the layout checkpoints keep), in the
+        providers' order, as the forward applies them (quantized stacks become plain before adapters add to them)."""
+        for name, provider in self.providers.items():
             provider.fold_state(state, prefix, f"{prefix}providers.{name}.")
 
     def forward(self, rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -230,10 +231,17 @@ def _unfold_providers(module: RoutedExperts, state: dict, prefix: str, *args) ->
 
 def fold_weight_providers(model: nn.Module, state: dict) -> dict:
     """Fold the weight providers' own entries of `model`'s full (unsharded) state dict into the plain [E, ...]
-    stacks, in place: what the Hugging Face layout saves. Returns `state`."""
+    stacks, in place: what the Hugging Face layout saves. Returns `state`.
+
+    A dense module put in place of an nn.Linear from outside (lora/layers.py's LoRALinear) that keeps its weight in
+    another form folds it the same way: its `fold_state(state, prefix)` leaves the plain `prefix + 'weight'`."""
     for name, module in model.named_modules():
-        if isinstance(module, RoutedExperts) and module.providers:
-            module.fold_state(state, f"{name}." if name else "")
+        prefix = f"{name}." if name else ""
+        if isinstance(module, RoutedExperts):
+            if module.providers:
+                module.fold_state(state, prefix)
+        elif not isinstance(module, WeightProvider) and callable(getattr(module, "fold_state", None)):
+            module.fold_state(state, prefix)
     return state
 
 

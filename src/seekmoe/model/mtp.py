@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import LatentCacheLayer
+from .attention import CacheLayer
 from .block import DecoderBlock
 from .moe import MoEStats
 from .norm import RMSNorm
@@ -19,8 +19,8 @@ class MTPModule(DecoderBlock):
     that head. Parameter names follow DeepSeek-V3's checkpoint (`model.layers.61.enorm.weight`, ...).
     """
 
-    def __init__(self, config: ModelConfig):
-        super().__init__(config, moe=config.n_routed_experts > 0)
+    def __init__(self, config: ModelConfig, depth: int = 1):
+        super().__init__(config, moe=config.n_routed_experts > 0, layer_idx=config.num_hidden_layers + depth - 1)
         H = config.hidden_size
         self.enorm = RMSNorm(H, config.rms_norm_eps)
         self.hnorm = RMSNorm(H, config.rms_norm_eps)
@@ -29,7 +29,7 @@ class MTPModule(DecoderBlock):
 
     def forward(self, h_prev: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None,
-                cache: LatentCacheLayer | None = None,
+                cache: CacheLayer | None = None,
                 token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         """h_prev [B, S, H] from the previous depth, next_embeds [B, S, H] the embeddings of the tokens k ahead
         (token_ids [B, S], for hash routing); `attn_mask` and `cache` as in `DecoderBlock` (for drafting tokens

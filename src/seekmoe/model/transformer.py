@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .attention import LatentCacheLayer
+from .attention import CacheLayer
 from .block import DecoderBlock
 from .experts import RoutedExperts
 from .moe import BalanceWindow, MoE, MoEStats, batch_balance_loss
@@ -40,10 +40,10 @@ class DeepseekModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i))
+        self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i), i)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, config.num_nextn_predict_layers + 1))
         self.rotary_emb = RotaryEmbedding(config)
 
 
@@ -73,12 +73,12 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: list[LatentCacheLayer] | None = None, mtp: bool | None = None,
+                cache: list[CacheLayer] | None = None, mtp: bool | None = None,
                 balance_window: BalanceWindow | None = None, mtp_loss_weight: float | None = None) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] (usually input_ids); position_ids [S] or [B, S]; attn_mask, if given,
         a boolean [B, 1, S, S] (True = may attend) replacing the causal mask.
 
-        For decoding, `cache` holds one latent cache per decoder layer: input_ids are then only the new tokens,
+        For decoding, `cache` holds one cache layer per decoder layer (inference/cache.py): input_ids are then only the new tokens,
         position_ids their positions and attn_mask [B, 1, S, T] which cached tokens each may attend to.
 
         With labels, the MTP modules run (and `mtp_loss` is reported) when `mtp` says so, by default in training
@@ -141,7 +141,7 @@ class CausalLM(nn.Module):
 
     def mtp_forward(self, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                    cache: LatentCacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+                    cache: CacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         """MTP module `depth` (1-based) over h_prev [B, S, hidden] (the previous depth's states) and the tokens
         `depth` ahead [B, S]: (h [B, S, hidden], its MoE stats). The one MTP forward of training (`_mtp_loss`) and
         of drafting while decoding (inference/compiled.py, with `cache`)."""
@@ -171,8 +171,13 @@ def init_module(module: nn.Module, std: float) -> bool:
     tensors of its own to set. parallel/materialize.py calls it module by module to initialize shards."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         module.weight.normal_(0.0, std)
+        if getattr(module, "bias", None) is not None:  # attention_bias: zero, as transformers initializes them
+            module.bias.zero_()
     elif isinstance(module, RMSNorm):
         module.weight.fill_(1.0)
+    elif isinstance(module, nn.LayerNorm):  # V3.2's indexer key norm
+        module.weight.fill_(1.0)
+        module.bias.zero_()
     elif isinstance(module, Router):  # every router initializes its own parameters
         module.reset_parameters(std)
     elif isinstance(module, RoutedExperts):
