@@ -39,7 +39,8 @@ from seekmoe.analysis import route  # noqa: E402
 from seekmoe.analysis.modality import modality_report  # noqa: E402
 from seekmoe.analysis.sources import Source  # noqa: E402
 from seekmoe.train.balance import update_router_biases  # noqa: E402
-from seekmoe.vision_demo_data import COLOURS, NOTHING, NUMBERS, SHAPES, questions, random_scene  # noqa: E402
+from seekmoe.vision_demo_data import (COLOURS, NOTHING, NUMBERS, SHAPES, balanced_questions,  # noqa: E402
+                                     question_kind, questions, random_scene)
 
 BOS, EOS, PLACEHOLDER, ASK = 0, 1, 2, 3  # ASK: the "?" after which the answer comes
 CELLS = 9
@@ -67,23 +68,6 @@ def _all_questions() -> list[tuple[str, str]]:
     return [pair for _ in range(20) for pair in questions(random_scene(rng, 3, 1, 4))]
 
 
-def kind(question: str) -> str:
-    """The question's type, for accuracy per type."""
-    return "count" if question.startswith("how many") else "position" if question.startswith("what is") else "colour"
-
-
-def pick_question(scene, rng: random.Random) -> tuple[str, str]:
-    """One question of a type drawn uniformly (count, position, colour), a position question about an occupied cell
-    half the time: drawn from all of a scene's questions alike, most would ask what is at an empty cell, and a model
-    answering "nothing" without looking would score well."""
-    pairs = questions(scene)
-    by_kind = {k: [p for p in pairs if kind(p[0]) == k] for k in ("count", "position", "colour")}
-    k = rng.choice([k for k, v in by_kind.items() if v])
-    if k == "position" and rng.random() < 0.5:
-        return rng.choice([p for p in by_kind[k] if p[1] != NOTHING])
-    return rng.choice(by_kind[k])
-
-
 def make_examples(vocab: Vocabulary, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """n (sequence [n, SEQ_LEN], answer position [n], answer id [n], question type) examples, one question a scene."""
     rng = random.Random(seed)
@@ -91,12 +75,12 @@ def make_examples(vocab: Vocabulary, n: int, seed: int) -> tuple[torch.Tensor, t
     where, answer, kinds = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), []
     for i in range(n):
         scene = random_scene(rng, 3, 1, 4)
-        q, a = pick_question(scene, rng)
+        (q, a), = balanced_questions(scene, rng, 1)
         row = [BOS] + [vocab.image[c] for c in scene.cells] + [vocab.word[w] for w in q.split()] + [ASK]
         ids[i, :len(row)] = torch.tensor(row)
         ids[i, len(row)] = vocab.word[a]
         where[i], answer[i] = len(row), vocab.word[a]
-        kinds.append(kind(q))
+        kinds.append(question_kind(q))
     return ids, where, answer, kinds
 
 

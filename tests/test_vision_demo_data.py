@@ -9,8 +9,8 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from seekmoe.vision_demo_data import (COLOURS, Scene, draw, main, position_name, questions, random_scene,
-                                     write_chat_dataset)
+from seekmoe.vision_demo_data import (COLOURS, Scene, balanced_questions, draw, main, position_name, question_kind,
+                                     questions, random_scene, write_chat_dataset)
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -29,6 +29,22 @@ def test_questions_are_answered_from_the_scene():
     assert pairs["what colour is the square"] == "blue" and pairs["what colour is the triangle"] == "red"
     assert "what colour is the circle" not in pairs  # two circles: no single answer
     assert position_name(5, 4) == "row 2 column 2"
+
+
+def test_balanced_questions_are_distinct_and_ask_each_kind_alike():
+    rng = random.Random(0)
+    kinds, answers = [], []
+    for _ in range(300):
+        scene = random_scene(rng)
+        pairs = balanced_questions(scene, rng, 3)
+        assert len(set(pairs)) == 3 and set(pairs) <= set(questions(scene))
+        kinds += [question_kind(q) for q, _ in pairs]
+        answers += [a for q, a in pairs if question_kind(q) == "position"]
+    for kind in ("count", "position", "colour"):
+        assert 0.2 < kinds.count(kind) / len(kinds) < 0.45, kind
+    assert 0.3 < answers.count("nothing") / len(answers) < 0.7  # not the ~75% of cells that are empty
+    one = Scene(1, (("red", "circle"),))  # 4 colour counts, 3 shape counts, 1 position, 1 colour question
+    assert sorted(balanced_questions(one, rng, 50)) == sorted(questions(one))
 
 
 def test_random_scenes_hold_the_asked_number_of_objects_in_distinct_cells():

@@ -5,8 +5,9 @@ shape's colour, each answered by one word.
 `random_scene` and `questions` need nothing but Python; `draw` renders a scene with Pillow (a PNG per scene), and
 `write_chat_dataset` writes the pictures and chat JSONL in the form `seekmoe sft` reads, the user turn holding
 OpenAI-style parts — `{"type": "image_url", "image_url": {"url": "file:///..." | "data:image/png;base64,..."}}` and
-`{"type": "text", "text": ...}` — and the assistant turn the answer. benchmarks/modality_routing.py encodes the same
-scenes as one "image token" per cell instead of pixels, so a text model can learn the task without a vision tower.
+`{"type": "text", "text": ...}` — and the assistant turn the answer (questions from `balanced_questions`, each
+kind asked alike). benchmarks/modality_routing.py encodes the same scenes as one "image token" per cell instead of
+pixels, so a text model can learn the task without a vision tower.
 
     python -m seekmoe.vision_demo_data data/shapes --scenes 500 --questions 3     # images/*.png + data.jsonl
 """
@@ -82,6 +83,31 @@ def questions(scene: Scene, rng: random.Random | None = None, n: int | None = No
     return pairs
 
 
+def question_kind(question: str) -> str:
+    """"count", "position" or "colour": which template a question of `questions` comes from."""
+    return "count" if question.startswith("how many") else "position" if question.startswith("what is") else "colour"
+
+
+def balanced_questions(scene: Scene, rng: random.Random, n: int = 1) -> list[tuple[str, str]]:
+    """Up to n distinct (question, answer) pairs, each of a kind drawn alike (count, position, colour; kinds the
+    scene has), a position question about an occupied cell half the time. Drawn from all of `questions` alike, most
+    would ask what is at an empty cell, and a model answering "nothing" without looking would score well."""
+    by_kind: dict[str, list[tuple[str, str]]] = {"count": [], "position": [], "colour": []}
+    for pair in questions(scene):
+        by_kind[question_kind(pair[0])].append(pair)
+    chosen = []
+    while len(chosen) < n and any(by_kind.values()):
+        pool = by_kind[rng.choice([k for k, v in by_kind.items() if v])]
+        if pool is by_kind["position"] and rng.random() < 0.5:
+            pool = [p for p in pool if p[1] != NOTHING] or pool
+        pair = rng.choice(pool)
+        chosen.append(pair)
+        for pairs in by_kind.values():
+            if pair in pairs:
+                pairs.remove(pair)
+    return chosen
+
+
 def draw(scene: Scene, size: int = 96, background: tuple[int, int, int] = (245, 245, 245)):
     """The scene as a `size` x `size` RGB Pillow image: each object a filled shape centred in its cell."""
     from PIL import Image, ImageDraw
@@ -126,8 +152,8 @@ def chat_record(image_url: str, question: str, answer: str) -> dict:
 def write_chat_dataset(out: str | Path, n_scenes: int, questions_per_scene: int = 3, seed: int = 0, grid: int = 3,
                        max_objects: int = 4, size: int = 96, inline: bool = False) -> Path:
     """Draw `n_scenes` scenes into `out/images/NNNNN.png` and write `out/data.jsonl`: `questions_per_scene` chat
-    records per scene, each image referenced by a file:// URL (or, with `inline`, embedded as a data URL and no PNG
-    written). Returns the JSONL path."""
+    records per scene (`balanced_questions`), each image referenced by a file:// URL (or, with `inline`, embedded
+    as a data URL and no PNG written). Returns the JSONL path."""
     if n_scenes < 1 or questions_per_scene < 1:
         raise ValueError(f"n_scenes={n_scenes}, questions_per_scene={questions_per_scene}: expected at least 1 each")
     out = Path(out)
@@ -144,7 +170,7 @@ def write_chat_dataset(out: str | Path, n_scenes: int, questions_per_scene: int 
                 png = out / "images" / f"{i:05d}.png"
                 image.save(png, format="PNG")
                 url = png.resolve().as_uri()
-            for question, answer in questions(scene, rng, questions_per_scene):
+            for question, answer in balanced_questions(scene, rng, questions_per_scene):
                 f.write(json.dumps(chat_record(url, question, answer)) + "\n")
     return path
 
