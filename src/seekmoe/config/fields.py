@@ -109,6 +109,13 @@ class ModelConfig:
     index_topk: int | None = None
     index_n_heads: int = 64
     index_head_dim: int = 128
+    # Vision-language models (Kimi-K2.5's name): the token id standing for image features in input_ids; the image
+    # features replace its embeddings, and modality-aware routing counts a token as an image token by it.
+    media_placeholder_token_id: int | None = None
+    # Modality-aware routing (MoMa-style expert groups; seekmoe's own key): {"image": [group ids], "text": [group
+    # ids]}, a partition of the n_group router groups. Image tokens (== media_placeholder_token_id) choose only
+    # among the image groups' experts, every other token among the text groups'; None = one shared routing.
+    modality_expert_groups: dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -125,7 +132,7 @@ class ModelConfig:
         transformers, which then refuses the checkpoint) when no transformers model computes what this one does."""
         if self.is_v4:
             return "deepseek_v4"
-        if self.router_type != "deepseek" or self.eval_capacity() > 0:
+        if self.router_type != "deepseek" or self.eval_capacity() > 0 or self.modality_expert_groups:
             return f"seekmoe_{self.router_type}"
         if self.family is not None:
             return self.family

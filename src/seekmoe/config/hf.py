@@ -18,9 +18,11 @@ ROPE_SCALING_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", 
 _DERIVED_KEYS = {"model_type", "architectures", "hidden_act", "num_key_value_heads", "qk_head_dim", "head_dim",
                  "moe_layer_freq", "transformers_version", "torch_dtype", "dtype", "auto_map", "use_cache"}
 
-# The router fields' defaults, left out of config.json (a DeepSeek-router model's config.json lists DeepSeek's keys).
+# seekmoe's own router and modality keys at their defaults are left out of config.json (a DeepSeek-router text model's
+# config.json lists DeepSeek's keys only).
 _ROUTER_DEFAULTS = {"router_type": "deepseek", "capacity_factor": None, "eval_capacity_factor": None,
-                    "router_jitter": 0.0, "router_aux_loss_coef": None, "second_expert_threshold": 0.2}
+                    "router_jitter": 0.0, "router_aux_loss_coef": None, "second_expert_threshold": 0.2,
+                    "modality_expert_groups": None, "media_placeholder_token_id": None}
 
 
 # DeepSeek-V3.2's indexer fields (fields.py), and the defaults of transformers' DeepseekV32Config for a config.json
