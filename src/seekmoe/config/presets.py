@@ -78,3 +78,47 @@ PRESETS["moonlight-16b-a3b"] = dict(vocab_size=163840, hidden_size=2048, interme
                                     q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                                     v_head_dim=128, rope_theta=50000.0, max_position_embeddings=8192,
                                     num_nextn_predict_layers=0, bos_token_id=163584, eos_token_id=163585)
+# DeepSeek-V3.2(-Exp): DeepSeek-V3 plus DeepSeek Sparse Attention, a lightning indexer of 64 heads of 128 picking
+# 2048 past tokens per query in every layer (the MTP layer's included).
+PRESETS["deepseek-v3.2"] = {**PRESETS["deepseek-v3"], "index_topk": 2048, "index_n_heads": 64,
+                            "index_head_dim": 128}
+# For tests and a CPU demo of sparse attention: `tiny` with an indexer whose top-k (8) is shorter than the
+# training sequences, so attention is sparse in every step.
+PRESETS["tiny-v32"] = {**PRESETS["tiny"], "index_topk": 8, "index_n_heads": 2, "index_head_dim": 16}
+# DeepSeek-V4 (model_type deepseek_v4). Flash: transformers' default DeepseekV4Config (284.3B without MTP, 13B
+# active), the compressed branches' YaRN as the release's config.json gives it. Pro: the release's config.json.
+_V4_YARN = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}
+
+
+def _v4_layer_types(n: int) -> list[str]:
+    """transformers' default schedule: two heavily compressed layers, then compressed sparse and heavily compressed
+    alternating."""
+    return (["heavily_compressed_attention"] * min(n, 2)
+            + ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(n - 2)])
+
+
+_V4_COMMON = dict(vocab_size=129280, head_dim=512, qk_rope_head_dim=64, num_experts_per_tok=6, n_shared_experts=1,
+                  scoring_func="sqrtsoftplus", topk_method="noaux_tc", n_group=1, topk_group=1,
+                  first_k_dense_replace=0, norm_topk_prob=True, max_position_embeddings=1048576, rope_theta=10000.0,
+                  compress_rope_theta=160000.0, rope_scaling=_V4_YARN, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6,
+                  swiglu_limit=10.0, sliding_window=128, index_n_heads=64, index_head_dim=128, index_topk=512,
+                  num_nextn_predict_layers=1, initializer_range=0.02,
+                  compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128})
+PRESETS["deepseek-v4-flash"] = dict(
+    _V4_COMMON, hidden_size=4096, intermediate_size=2048, moe_intermediate_size=2048, num_hidden_layers=43,
+    num_attention_heads=64, q_lora_rank=1024, n_routed_experts=256, routed_scaling_factor=1.5, o_groups=8,
+    o_lora_rank=1024, layer_types=_v4_layer_types(43), mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 40)
+PRESETS["deepseek-v4-pro"] = dict(
+    _V4_COMMON, hidden_size=7168, intermediate_size=3072, moe_intermediate_size=3072, num_hidden_layers=61,
+    num_attention_heads=128, q_lora_rank=1536, n_routed_experts=384, routed_scaling_factor=2.5, o_groups=16,
+    o_lora_rank=1024, layer_types=_v4_layer_types(61), mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 58)
+# For tests and a first run: every V4 layer kind (sliding, CSA, HCA), a hash layer, short windows and rates so a
+# 64-token sequence compresses, well under 1M parameters.
+PRESETS["tiny-v4"] = dict(
+    _V4_COMMON, vocab_size=512, hidden_size=64, intermediate_size=32, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32, n_routed_experts=8,
+    num_experts_per_tok=2, routed_scaling_factor=1.5, o_groups=2, o_lora_rank=16, sliding_window=16,
+    index_n_heads=2, index_head_dim=16, index_topk=4, hc_mult=2, hc_sinkhorn_iters=8, max_position_embeddings=512,
+    rope_scaling=None, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+    mlp_layer_types=["hash_moe", "moe", "moe"])

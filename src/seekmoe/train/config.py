@@ -82,6 +82,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses after which training stops
     # multi-process training under torchrun (`parallel.ep=2` on the command line): see seekmoe.parallel
     parallel: dict = field(default_factory=dict)
+    # LoRA / QLoRA adapters instead of full fine-tuning (`--lora 8`, or `lora.rank=8 lora.targets=experts`): see
+    # seekmoe.lora; empty = train the weights themselves
+    lora: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -132,6 +135,12 @@ class TrainConfig:
             raise bad("precision", f"one of {PRECISIONS}")
         if not isinstance(self.parallel, dict):
             raise bad("parallel", "a mapping of parallelism settings, e.g. parallel.ep=2")
+        if not isinstance(self.lora, dict):
+            raise bad("lora", "a mapping of LoRA settings, e.g. lora.rank=8 (or --lora 8)")
+        if self.lora:
+            from ..lora.config import LoRAConfig
+
+            LoRAConfig.from_dict(self.lora)
         for name in ("mtp_loss_weight_schedule", "bias_update_speed_schedule"):
             phases = getattr(self, name)
             if (not isinstance(phases, list) or not phases
@@ -300,3 +309,4 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
 }
 PRESET_TRAINING["tiny-dense"] = PRESET_TRAINING["tiny"]
 PRESET_TRAINING["small-dense"] = PRESET_TRAINING["small"]
+PRESET_TRAINING["tiny-v32"] = PRESET_TRAINING["tiny"]

@@ -18,8 +18,10 @@ from tokenizers import Tokenizer
 
 from .. import build_model
 from ..config import ModelConfig
-from ..inference.tokenizer import read_tokenizer_file
+from ..inference.tokenizer import read_tokenizer_file, write_tokenizer_files
 from ..info import model_summary
+from ..lora.apply import apply_lora
+from ..lora.run import lora_for_run, merged_final, save_lora_outputs
 from ..model.moe import device_groups_for
 from ..model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, ranks_on_this_machine
 from ..parallel import ParallelConfig, init_processes, parallelize
@@ -161,9 +163,10 @@ class Trainer:
         self.parallel = ParallelConfig.from_dict(config.parallel)
         self.processes = init_processes(self.parallel, model_config)  # one process unless launched by torchrun
         self.rank, self.world_size = self.processes.rank, self.processes.world_size
+        self.lora = lora_for_run(config.lora, config.trainable, model_config, init_from, self.processes.distributed)
         # Before any data is read or tensor allocated: a model this machine cannot train is refused with the sums.
         # (With --train a subset, only the fp32 weights are counted: the frozen rest needs no gradient or moments.)
-        every = config.trainable == "all"
+        every = config.trainable == "all" and self.lora is None
         check_fits_memory(model_config, TRAINING_BYTES_PER_PARAM if every else 4,
                           "fp32 weights, gradients and AdamW's two moments" if every else "fp32 weights",
                           self.processes.device, shards=self.world_size,
@@ -230,7 +233,7 @@ class Trainer:
         Under torchrun (and for any folder) the model is built on the meta device, checked against the folder's
         headers, parallelized, and only then materialized: each rank allocates and fills its own shards
         (parallel/materialize.py), so no rank holds the whole model."""
-        from ..parallel.materialize import check_folder, materialize
+        from ..parallel.materialize import added_modules, check_folder, materialize
 
         full_weights = None
         if self.init_from is not None and self.resume_from is None:
@@ -244,10 +247,17 @@ class Trainer:
             model = build_model(self.model_config, device="meta")
             if full_weights is not None:
                 check_folder(model, full_weights)
+                if added_modules(model, full_weights):
+                    self.log(f"{full_weights} has no lightning indexers: initializing new ones")
             if not self.processes.distributed:
                 model = materialize(model, self.device, full_weights)  # one process: read straight into place
         if self.config.trainable != "all":
             self.log(select_trainable(model, self.config.trainable).describe())
+        if self.lora is not None:
+            # Adapters are added to the whole model on every rank, then parallelized like any parameter.
+            if next(model.parameters()).is_meta:
+                model = materialize(model, self.device, full_weights)
+            self.log(apply_lora(model.to(self.device), self.lora).describe())
         on_meta = next(model.parameters()).is_meta
         model = parallelize(model if on_meta else model.to(self.device), self.processes, self.parallel,
                             compile=self.config.compile, activation_checkpointing=self.config.activation_checkpointing,
@@ -405,8 +415,16 @@ class Trainer:
         returns the summary (on rank 0; {} on the others)."""
         # The summary first: a run without one completed step has no model worth writing.
         summary = self.summary() if self.rank == 0 else {}
-        save_model_folder(self.out / "final", self.model, self.model_config, self.data.tokenizer, self.rank,
-                          self.processes.distributed)
+        if self.lora is not None:
+            save_lora_outputs(self.out, self.model, self.lora, self.model_config, self.init_from, self.rank,
+                              self.processes.distributed)
+        if self.lora is not None and self.lora.quantize != "none":
+            if self.rank == 0:  # merged into the full-precision base, not into the run's NF4 weights
+                merged_final(self.out, self.init_from, lambda folder: write_tokenizer_files(
+                    self.data.tokenizer, folder, self.model_config.max_position_embeddings))
+        else:
+            save_model_folder(self.out / "final", self.model, self.model_config, self.data.tokenizer, self.rank,
+                              self.processes.distributed)
         self.processes.barrier()
         if self.rank != 0:
             return {}
@@ -457,6 +475,7 @@ class Trainer:
 
 def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, data: list[str] | None = None,
           resume: bool | str = False, stop_at: int | None = None, progress: bool = True,
-          init_from: str | Path | None = None) -> dict:
-    """Pretrain a model (see `Trainer`) and return the run summary."""
-    return Trainer(model_config, config, out, data, resume, stop_at, progress, init_from).run()
+          init_from: str | Path | None = None, forward: Forward | None = None) -> dict:
+    """Pretrain a model (see `Trainer`; `forward` its objective, default the next-token loss) and return the run
+    summary."""
+    return Trainer(model_config, config, out, data, resume, stop_at, progress, init_from, forward=forward).run()
