@@ -197,3 +197,11 @@ def test_bad_quantization_options_fail_cleanly_before_writing(model_dir, tmp_pat
     assert main(["quantize", "--model", str(model_dir), "--out", str(out), "--scheme", "int8"]) == 0
     assert main(["generate", "--model", str(out), "--prompt", "x", "--quantize", "int8"]) == 2
     assert "quantized already" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ fp8 training
+def test_fp8_training_on_a_cpu_is_one_clear_error_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--max-steps", "1", "precision=fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "precision=fp8 needs a CUDA GPU" in err and "Traceback" not in err and not out.exists()
