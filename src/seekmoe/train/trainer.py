@@ -96,7 +96,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     it natively (a GPU with bf16, a CPU with AVX-512 bf16 or AMX); on other CPUs bf16 is emulated and slower."""
     if precision == "fp32":
         return None
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):  # fp8: float8 linears (quant/fp8.py), bf16 autocast around them
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
@@ -164,6 +164,10 @@ class Trainer:
         self.processes = init_processes(self.parallel, model_config)  # one process unless launched by torchrun
         self.rank, self.world_size = self.processes.rank, self.processes.world_size
         self.lora = lora_for_run(config.lora, config.trainable, model_config, init_from, self.processes.distributed)
+        if config.precision == "fp8":  # a CPU (or an older GPU) is refused before anything is read or written
+            from ..quant.fp8 import check_fp8_training
+
+            check_fp8_training(self.processes.device)
         # Before any data is read or tensor allocated: a model this machine cannot train is refused with the sums.
         # (With --train a subset, only the fp32 weights are counted: the frozen rest needs no gradient or moments.)
         every = config.trainable == "all" and self.lora is None
@@ -194,6 +198,7 @@ class Trainer:
         self.parallel.mixed_precision = fsdp_bf16
         self.autocast_dtype = None if fsdp_bf16 else resolve_precision(config.precision, self.device)
         self.precision = "bf16 (FSDP2 mixed precision)" if fsdp_bf16 else (
+            "fp8 linears, bf16 autocast" if config.precision == "fp8" else
             "bf16 autocast" if self.autocast_dtype else "fp32")
 
         tokenizer = None
@@ -258,6 +263,10 @@ class Trainer:
             if next(model.parameters()).is_meta:
                 model = materialize(model, self.device, full_weights)
             self.log(apply_lora(model.to(self.device), self.lora).describe())
+        if self.config.precision == "fp8":
+            from ..quant.fp8 import convert_to_fp8_training
+
+            self.log(f"fp8 training: {convert_to_fp8_training(model, self.device)} scaling (torchao)")
         on_meta = next(model.parameters()).is_meta
         model = parallelize(model if on_meta else model.to(self.device), self.processes, self.parallel,
                             compile=self.config.compile, activation_checkpointing=self.config.activation_checkpointing,
