@@ -282,3 +282,22 @@ def test_lora_under_expert_parallelism_and_fsdp_reproduces_one_process(corpus, c
     assert want.keys() == got.keys() and any(".mlp.experts.base_layer.lora_B" in k for k in want)
     for key in want:
         assert rel_error(got[key], want[key]) < 1e-4 or torch.equal(got[key], want[key]), key
+
+
+def test_qlora_reads_the_base_block_by_block_into_what_quantizing_the_loaded_model_gives(sft_base):
+    pytest.importorskip("torchao")
+    from seekmoe.lora.load import load_quantized
+    from seekmoe.lora.nf4 import dequantize
+
+    config = LoRAConfig(rank=2, targets=EVERY_TARGET, quantize="nf4")
+    torch.manual_seed(3)
+    whole = seekmoe.from_pretrained(sft_base / "base")
+    apply_lora(whole, config)
+    torch.manual_seed(3)
+    blockwise, adapted = load_quantized(sft_base / "base", whole.config, config, torch.device("cpu"))
+    a, b = whole.state_dict(), blockwise.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(dequantize(a[key]), dequantize(b[key])), key
+    trained = {n for n, p in blockwise.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in whole.named_parameters() if p.requires_grad} and adapted.experts
