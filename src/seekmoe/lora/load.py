@@ -54,7 +54,11 @@ def load_quantized(folder: str | Path, model_config, config: LoRAConfig, device:
     for i, block in enumerate(model.model.layers):
         block.to_empty(device=device)
         fill(block, f"{_BLOCK}{i}.", by_block.get(i, []))
-        adapted = apply_lora(model, config, layers=[i])  # this block's full-precision weights are freed here
+        adapted = apply_lora(model, config, layers=[i])
+        prefix = f"{_BLOCK}{i}."
+        for name in [n for n in loader.params if n.startswith(prefix)]:
+            # the loader keeps only the shapes (for its final check): the full-precision tensors are freed here
+            loader.params[name] = loader.params[name].detach().to("meta")
         linears.update(adapted.linears)
         experts.update(adapted.experts)
         routers += adapted.routers
