@@ -301,3 +301,25 @@ def test_qlora_reads_the_base_block_by_block_into_what_quantizing_the_loaded_mod
         assert torch.equal(dequantize(a[key]), dequantize(b[key])), key
     trained = {n for n, p in blockwise.named_parameters() if p.requires_grad}
     assert trained == {n for n, p in whole.named_parameters() if p.requires_grad} and adapted.experts
+
+
+@pytest.mark.parametrize("fields", [dict(use_mla=False, attention_bias=True), dict(q_lora_rank=None)],
+                         ids=["multi-head attention with biases", "mla without query compression"])
+def test_a_saved_adapted_model_computes_what_the_adapted_model_computes(fields, tmp_path):
+    """final/ (the adapters folded into the plain layout) for each attention kind's projections."""
+    torch.manual_seed(0)
+    model = seekmoe.build_model(seekmoe.ModelConfig.preset("tiny", num_nextn_predict_layers=0, **fields)).eval()
+    adapted = apply_lora(model, LoRAConfig(rank=2, targets=EVERY_TARGET))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "final")
+    save_adapter(tmp_path / "adapter", lora_parameters(model), LoRAConfig(rank=2, targets=EVERY_TARGET),
+                 model.config)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert rel_error(seekmoe.from_pretrained(tmp_path / "final")(ids).logits, model(ids).logits) < 1e-5
+    leaves = {n.rsplit(".", 1)[-1] for n in adapted.linears if ".self_attn." in n}
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == leaves
