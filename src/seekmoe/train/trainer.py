@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..inference.tokenizer import read_tokenizer_file, write_tokenizer_files
 from ..info import model_summary
 from ..lora.apply import apply_lora
+from ..lora.load import load_quantized
 from ..lora.run import lora_for_run, merged_final, save_lora_outputs
 from ..model.moe import device_groups_for
 from ..model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, ranks_on_this_machine
@@ -171,8 +172,10 @@ class Trainer:
         # Before any data is read or tensor allocated: a model this machine cannot train is refused with the sums.
         # (With --train a subset, only the fp32 weights are counted: the frozen rest needs no gradient or moments.)
         every = config.trainable == "all" and self.lora is None
-        check_fits_memory(model_config, TRAINING_BYTES_PER_PARAM if every else 4,
-                          "fp32 weights, gradients and AdamW's two moments" if every else "fp32 weights",
+        nf4 = self.lora is not None and self.lora.quantize == "nf4"  # read block by block into NF4: ~1 byte each
+        check_fits_memory(model_config, TRAINING_BYTES_PER_PARAM if every else 1 if nf4 else 4,
+                          "fp32 weights, gradients and AdamW's two moments" if every else
+                          "NF4 weights, fp32 embeddings" if nf4 else "fp32 weights",
                           self.processes.device, shards=self.world_size,
                           ranks_here=ranks_on_this_machine() if self.world_size > 1 else 1,
                           source=f"the model of {init_from or 'this run'}")
@@ -240,6 +243,16 @@ class Trainer:
         (parallel/materialize.py), so no rank holds the whole model."""
         from ..parallel.materialize import added_modules, check_folder, materialize
 
+        if self.lora is not None and self.lora.quantize == "nf4":
+            # QLoRA (one process): the base read block by block into NF4, never whole in full precision; a resumed
+            # run reads it too (its checkpoint holds the same NF4 weights) and then loads the checkpoint.
+            model, adapted = load_quantized(self.init_from, self.model_config, self.lora, self.device)
+            self.log(f"initialized from {self.init_from} (NF4 base weights)\n{adapted.describe()}")
+            for moe in model.moe_layers():
+                device_groups_for(self.model_config, moe.device_groups)
+            return parallelize(model, self.processes, self.parallel, compile=self.config.compile,
+                               activation_checkpointing=self.config.activation_checkpointing,
+                               compute_dtype=self.autocast_dtype).train()
         full_weights = None
         if self.init_from is not None and self.resume_from is None:
             full_weights = self.init_from
