@@ -35,7 +35,7 @@ from common import RESULTS, header, pyplot, save_figure, table, write_json  # no
 
 import seekmoe  # noqa: E402
 from seekmoe import ModelConfig  # noqa: E402
-from seekmoe.analysis import route  # noqa: E402
+from seekmoe.analysis import LayerRouting, route  # noqa: E402
 from seekmoe.analysis.modality import modality_report  # noqa: E402
 from seekmoe.analysis.sources import Source  # noqa: E402
 from seekmoe.train.balance import update_router_biases  # noqa: E402
@@ -136,7 +136,7 @@ def evaluate(model, vocab: Vocabulary, val) -> dict:
     token_ids = torch.where(routed.token_ids >= vocab.image_base, PLACEHOLDER, routed.token_ids)
     # leave out the padding after each answer
     real = torch.arange(SEQ_LEN).repeat(ids.shape[0]) <= where.repeat_interleave(SEQ_LEN)
-    layers = [type(layer)(layer.layer, layer.indices[real], layer.weights[real], layer.entropy[real], 0,
+    layers = [LayerRouting(layer.layer, layer.indices[real], layer.weights[real], layer.entropy[real], 0,
                           layer.shared_norm[real], layer.routed_norm[real]) for layer in routed.layers]
     report = modality_report(layers, token_ids[real], PLACEHOLDER, model.config.n_routed_experts,
                              model.config.modality_expert_groups, model.config.n_group)

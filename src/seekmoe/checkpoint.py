@@ -237,6 +237,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     raw = read_config_json(path / "config.json")
+    if (raw.get("quantization_config") or {}).get("quant_method") == "seekmoe":  # `seekmoe quantize` wrote it
+        from .quant.folder import load_quantized
+
+        return load_quantized(path, dtype=dtype, device=device)
     config = config_from_dict(raw, str(path / "config.json"))
     device = torch.device(device or "cpu")
     if device.type == "meta":

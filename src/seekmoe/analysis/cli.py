@@ -102,6 +102,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         m = results["modality"]
         js = ", ".join(f"{layer['js_divergence']:.3f}" for layer in m["layers"])
         print(f"per modality: {m['tokens']['image']} image and {m['tokens']['text']} text tokens (image id "
-              f"{m['image_token_id']}); Jensen-Shannon divergence of their loads per MoE layer {js}")
+              f"{m['image_token_id']}); Jensen-Shannon divergence of their loads per MoE layer {js}"
+              + ("" if m["tokens"]["image"] else f" (no token of the data has id {m['image_token_id']})"))
     print(f"wrote {out / REPORT_NAME} and {out / JSON_NAME}")
     return 0
