@@ -105,6 +105,12 @@ def test_multi_head_config_checks_name_the_field():
         ModelConfig.preset("tiny", use_mla=False, num_attention_heads=5)
     with pytest.raises(ValueError, match="attention_bias"):
         ModelConfig.preset("tiny", attention_bias=True)
+    with pytest.raises(ValueError, match="use_mla"):
+        ModelConfig.preset("tiny", use_mla="no")
+    with pytest.raises(ValueError, match="family"):
+        ModelConfig.preset("tiny", family="llama")
+    with pytest.raises(ValueError, match="use_mla"):
+        ModelConfig.preset("tiny", family="deepseek")  # DeepSeekMoE's remote code is multi-head attention
     with pytest.raises(ValueError, match="num_key_value_heads"):
         ModelConfig.from_dict({**hf_text_config().to_dict(), "num_key_value_heads": 2})
     with pytest.raises(ValueError, match="mlp_layer_types"):
