@@ -56,7 +56,7 @@ def main(ep: int, attention: str) -> None:
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         full = p.full_tensor() if isinstance(p, DTensor) else p
         err = ((full - q).abs().max() / q.abs().max()).item()
-        assert err < 1e-6, f"{name}: relative difference {err:.2e} after 3 steps of optimizer={train.optimizer} (ep={ep})"
+        assert err < 1e-6, f"{name}: relative difference {err:.2e} after 3 steps of {train.optimizer} (ep={ep})"
     if r == 0:
         print(f"muon under FSDP (ep={ep}, {attention}, {W} processes) equals one process")
 

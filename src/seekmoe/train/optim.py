@@ -1,4 +1,5 @@
-"""AdamW with DeepSeek-style parameter groups, and the learning-rate schedules (warmup + cosine, warmup-stable-decay)."""
+"""AdamW (or Muon, muon.py) with DeepSeek-style parameter groups, and the learning-rate schedules (warmup + cosine,
+warmup-stable-decay)."""
 
 from __future__ import annotations
 
