@@ -127,11 +127,11 @@ def test_muon_training_of_a_multi_head_model_resumes_exactly(corpus, cache, tmp_
     from seekmoe.train.metrics import read_metrics
 
     model_cfg, cfg = load_run_config("tiny", overrides={
-        "seq_len": 32, "batch_size": 4, "warmup_steps": 2, "eval_every": 4, "save_every": 3, "eval_batches": 1,
-        "cache_dir": cache, "precision": "fp32", "max_steps": 6, "optimizer": "muon", "use_mla": False,
+        "seq_len": 32, "batch_size": 4, "warmup_steps": 1, "eval_every": 4, "save_every": 2, "eval_batches": 1,
+        "cache_dir": cache, "precision": "fp32", "max_steps": 4, "optimizer": "muon", "use_mla": False,
         "rope_interleave": False, "num_nextn_predict_layers": 0})
     train(model_cfg, cfg, tmp_path / "whole", data=[str(corpus)], progress=False)
-    train(model_cfg, cfg, tmp_path / "split", data=[str(corpus)], stop_at=3, progress=False)
+    train(model_cfg, cfg, tmp_path / "split", data=[str(corpus)], stop_at=2, progress=False)
     train(model_cfg, cfg, tmp_path / "split", data=[str(corpus)], resume=True, progress=False)
     whole, split = ([r["loss"] for r in read_metrics(tmp_path / d)] for d in ("whole", "split"))
     assert whole == split and whole[-1] < whole[0]
