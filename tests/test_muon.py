@@ -136,3 +136,11 @@ def test_muon_training_of_a_multi_head_model_resumes_exactly(corpus, cache, tmp_
     whole, split = ([r["loss"] for r in read_metrics(tmp_path / d)] for d in ("whole", "split"))
     assert whole == split and whole[-1] < whole[0]
     assert json.loads((tmp_path / "whole" / "final" / "config.json").read_text())["use_mla"] is False
+
+
+def test_v4_position_biases_stay_on_adamw_and_its_projections_go_to_muon():
+    from seekmoe.train.optim import muon_parameters
+
+    names = set(muon_parameters(seekmoe.build_model(ModelConfig.preset("tiny-v4"))))
+    assert not any("position_bias" in n for n in names)
+    assert any(n.endswith("attn_hc.fn") for n in names)
