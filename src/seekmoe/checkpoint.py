@@ -43,10 +43,21 @@ STACKED_EXPERT_MODEL_TYPES = ("deepseek_ocr2_text",)
 def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """(disk key, tensor) pairs in DeepSeek's layout, one expert matrix at a time (views, no copies)."""
     config = model.config
-    L, I = config.num_hidden_layers, config.moe_intermediate_size
     state = fold_weight_providers(model, model.state_dict(keep_vars=False))  # partly frozen experts: plain stacks
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    yield from disk_items(state, config)
+    L = config.num_hidden_layers
+    for j in range(len(model.model.mtp)):
+        for suffix, shared in _MTP_SHARED.items():
+            source = state.get(shared, state["model.embed_tokens.weight"])
+            yield f"model.layers.{L + j}.{suffix}", source
+
+
+def disk_items(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(disk key, tensor) pairs of any part of our state dict in DeepSeek's layout: each expert stack as per-expert
+    matrices in stack order (gate, up of expert 0, then of expert 1, ...; views, no copies)."""
+    L, I = config.num_hidden_layers, config.moe_intermediate_size
     # transformers writes DeepSeek-OCR-2's text model with its experts stacked, as we hold them (no conversion)
     per_expert = config.model_type not in STACKED_EXPERT_MODEL_TYPES
     for key, tensor in state.items():
@@ -62,10 +73,6 @@ def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{prefix}{e}.down_proj.weight", tensor[e]
         else:
             yield key, tensor
-    for j in range(len(model.model.mtp)):
-        for suffix, shared in _MTP_SHARED.items():
-            source = state.get(shared, state["model.embed_tokens.weight"])
-            yield f"model.layers.{L + j}.{suffix}", source
 
 
 def _v4_disk_items(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
