@@ -127,3 +127,15 @@ def test_generate_stats_reports_memory_and_the_mapping(tmp_path, capsys):
                  "--stats"]) == 0
     err = capsys.readouterr().err
     assert "peak RSS" in err and "weights mapped from files" in err and "copied 0.00 GiB" in err
+
+
+def test_auto_maps_a_model_that_does_not_fit_and_says_so(tmp_path, monkeypatch):
+    import seekmoe.checkpoint as checkpoint
+
+    folder = _save(tmp_path / "m", torch.bfloat16)
+    assert not hasattr(from_pretrained(folder, mmap="auto"), "mapping")  # fits: copied as before
+    monkeypatch.setattr(checkpoint, "_fits", lambda *args: False)
+    with pytest.warns(checkpoint.MappedLoadNote, match="do not fit in memory"):
+        assert from_pretrained(folder, mmap="auto").mapping.copied_bytes == 0
+    with pytest.raises(ValueError, match="--mmap --dtype bfloat16"):
+        from_pretrained(folder, dtype=torch.float32, mmap="auto")

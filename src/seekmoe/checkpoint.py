@@ -267,7 +267,12 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if mmap not in (True, False, "auto"):
         raise ValueError(f"mmap={mmap!r}: expected True, False or 'auto'")
     if mmap == "auto":
-        mmap = device.type == "cpu" and dtype == stored and not _fits(config, dtype, device, path)
+        mmap = device.type == "cpu" and not _fits(config, dtype, device, path)
+        if mmap and dtype != stored:
+            name = str(stored).removeprefix("torch.")
+            raise ValueError(f"{path} does not fit in memory as {str(dtype).removeprefix('torch.')} weights: map its "
+                             f"{name} weights from the files instead (`--mmap --dtype {name}`, or "
+                             f"from_pretrained(mmap=True))")
         if mmap:
             warnings.warn(f"{path}: the weights do not fit in memory: mapping them from the files (paged in when "
                           f"used; decoding speed then depends on the disk)", MappedLoadNote, stacklevel=2)
