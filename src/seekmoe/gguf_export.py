@@ -114,10 +114,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, file_type: str = "bf16")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), ARCH, use_temp_file=True)
+    writer = gguf.GGUFWriter(str(tmp), ARCH, use_temp_file=True)  # tensors wait in a temporary file, not memory
     try:
         _write_metadata(writer, gguf, config, model_dir.name, file_type)
-        _write_vocab(writer, gguf, vocab, config)
+        _write_vocab(writer, vocab, config)
         n = 0
         for name, tensor in _gguf_tensors(config, files, read):
             data, raw_type = _encode(gguf, name, tensor, qtype)
@@ -126,8 +126,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, file_type: str = "bf16")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    finally:
+    except BaseException:
         writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
     tmp.replace(out)  # a crash leaves no half-written FILE.gguf that llama.cpp would try to load
     return GGUFExport(out, n, notes)
 
@@ -207,7 +210,7 @@ def _write_metadata(w, gguf, config, name: str, file_type: str) -> None:
 @dataclass
 class _Vocab:
     tokens: list[str]
-    types: list[int]
+    types: list  # gguf.TokenType
     merges: list[str]
     special: dict[str, int]
 
@@ -229,21 +232,25 @@ def _vocab(file: Path, vocab_size: int) -> _Vocab:
         ids[content] = t["id"]
     if max(ids.values()) >= vocab_size:
         raise ValueError(f"{file} has token id {max(ids.values())}, beyond the model's vocab_size {vocab_size}")
+    from gguf import TokenType
+
     by_id = {i: tok for tok, i in ids.items()}
     tokens, types = [], []
     for i in range(vocab_size):  # llama.cpp wants one entry per embedding row
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
-            types.append(5)  # UNUSED
+            types.append(TokenType.UNUSED)
         else:
             tok = by_id[i]
             tokens.append(tok)
-            types.append(3 if tok in added and added[tok].get("special") else 4 if tok in added else 1)
+            types.append(TokenType.CONTROL if tok in added and added[tok].get("special")
+                         else TokenType.USER_DEFINED if tok in added else TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return _Vocab(tokens, types, merges, {t: added[t]["id"] for t in added})
 
 
-def _write_vocab(w, gguf, vocab: _Vocab, config) -> None:
+def _write_vocab(w, vocab: _Vocab, config) -> None:
+    """The tokenizer.ggml.* keys: llama.cpp's "gpt2" BPE with GPT-2's pre-tokenizer, BOS added to every prompt."""
     from .inference.tokenizer import CHAT_TEMPLATE
 
     w.add_tokenizer_model("gpt2")
