@@ -148,6 +148,11 @@ def _check_supported(config) -> list[str]:
     if config.eval_capacity() > 0:
         raise ValueError(f"eval_capacity_factor {config.eval_capacity()}: llama.cpp's MoE is dropless; a model that "
                          f"drops tokens over expert capacity would decode differently there")
+    if config.is_v4 or config.index_topk is not None or not config.use_mla:
+        kind = ("DeepSeek-V4 attention" if config.is_v4 else "V3.2's sparse attention" if config.index_topk
+                is not None else "multi-head attention (use_mla false)")
+        raise ValueError(f"model_type {config.model_type!r}: this export writes llama.cpp's deepseek2 (MLA, dense "
+                         f"attention); {kind} has another layout there, not written by seekmoe yet")
     if config.n_routed_experts == 0:
         raise ValueError("n_routed_experts 0: a dense model has no deepseek2 layout in llama.cpp (export a MoE model)")
     notes = []
