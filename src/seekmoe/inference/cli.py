@@ -25,7 +25,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags that pick the model and how it runs (shared by generate, chat and serve)."""
     p.add_argument("--model", metavar="DIR", required=True,
                    help="a model directory: config.json, safetensors weights and tokenizer.json")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight and cache type (default float32)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weight and cache type (default float32; with --mmap the checkpoint's own)")
+    p.add_argument("--mmap", action="store_true",
+                   help="leave the weights in their safetensors files, paged in when used (experts only when routed "
+                        "to): for models larger than memory, CPU only. Automatic when the weights do not fit")
     p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="context length: prompt plus completion, in tokens; the cache is preallocated for it "
@@ -81,9 +85,12 @@ def load_model(args: argparse.Namespace, compile: bool):
         if spec is not None:
             raise ValueError(f"--quantize {args.quantize}: {args.model} is quantized already (by seekmoe "
                              f"quantize): expected no --quantize")
-        model = load_quantized(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        model = load_quantized(args.model, dtype=DTYPES[args.dtype] if args.dtype else torch.float32,
+                               device=args.device)
     else:
-        model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        # --mmap leaves the weights in their files in their own dtype (a conversion would copy them all)
+        dtype = DTYPES[args.dtype] if args.dtype else None if args.mmap else torch.float32
+        model = from_pretrained(args.model, dtype=dtype, device=args.device, mmap=True if args.mmap else "auto")
         if spec is not None:
             quantize_model(model, spec, embeddings=args.quantize_embeddings)
     configure_quantized(model, compile)
@@ -109,6 +116,20 @@ def report(requests: list[Request], seconds: float) -> str:
     return line
 
 
+def memory_report(model) -> str:
+    """One line: peak and current resident memory, and for a mapped model how much of the weights stay in files."""
+    from ..mapped_weights import memory_stats
+
+    m, gib = memory_stats(), 2**30
+    line = f"memory: peak RSS {m['peak_rss'] / gib:.2f} GiB, RSS now {m.get('rss', 0) / gib:.2f} GiB"
+    if "rss_anon" in m:
+        line += f" ({m['rss_anon'] / gib:.2f} private, {m['rss_file'] / gib:.2f} file pages)"
+    mapping = getattr(model, "mapping", None)
+    if mapping is not None:
+        line += f"; weights mapped from files {mapping.mapped_bytes / gib:.2f} GiB, copied {mapping.copied_bytes / gib:.2f} GiB"
+    return line
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", metavar="TEXT", help="the text to complete")
@@ -121,7 +142,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep generating past the end-of-text token, so exactly --max-new-tokens come out (benchmarks)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default 8)")
     p.add_argument("--stats", action="store_true",
-                   help="print tokens/s, the MTP acceptance rate and the compile time to stderr")
+                   help="print tokens/s, the MTP acceptance rate, the compile time and memory (peak and current "
+                        "resident set) to stderr")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -155,6 +177,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(report(requests, time.perf_counter() - start), file=sys.stderr)
         if engine.forwards.compiled:
             print(f"(including {engine.forwards.compile_seconds:.1f}s compiling the decode step)", file=sys.stderr)
+        print(memory_report(engine.model), file=sys.stderr)
     failed = [r for r in requests if r.finish_reason == "error"]
     if failed:  # the engine ended them early (and logged the traceback): a script must not take this for success
         print(f"seekmoe generate: error: {len(failed)} of {len(requests)} requests failed after "

@@ -450,10 +450,11 @@ class Engine:
                     yield event
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, **kwargs) -> "Engine":
-        """An engine over the model and `tokenizer.json` of a model directory."""
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, mmap: bool | str = False,
+                        **kwargs) -> "Engine":
+        """An engine over the model and `tokenizer.json` of a model directory (`mmap`: see seekmoe.from_pretrained)."""
         from .. import from_pretrained
 
-        model = from_pretrained(path, dtype=dtype, device=device)
+        model = from_pretrained(path, dtype=dtype, device=device, mmap=mmap)
         tokenizer = Tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)
         return cls(model, tokenizer, **kwargs)
