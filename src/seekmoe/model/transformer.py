@@ -84,10 +84,11 @@ class CausalLM(nn.Module):
         """Every MoE layer, main blocks first, then MTP modules: the order of `expert_counts` rows."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 cache: list[CacheLayer] | None = None, mtp: bool | None = None,
-                balance_window: BalanceWindow | None = None, mtp_loss_weight: float | None = None) -> CausalLMOutput:
+                balance_window: BalanceWindow | None = None, mtp_loss_weight: float | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] (usually input_ids); position_ids [S] or [B, S]; attn_mask, if given,
         a boolean [B, 1, S, S] (True = may attend) replacing the causal mask.
 
@@ -97,15 +98,26 @@ class CausalLM(nn.Module):
         With labels, the MTP modules run (and `mtp_loss` is reported) when `mtp` says so, by default in training
         mode only: the validation loss needs no MTP. `balance_window` makes the expert- and device-level balance
         losses count over a whole optimizer step's micro-batches (see `BalanceWindow`). `mtp_loss_weight` is the
-        lambda of the MTP loss in `loss` (None = config.mtp_loss_weight); a trainer's schedule passes it here."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        B, S = input_ids.shape
+        lambda of the MTP loss in `loss` (None = config.mtp_loss_weight); a trainer's schedule passes it here.
+
+        `inputs_embeds` [B, S, hidden], if given, replaces the token embeddings (a vision-language model puts image
+        features at its placeholder tokens); input_ids, when given with it, still reach the routers (hash routing
+        reads them) and the MTP modules."""
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or (input_ids is not None and input_ids.shape != inputs_embeds.shape[:2]):
+                raise ValueError(f"inputs_embeds must be [batch, seq, hidden] matching input_ids, got shape "
+                                 f"{tuple(inputs_embeds.shape)}")
+            h = inputs_embeds
+        elif input_ids is None or input_ids.dim() != 2:
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"input_ids must be [batch, seq], got {shape}")
+        else:
+            h = self.model.embed_tokens(input_ids)
+        B, S = h.shape[:2]
         body = self.model
         if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device)
+            position_ids = torch.arange(S, device=h.device)
         cos, sin = body.rotary_emb(position_ids)
-        h = body.embed_tokens(input_ids)
         if body.hc_head is not None:
             h = expand_streams(h, self.config.hc_mult)
         stats: list[MoEStats] = []
@@ -126,7 +138,7 @@ class CausalLM(nn.Module):
         out.loss = out.lm_loss
         if mtp is None:
             mtp = self.training
-        if mtp and body.mtp and S > 1 + len(body.mtp):
+        if mtp and body.mtp and input_ids is not None and S > 1 + len(body.mtp):
             out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats, attn_mask)
             lam = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
             out.loss = out.loss + lam * out.mtp_loss
