@@ -139,7 +139,7 @@ class CausalLM(nn.Module):
         if mtp is None:
             mtp = self.training
         if mtp and body.mtp and input_ids is not None and S > 1 + len(body.mtp):
-            out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats, attn_mask)
+            out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats, attn_mask, inputs_embeds)
             lam = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
             out.loss = out.loss + lam * out.mtp_loss
         if stats:
@@ -152,28 +152,33 @@ class CausalLM(nn.Module):
         return out
 
     def _mtp_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, h: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, stats: list[MoEStats], attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                  sin: torch.Tensor, stats: list[MoEStats], attn_mask: torch.Tensor | None = None,
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Mean over depths k = 1..D of the cross-entropy of predicting token i+k+1 at position i (under the main
-        forward's attn_mask, when it has one: packed examples stay apart in the MTP modules too)."""
+        forward's attn_mask, when it has one: packed examples stay apart in the MTP modules too). With
+        `inputs_embeds`, the MTP modules take the tokens ahead as the main forward embedded them (image features)."""
         S = input_ids.shape[1]
         losses = []
         for k in range(1, len(self.model.mtp) + 1):
             n = S - k  # positions i that have an input token t_{i+k}
             mask = None if attn_mask is None else attn_mask[..., :n, :n]
-            h, s = self.mtp_forward(k, h[:, :n], input_ids[:, k:], cos[..., :n, :, :], sin[..., :n, :, :], mask)
+            ahead = None if inputs_embeds is None else inputs_embeds[:, k:]
+            h, s = self.mtp_forward(k, h[:, :n], input_ids[:, k:], cos[..., :n, :, :], sin[..., :n, :, :], mask,
+                                    token_embeds=ahead)
             if s is not None:
                 stats.append(s)
             losses.append(_next_token_loss(self.mtp_logits(k, h), labels[:, k:]))
         return torch.stack(losses).mean()
 
     def mtp_forward(self, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                    cache: CacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+                    sin: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: CacheLayer | None = None,
+                    token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         """MTP module `depth` (1-based) over h_prev [B, S, hidden] (the previous depth's states) and the tokens
         `depth` ahead [B, S]: (h [B, S, hidden], its MoE stats). The one MTP forward of training (`_mtp_loss`) and
         of drafting while decoding (inference/compiled.py, with `cache`)."""
         mtp = self.model.mtp[depth - 1]
-        return mtp(h_prev, self.model.embed_tokens(tokens), cos, sin, attn_mask, cache, tokens)
+        embeds = self.model.embed_tokens(tokens) if token_embeds is None else token_embeds
+        return mtp(h_prev, embeds, cos, sin, attn_mask, cache, tokens)
 
     def mtp_logits(self, depth: int, h: torch.Tensor) -> torch.Tensor:
         """MTP module `depth`'s predictions from its states h [..., hidden]: the shared LM head after its own norm."""

@@ -193,10 +193,7 @@ class VisionLanguageConfig:
 
     def to_dict(self) -> dict:
         """A config.json dict that transformers' AutoConfig reads as Kimi_K25Config."""
-        text = self.text_config.to_dict()
-        if self.text_config.model_type != "deepseek_v3":
-            raise ValueError(f"a kimi_k25 folder holds a deepseek_v3 language model; this one is "
-                             f"{self.text_config.model_type!r} (its router or capacity has no transformers twin)")
+        text = self.text_config.to_dict()  # a deepseek_v3 model as in Kimi-K2.5 (or v2, or seekmoe's own router)
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in ("extra", "text_config", "vision_config")}
         return {**self.extra, **d, "model_type": "kimi_k25", "architectures": ["Kimi_K25ForConditionalGeneration"],

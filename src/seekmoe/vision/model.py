@@ -21,13 +21,18 @@ class VisionLanguageModel(nn.Module):
     """`model(input_ids, pixel_values=, image_grid_thw=)` -> CausalLMOutput (logits [B, S, vocab]); with `labels`,
     the loss (placeholder tokens are never predicted: their labels count as -100)."""
 
-    def __init__(self, config: VisionLanguageConfig):
+    def __init__(self, config: VisionLanguageConfig, language_model: CausalLM | None = None):
+        """A fresh tower and projector in front of `language_model` (default: a fresh CausalLM of text_config)."""
         super().__init__()
         self.config = config
         self.vision_tower = VisionTower(config.vision_config)
         self.mm_projector = Projector(config)
-        self.language_model = CausalLM(config.text_config)
+        self.language_model = language_model if language_model is not None else CausalLM(config.text_config)
         self.reset_vision_parameters()
+
+    def moe_layers(self):
+        """The language model's MoE layers (the tower has none)."""
+        return self.language_model.moe_layers()
 
     @torch.no_grad()
     def reset_vision_parameters(self) -> None:
