@@ -56,6 +56,11 @@ class Request:
     drafted: int = 0  # MTP drafts verified
     accepted: int = 0  # ... and accepted
     slot: int | None = None
+    # A vision-language model's images for the prompt's placeholder tokens (vision/preprocess.py's tensors); their
+    # features are computed when the request is added and fill the placeholders' embeddings at prefill.
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    _image_embeds: torch.Tensor | None = None
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
     _last: int | None = None  # the newest token: sampled, not yet in the cache
@@ -94,6 +99,11 @@ class Engine:
         if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
             raise ValueError(f"max_prefill_tokens={max_prefill_tokens!r} is invalid: expected an integer >= 1")
         self.max_prefill_tokens = max_prefill_tokens
+        # A vision-language model: its tower runs once a request (at add), the language model does the rest.
+        self.vision = model.eval() if hasattr(model, "vision_tower") else None
+        self.image_token_id = self.vision.config.image_token_id if self.vision is not None else None
+        if self.vision is not None:
+            model = model.language_model
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
@@ -140,13 +150,17 @@ class Engine:
         if len(prompt_ids) >= self.max_seq_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens: expected fewer than the context length "
                              f"{self.max_seq_len}")
-        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size and t != self.image_token_id]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is invalid: expected 0 to {self.config.vocab_size - 1}")
 
     def add(self, request: Request) -> Request:
         """Give the request a free slot; it is prefilled at the next step. Raises RuntimeError when all are taken."""
         self.check_prompt(request.prompt_ids)
+        if self.vision is not None or request.pixel_values is not None:
+            from ..vision.inference import request_image_embeds
+
+            request._image_embeds = request_image_embeds(self, request)
         request._generator = request.params.generator()
         if self.tokenizer is not None:
             request._stream = TextStream(self.tokenizer, request.params.stop)
@@ -236,8 +250,13 @@ class Engine:
         if not decoding:
             tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
             step = self.cache.step([r.slot for r in requests], n_new, width)
+            embeds = None
+            if any(r._image_embeds is not None for r in requests):
+                from ..vision.inference import prefill_embeds
+
+                embeds = prefill_embeds(self.model, self.image_token_id, tokens, requests)
             out = self.model(tokens, position_ids=step.positions, attn_mask=step.attn_mask,
-                             cache=self.cache.layers(step))
+                             cache=self.cache.layers(step), inputs_embeds=embeds)
             return out.logits, out.hidden_states
         batch = self.forwards.batch(len(requests))
         pad = (batch or len(requests)) - len(requests)
@@ -455,5 +474,6 @@ class Engine:
         from .. import from_pretrained
 
         model = from_pretrained(path, dtype=dtype, device=device)
-        tokenizer = Tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)
+        text = getattr(model, "language_model", model).config  # a vision-language model's language model
+        tokenizer = Tokenizer(path, text.bos_token_id, text.eos_token_id)
         return cls(model, tokenizer, **kwargs)
