@@ -72,3 +72,41 @@ def test_images_must_match_their_placeholders(vlm):
     with pytest.raises(ValueError, match="holds 3 image tokens but no images"):
         engine.add(Request(ids, SamplingParams()))
     assert engine.has_capacity  # nothing was taken
+
+
+@pytest.fixture(scope="module")
+def vision_folder(tmp_path_factory):
+    """A tiny vision-language folder (fresh tiny tower on a tiny text model) with its tokenizer, and a PNG."""
+    import shutil
+
+    from PIL import Image
+
+    from seekmoe.posttrain.demo import make_base_model
+    from seekmoe.vision.sft import attach_vision_tower
+
+    root = tmp_path_factory.mktemp("vision_generate")
+    base = make_base_model(root / "base", ["User: Which colour?\n\nAssistant: red blue"] * 10,
+                           num_nextn_predict_layers=0)
+    folder = root / "vlm"
+    attach_vision_tower(base, "tiny").save_pretrained(folder)
+    for f in base.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, folder / f.name)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "red.png")
+    return root
+
+
+def test_generate_with_an_image(vision_folder, capsys):
+    from seekmoe.cli import main
+
+    args = ["generate", "--model", str(vision_folder / "vlm"), "--max-new-tokens", "3", "--ignore-eos"]
+    assert main(args + ["--prompt", "User: <image>Which colour?\n\nAssistant:",
+                        "--image", str(vision_folder / "red.png")]) == 0
+    capsys.readouterr()
+    (vision_folder / "broken.png").write_bytes((vision_folder / "red.png").read_bytes()[:-40])
+    assert main(args + ["--prompt", "x", "--image", str(vision_folder / "broken.png")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "truncated or corrupt" in err and "Traceback" not in err
+    assert main(["generate", "--model", str(vision_folder / "base"), "--prompt", "x",
+                 "--image", str(vision_folder / "red.png")]) == 2
+    assert "text model (no vision tower)" in capsys.readouterr().err

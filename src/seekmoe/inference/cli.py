@@ -122,6 +122,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default 8)")
     p.add_argument("--stats", action="store_true",
                    help="print tokens/s, the MTP acceptance rate and the compile time to stderr")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image (PNG, JPEG or WebP) for a vision-language model, repeatable: each goes where the "
+                        "prompt says <image>, or, without any <image>, before the prompt text")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -135,6 +138,8 @@ def run_generate(args: argparse.Namespace) -> int:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
     else:
         prompts = [args.prompt]
+    if args.image:
+        return _generate_with_images(args, params)
     engine = load_engine(args, max_batch_size=min(args.batch_size, len(prompts)))
     ids = [engine.tokenizer.encode(p) for p in prompts]
     for x in ids:
@@ -160,6 +165,41 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"seekmoe generate: error: {len(failed)} of {len(requests)} requests failed after "
               f"{len(failed[0].output_ids)} tokens: {failed[0].error.splitlines()[0]}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _generate_with_images(args: argparse.Namespace, params: SamplingParams) -> int:
+    """`seekmoe generate --prompt TEXT --image PATH ...`: the images' placeholders in the prompt, then one stream."""
+    from ..vision.images import load_image_file
+    from ..vision.inference import IMAGE_TAG, image_prompt
+    from ..vision.sft import IMAGE_MARK
+
+    if args.prompt is None:
+        raise ValueError("--image goes with --prompt (one prompt), not --prompts-file")
+    images = [load_image_file(path) for path in args.image]  # ValueError naming the file and why
+    text = args.prompt
+    if IMAGE_TAG not in text:
+        text = IMAGE_TAG * len(images) + text
+    if IMAGE_MARK in text:
+        raise ValueError("--prompt holds U+E000, which stands for images here: remove it")
+    engine = load_engine(args, max_batch_size=1)
+    if engine.vision is None:
+        raise ValueError(f"--image: {args.model} is a text model (no vision tower); train one with "
+                         f"`seekmoe sft --vision-tower`")
+    ids, pixel_values, grid = image_prompt(text.replace(IMAGE_TAG, IMAGE_MARK), images, engine.tokenizer,
+                                           engine.vision.config)
+    engine.check_prompt(ids)  # image tokens count against the context
+    start = time.perf_counter()
+    request = engine.add(Request(ids, params, pixel_values=pixel_values, image_grid_thw=grid))
+    while not request.done:
+        for event in engine.step():
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    if request.finish_reason == "error":
+        raise RuntimeError(f"generation failed: {request.error}")
+    if args.stats:
+        print(report([request], time.perf_counter() - start), file=sys.stderr)
     return 0
 
 
