@@ -188,7 +188,7 @@ def _generate_with_images(args: argparse.Namespace, params: SamplingParams) -> i
                          f"`seekmoe sft --vision-tower`")
     ids, pixel_values, grid = image_prompt(text.replace(IMAGE_TAG, IMAGE_MARK), images, engine.tokenizer,
                                            engine.vision.config)
-    engine.check_prompt(ids)  # image tokens count against the context
+    engine.check_prompt(ids, images=True)  # image tokens count against the context
     start = time.perf_counter()
     request = engine.add(Request(ids, params, pixel_values=pixel_values, image_grid_thw=grid))
     while not request.done:

@@ -143,20 +143,24 @@ class Engine:
     def active(self) -> int:
         return len(self.running) + len(self._new)
 
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        """Raise ValueError unless the prompt is non-empty, in the vocabulary and shorter than the context."""
+    def check_prompt(self, prompt_ids: list[int], images: bool = False) -> None:
+        """Raise ValueError unless the prompt is non-empty, in the vocabulary and shorter than the context (with
+        `images`, a vision-language model's image placeholder is a token too)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty: expected at least one token")
         if len(prompt_ids) >= self.max_seq_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens: expected fewer than the context length "
                              f"{self.max_seq_len}")
-        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size and t != self.image_token_id]
+        image = self.image_token_id if images else None
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size and t != image]
+        if bad and bad[0] == self.image_token_id:
+            raise ValueError(f"prompt token id {bad[0]} is the image placeholder but the prompt comes with no images")
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is invalid: expected 0 to {self.config.vocab_size - 1}")
 
     def add(self, request: Request) -> Request:
         """Give the request a free slot; it is prefilled at the next step. Raises RuntimeError when all are taken."""
-        self.check_prompt(request.prompt_ids)
+        self.check_prompt(request.prompt_ids, images=request.pixel_values is not None)
         if self.vision is not None or request.pixel_values is not None:
             from ..vision.inference import request_image_embeds
 

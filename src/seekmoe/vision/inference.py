@@ -68,3 +68,27 @@ def image_prompt(text: str, images: list, tokenizer, config, add_bos: bool = Tru
     pixel_values, grid = processor(images)
     counts = [processor.placeholders(g) for g in grid.tolist()]
     return encode_with_images(text, tokenizer, counts, config.image_token_id, add_bos), pixel_values, grid
+
+
+MAX_IMAGES = 16  # images in one request
+
+
+def chat_prompt(engine, messages: list[dict], image_dir, limits) -> tuple[list[int], torch.Tensor | None,
+                                                                          torch.Tensor | None]:
+    """(ids, pixel_values, image_grid_thw) of chat messages whose contents may be OpenAI-style parts, through the
+    chat template. ValueError saying why for a refused image (vision/images.py), too many images, or images sent
+    to a model without a vision tower."""
+    from ..inference.chat_template import format_chat
+    from .sft import text_and_images
+
+    n_images = sum(1 for m in messages if isinstance(m.get("content"), list)
+                   for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
+    if n_images and engine.vision is None:
+        raise ValueError("this model takes no images (it has no vision tower): send text only")
+    if n_images > MAX_IMAGES:
+        raise ValueError(f"{n_images} images: expected at most {MAX_IMAGES} a request")
+    flat, images = text_and_images(messages, image_dir, limits)
+    text = format_chat(flat)
+    if not images:
+        return engine.tokenizer.encode(text), None, None
+    return image_prompt(text, images, engine.tokenizer, engine.vision.config)

@@ -109,9 +109,10 @@ class VisionBatch(PackedBatch):
         return VisionBatch(*moved)
 
 
-def _text_and_images(messages: list[dict], image_dir: str | os.PathLike | None,
-                     limits: ImageLimits) -> tuple[list[dict], list]:
-    """The messages with each list-of-parts content rendered as text (IMAGE_MARK for each image), and the images."""
+def text_and_images(messages: list[dict], image_dir: str | os.PathLike | None,
+                    limits: ImageLimits) -> tuple[list[dict], list]:
+    """The messages with each list-of-parts content rendered as text (IMAGE_MARK for each image, user turns only),
+    and the images, decoded within `limits` (file:// URLs only under `image_dir`)."""
     flat, images = [], []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
@@ -120,14 +121,14 @@ def _text_and_images(messages: list[dict], image_dir: str | os.PathLike | None,
         if not isinstance(content, list):
             flat.append(m)
             continue
-        if m.get("role") != "user":
-            raise ValueError(f"messages[{i}] ({m.get('role')!r}) has a list of parts: expected parts in user turns "
-                             f"only (an assistant answers in text)")
         text = ""
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str) and IMAGE_MARK not in part["text"]:
                 text += part["text"]
+            elif kind == "image_url" and m.get("role") != "user":
+                raise ValueError(f"messages[{i}].content[{j}]: an image in a {m.get('role')!r} turn: expected "
+                                 f"images in user turns only")
             elif kind == "image_url":
                 ref = part.get("image_url")
                 url = ref.get("url") if isinstance(ref, dict) else ref
@@ -161,7 +162,7 @@ def render_vision_example(record: dict, tokenizer, config: VisionLanguageConfig,
                           image_dir: str | os.PathLike | None = None,
                           limits: ImageLimits = ImageLimits()) -> VisionExample:
     """render_example for chats with images: assistant turns labelled, images' placeholders in the prompt."""
-    messages, images = _text_and_images(record_messages(record), image_dir, limits)
+    messages, images = text_and_images(record_messages(record), image_dir, limits)
     format_chat(messages)  # validates roles and contents
     pixel_values, grid = processor(images) if images else (None, None)
     counts = [processor.placeholders(g) for g in grid.tolist()] if images else []
