@@ -110,3 +110,16 @@ def test_generate_with_an_image(vision_folder, capsys):
     assert main(["generate", "--model", str(vision_folder / "base"), "--prompt", "x",
                  "--image", str(vision_folder / "red.png")]) == 2
     assert "text model (no vision tower)" in capsys.readouterr().err
+
+
+def test_chat_image_command(vision_folder, capsys, monkeypatch):
+    import io
+
+    from seekmoe.cli import main
+
+    lines = f"/image {vision_folder / 'red.png'}\nWhich colour?\n/image {vision_folder / 'nope.png'}\nAnd now?\n\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert main(["chat", "--model", str(vision_folder / "vlm"), "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "/image: image file" in captured.err and "nope.png does not exist" in captured.err
+    assert len(captured.out.splitlines()) == 2  # both messages answered

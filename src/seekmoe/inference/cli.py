@@ -215,25 +215,53 @@ def run_chat(args: argparse.Namespace) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
-        print("Type a message; an empty line, /exit or Ctrl-D ends the chat.", file=sys.stderr)
+        print("Type a message; an empty line, /exit or Ctrl-D ends the chat."
+              + (" /image PATH adds an image to your next message." if engine.vision is not None else ""),
+              file=sys.stderr)
+    images, pending = [], ""  # the conversation's images, and the marks of those the next message carries
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line or line.strip() in ("", "/exit"):
             return 0
-        messages.append({"role": "user", "content": line.strip()})
-        ids = engine.tokenizer.encode(format_chat(messages))
+        if line.startswith("/image "):
+            try:
+                images.append(_chat_image(engine, line[len("/image "):].strip()))
+                from ..vision.sft import IMAGE_MARK
+
+                pending += IMAGE_MARK
+            except ValueError as e:  # a bad file costs the image, not the conversation
+                print(f"/image: {e}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": pending + line.strip()})
+        pending = ""
+        if images:
+            from ..vision.inference import image_prompt
+
+            ids, pixel_values, grid = image_prompt(format_chat(messages), images, engine.tokenizer,
+                                                   engine.vision.config)
+        else:
+            ids, pixel_values, grid = engine.tokenizer.encode(format_chat(messages)), None, None
         try:
-            engine.check_prompt(ids)
+            engine.check_prompt(ids, images=bool(images))
         except ValueError as e:
             print(f"the conversation no longer fits: {e}", file=sys.stderr)
             return 1
         reply = ""
-        for event in engine.stream(ids, params):
+        for event in engine.stream(ids, params, pixel_values=pixel_values, image_grid_thw=grid):
             text = event.text if reply else event.text.lstrip()  # no space after "Assistant:"
             reply += text
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply.strip()})
+
+
+def _chat_image(engine: Engine, path: str):
+    """The image `/image PATH` names, for a vision-language model (ValueError saying why not)."""
+    from ..vision.images import load_image_file
+
+    if engine.vision is None:
+        raise ValueError("this model takes no images (it has no vision tower)")
+    return load_image_file(path)

@@ -464,9 +464,11 @@ class Engine:
                 self.generate([prompt] * batch, params)
         return time.perf_counter() - start
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[Event]:
-        """Complete one prompt, yielding each step's event as it is produced."""
-        request = self.add(Request(list(prompt_ids), params or SamplingParams()))
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, pixel_values=None,
+               image_grid_thw=None) -> Iterator[Event]:
+        """Complete one prompt (with its images, for a vision-language model), yielding each step's event."""
+        request = self.add(Request(list(prompt_ids), params or SamplingParams(), pixel_values=pixel_values,
+                                   image_grid_thw=image_grid_thw))
         while not request.done:
             for event in self.step():
                 if event.request is request:
