@@ -1,6 +1,8 @@
 """The vision-language model equals transformers' Kimi_K25ForConditionalGeneration on tiny random folders (fp32),
 and what it saves transformers loads with the same logits."""
 
+import re
+
 import pytest
 import torch
 
@@ -150,4 +152,21 @@ def test_vision_config_mismatch_is_one_clear_error(tmp_path):
     raw["vision_config"]["intermediate_size"] = 20
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="has shape .* the model expects .* vision_config"):
+        seekmoe.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"merge_kernel_size": "2x2"}, "merge_kernel_size='2x2': expected two positive integers"),
+    ({"hidden_size": 15}, "head size divisible by 4"),
+    ({"pos_emb_height": 10**6}, "pos_emb_height=1000000: expected an integer in"),
+    ({"rope_parameters": {"rope_type": "yarn"}}, "expected {'rope_type': 'axial'"),
+])
+def test_hostile_vision_config_is_one_clear_error(tmp_path, change, message):
+    import json
+
+    hf_kimi_k25().save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["vision_config"].update(change)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=re.escape(message)):
         seekmoe.from_pretrained(tmp_path)

@@ -76,6 +76,7 @@ def load_vision_language(path: Path, raw: dict, dtype: torch.dtype | None = None
                       source=str(path))
     with torch.device("meta"):
         model = VisionLanguageModel(config)
+    _check_vision_memory(model, dtype, device, path)
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     _LanguageLoader(model.language_model, path, lm_files, block, lm_disk).check()
     targets = _vision_targets(model, path, vision_files)
@@ -124,6 +125,21 @@ class _LanguageLoader(_Loader):
         if name not in self.handles:
             self.handles[name] = _Renamed(safe_open(str(self.path / name), "pt"), self.disk_keys)
         return self.handles[name]
+
+
+def _check_vision_memory(model: VisionLanguageModel, dtype: torch.dtype, device: torch.device, path: Path) -> None:
+    """Refuse, with the arithmetic, a tower and projector (counted on the meta device) that, with the language
+    model, cannot fit `device` (check_fits_memory has counted the language model alone)."""
+    from ..model_folder import available_memory
+
+    vision = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(LANGUAGE_PREFIX))
+    text = sum(p.numel() for p in model.language_model.parameters())
+    need = (vision + text) * dtype.itemsize
+    have, origin = available_memory(device)
+    if need > have:
+        raise ValueError(f"{path} does not fit in memory: {vision:,} vision and {text:,} language parameters x "
+                         f"{dtype.itemsize} bytes = {need:,} bytes, but {device.type} has {have:,} available "
+                         f"({origin})")
 
 
 def _vision_targets(model: VisionLanguageModel, path: Path, vision_files: dict[str, str]) -> dict:

@@ -68,7 +68,12 @@ class VisionConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys, written back unchanged
 
     def __post_init__(self) -> None:
-        self.merge_kernel_size = tuple(int(k) for k in self.merge_kernel_size)
+        kernel = self.merge_kernel_size
+        if not isinstance(kernel, (list, tuple)) or not all(isinstance(k, int) for k in kernel):
+            raise ValueError(f"vision_config.merge_kernel_size={kernel!r}: expected two positive integers")
+        self.merge_kernel_size = tuple(kernel)
+        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+            raise ValueError(f"vision_config rope_theta={self.rope_theta!r}: expected a positive number")
         for name, limit in VISION_BOUNDS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
@@ -104,10 +109,10 @@ class VisionConfig:
         rope = d.pop("rope_parameters", None) or {}
         kwargs: dict[str, Any] = {}
         if rope:
-            if rope.get("rope_type", "axial") != "axial":
-                raise ValueError(f"vision_config.rope_parameters.rope_type={rope.get('rope_type')!r}: expected "
-                                 f"'axial'")
-            kwargs["rope_theta"] = float(rope.get("rope_theta", 10000.0))
+            if not isinstance(rope, dict) or rope.get("rope_type", "axial") != "axial":
+                raise ValueError(f"vision_config.rope_parameters={str(rope)[:80]}: expected {{'rope_type': "
+                                 f"'axial', 'rope_theta': ...}}")
+            kwargs["rope_theta"] = rope.get("rope_theta", 10000.0)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta"}
         extra = {}
         for k, v in d.items():
@@ -150,6 +155,9 @@ class VisionLanguageConfig:
                              f"hidden_size {self.vision_config.hidden_size} (the projector normalizes its patches)")
         if not isinstance(self.image_token_id, int) or self.image_token_id < 0:
             raise ValueError(f"image_token_id={self.image_token_id!r}: expected a token id (a non-negative integer)")
+        eps = self.projection_layer_norm_eps
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise ValueError(f"projection_layer_norm_eps={eps!r}: expected a small positive number")
 
     @property
     def media_placeholder_token_id(self) -> int:
