@@ -86,6 +86,12 @@ def test_saved_folder_loads_in_transformers_with_the_same_logits(tmp_path):
         again = seekmoe.from_pretrained(tmp_path / "ours")(ids, pixel_values=pixel_values, image_grid_thw=grid).logits
     assert rel_error(got, ref) < TOL
     assert rel_error(again, ref) < TOL
+    ours.save_pretrained(tmp_path / "sharded", max_shard_bytes=20_000)
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 2
+    sharded = Kimi_K25ForConditionalGeneration.from_pretrained(tmp_path / "sharded", attn_implementation="eager")
+    with torch.no_grad():
+        assert rel_error(sharded.eval()(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid).logits,
+                         ref) < TOL
 
 
 def test_text_only_input_runs_the_language_model_alone(tmp_path):
