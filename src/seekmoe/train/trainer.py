@@ -249,6 +249,8 @@ class Trainer:
         if self.make_model is not None:
             if self.processes.distributed:
                 raise ValueError("this stage trains in one process: run it without torchrun")
+            if self.config.compile or self.config.activation_checkpointing:
+                self.log("compile and activation_checkpointing are not applied to this stage's model")
             model = self.make_model().to(self.device)
             for moe in model.moe_layers():
                 device_groups_for(self.model_config, moe.device_groups)
