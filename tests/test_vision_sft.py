@@ -31,7 +31,8 @@ def data_url(rgb, size=(28, 42)) -> str:
 
 
 def colour_record(name: str) -> dict:
-    parts = [{"type": "text", "text": "Which colour?"}, {"type": "image_url", "image_url": {"url": data_url(COLOURS[name])}}]
+    parts = [{"type": "text", "text": "Which colour?"},
+             {"type": "image_url", "image_url": {"url": data_url(COLOURS[name])}}]
     return {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": name}]}
 
 

@@ -22,7 +22,8 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
         f"to itself. Defaults that differ from `seekmoe train`: {SFT_DEFAULTS}.\n"
         "Writes OUT/metrics.jsonl, OUT/checkpoints/ (resume with --resume), OUT/plots/ and OUT/final/ (a model folder).\n"
         "images: with --vision-tower (or a vision-language --model), a user turn's content may be a list of parts\n"
-        '  [{"type": "text", "text": "..."}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]\n'
+        '  [{"type": "text", "text": "..."},\n'
+        '   {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]\n'
         "(PNG, JPEG or WebP; file:///... URLs only under --image-dir; http(s) never fetched). LLaVA's stages: first\n"
         "--stage align (the projector alone), then --stage full on its final/ (projector and language model).")
     parser.add_argument("--model", required=True, metavar="DIR", help="the model folder to fine-tune (a final/)")

@@ -177,7 +177,8 @@ class Projector(nn.Module):
         d = config.vision_config.hidden_size
         merged = d * config.merged_patches
         self.pre_norm = nn.LayerNorm(d, eps=config.projection_layer_norm_eps)
-        self.proj = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, config.text_config.hidden_size))
+        self.proj = nn.Sequential(nn.Linear(merged, merged), nn.GELU(),
+                                  nn.Linear(merged, config.text_config.hidden_size))
 
     def forward(self, merged: torch.Tensor) -> torch.Tensor:
         """merged [T, k, hidden_vision] -> [T, hidden_text]."""
