@@ -64,6 +64,8 @@ def _vision_sft(model_dir, data, out, config, model_config, tokenizer, resume, s
     from ..train.trainer import Trainer
     from ..vision.sft import VisionSFTData, apply_stage, attach_vision_tower, vision_sft_forward
 
+    if config.lora:
+        raise ValueError("--lora with a vision-language model is not supported yet: use --stage align|full")
     torch.manual_seed(config.seed)
     model = attach_vision_tower(model_dir, vision_tower)
     line = apply_stage(model, stage, train_vision_tower)

@@ -172,6 +172,19 @@ class VisionLanguageConfig:
     def tie_word_embeddings(self) -> bool:
         return self.text_config.tie_word_embeddings
 
+    # The language model's token ids and context, read where a text model's config is read (tokenizer, engine).
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.text_config.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.text_config.eos_token_id
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.text_config.max_position_embeddings
+
     @property
     def merged_patches(self) -> int:
         """Patches merged into one language-model token (2x2 = 4 for Kimi-K2.5)."""
