@@ -85,7 +85,8 @@ def _to_disk_key(key: str, n_layers: int) -> str:
     return f"model.layers.{n_layers + int(m.group(1))}.{m.group(2)}" if m else key
 
 
-def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: int | None = None,
+                    state_items=hf_state_items) -> None:
     """Write `path/config.json` and the weights as safetensors, sharded with an index past `max_shard_bytes`.
 
     Everything is written into a temporary sibling folder, together with links to the other files already in `path`
@@ -97,7 +98,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: i
     tmp = path.parent / f".{path.name}.saving-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _write_model_files(model, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
+    _write_model_files(model, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES, state_items)
     if not path.exists():
         os.rename(tmp, path)
         return
@@ -143,13 +144,15 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
-def _write_model_files(model: CausalLM, path: Path, limit: int) -> None:
-    """config.json and the safetensors (one file, or shards and their index) into the empty folder `path`."""
+def _write_model_files(model: CausalLM, path: Path, limit: int, state_items=hf_state_items) -> None:
+    """config.json and the safetensors (one file, or shards and their index) into the empty folder `path`;
+    `state_items(model)` gives the (disk key, tensor) pairs (a vision-language model has its own: vision/)."""
     model.config.save(path)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size, group = 0, None
-    items = hf_state_items(model)
-    for key, tensor in (_v4_disk_items(items) if model.config.is_v4 else items):  # transformers' V4 names
+    items = state_items(model)
+    is_v4 = getattr(model.config, "is_v4", False)
+    for key, tensor in (_v4_disk_items(items) if is_v4 else items):  # transformers' V4 names
         nbytes = tensor.numel() * tensor.element_size()
         # One layer's expert stack (gate and up rows, or down) stays in one shard, back to back, so that a mapped
         # load (mapped_weights.py) views it in place.
@@ -239,7 +242,7 @@ def _check_safetensors(file: Path) -> None:
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None, mmap: bool | str = False) -> CausalLM:
-    """Load a DeepSeek-V2/V3 Hugging Face directory into a CausalLM.
+    """Load a DeepSeek-V2/V3 Hugging Face directory into a CausalLM (a Kimi-K2.5 one into a VisionLanguageModel).
 
     Tensors are streamed one at a time from memory-mapped shards straight into the model's parameters; FP8
     block-quantized weights are dequantized on the way. `device="meta"` builds the model's structure only.
@@ -251,6 +254,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     raw = read_config_json(path / "config.json")
+    if raw.get("model_type") == "kimi_k25":  # a vision-language model: MoonViT + projector + this CausalLM
+        from .vision.checkpoint import load_vision_language
+
+        return load_vision_language(path, raw, dtype=dtype, device=device)
     if (raw.get("quantization_config") or {}).get("quant_method") == "seekmoe":  # `seekmoe quantize` wrote it
         from .quant.folder import load_quantized
 

@@ -144,6 +144,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true",
                    help="print tokens/s, the MTP acceptance rate, the compile time and memory (peak and current "
                         "resident set) to stderr")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image (PNG, JPEG or WebP) for a vision-language model, repeatable: each goes where the "
+                        "prompt says <image>, or, without any <image>, before the prompt text")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -157,6 +160,8 @@ def run_generate(args: argparse.Namespace) -> int:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
     else:
         prompts = [args.prompt]
+    if args.image:
+        return _generate_with_images(args, params)
     engine = load_engine(args, max_batch_size=min(args.batch_size, len(prompts)))
     ids = [engine.tokenizer.encode(p) for p in prompts]
     for x in ids:
@@ -186,6 +191,41 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_with_images(args: argparse.Namespace, params: SamplingParams) -> int:
+    """`seekmoe generate --prompt TEXT --image PATH ...`: the images' placeholders in the prompt, then one stream."""
+    from ..vision.images import load_image_file
+    from ..vision.inference import IMAGE_TAG, image_prompt
+    from ..vision.sft import IMAGE_MARK
+
+    if args.prompt is None:
+        raise ValueError("--image goes with --prompt (one prompt), not --prompts-file")
+    images = [load_image_file(path) for path in args.image]  # ValueError naming the file and why
+    text = args.prompt
+    if IMAGE_TAG not in text:
+        text = IMAGE_TAG * len(images) + text
+    if IMAGE_MARK in text:
+        raise ValueError("--prompt holds U+E000, which stands for images here: remove it")
+    engine = load_engine(args, max_batch_size=1)
+    if engine.vision is None:
+        raise ValueError(f"--image: {args.model} is a text model (no vision tower); train one with "
+                         f"`seekmoe sft --vision-tower`")
+    ids, pixel_values, grid = image_prompt(text.replace(IMAGE_TAG, IMAGE_MARK), images, engine.tokenizer,
+                                           engine.vision.config)
+    engine.check_prompt(ids, images=True)  # image tokens count against the context
+    start = time.perf_counter()
+    request = engine.add(Request(ids, params, pixel_values=pixel_values, image_grid_thw=grid))
+    while not request.done:
+        for event in engine.step():
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    if request.finish_reason == "error":
+        raise RuntimeError(f"generation failed: {request.error}")
+    if args.stats:
+        print(report([request], time.perf_counter() - start), file=sys.stderr)
+    return 0
+
+
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p, temperature=0.7)
@@ -198,25 +238,53 @@ def run_chat(args: argparse.Namespace) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
-        print("Type a message; an empty line, /exit or Ctrl-D ends the chat.", file=sys.stderr)
+        print("Type a message; an empty line, /exit or Ctrl-D ends the chat."
+              + (" /image PATH adds an image to your next message." if engine.vision is not None else ""),
+              file=sys.stderr)
+    images, pending = [], ""  # the conversation's images, and the marks of those the next message carries
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line or line.strip() in ("", "/exit"):
             return 0
-        messages.append({"role": "user", "content": line.strip()})
-        ids = engine.tokenizer.encode(format_chat(messages))
+        if line.startswith("/image "):
+            try:
+                images.append(_chat_image(engine, line[len("/image "):].strip()))
+                from ..vision.sft import IMAGE_MARK
+
+                pending += IMAGE_MARK
+            except ValueError as e:  # a bad file costs the image, not the conversation
+                print(f"/image: {e}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": pending + line.strip()})
+        pending = ""
+        if images:
+            from ..vision.inference import image_prompt
+
+            ids, pixel_values, grid = image_prompt(format_chat(messages), images, engine.tokenizer,
+                                                   engine.vision.config)
+        else:
+            ids, pixel_values, grid = engine.tokenizer.encode(format_chat(messages)), None, None
         try:
-            engine.check_prompt(ids)
+            engine.check_prompt(ids, images=bool(images))
         except ValueError as e:
             print(f"the conversation no longer fits: {e}", file=sys.stderr)
             return 1
         reply = ""
-        for event in engine.stream(ids, params):
+        for event in engine.stream(ids, params, pixel_values=pixel_values, image_grid_thw=grid):
             text = event.text if reply else event.text.lstrip()  # no space after "Assistant:"
             reply += text
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply.strip()})
+
+
+def _chat_image(engine: Engine, path: str):
+    """The image `/image PATH` names, for a vision-language model (ValueError saying why not)."""
+    from ..vision.images import load_image_file
+
+    if engine.vision is None:
+        raise ValueError("this model takes no images (it has no vision tower)")
+    return load_image_file(path)
