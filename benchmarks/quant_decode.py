@@ -64,24 +64,24 @@ def build(shape: str, precision: str, base) -> torch.nn.Module:
 
 def bytes_per_token(model) -> int:
     """Bytes of weights one decoding step at batch 1 reads (see the module docstring)."""
-    total = 0
-    counted: set[int] = set()
-    for module in model.modules():
+    share: dict[str, float] = {}  # module name -> the fraction of its tensors' bytes a token reads
+    for name, module in model.named_modules():
         if isinstance(module, (RoutedExperts, QuantizedExperts)):
-            k = model.config.num_experts_per_tok
-            size = sum(t.nbytes for t in module.state_dict().values())
-            total += size * k // module.n_experts
-            counted.update(id(t) for t in module.state_dict().values())
-        elif isinstance(module, (torch.nn.Embedding, QuantizedEmbedding)):
-            tensors = list(module.state_dict().values())
-            total += sum(t.nbytes // t.shape[0] for t in tensors)  # one row
-            counted.update(id(t) for t in tensors)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) not in counted and not name.startswith("model.mtp") and "rotary" not in name:
-            total += t.nbytes
-    if model.config.tie_word_embeddings:
-        total += model.lm_head.weight.nbytes if isinstance(model.lm_head, torch.nn.Linear) else 0
-    return total
+            share[name] = model.config.num_experts_per_tok / module.n_experts
+        elif isinstance(module, torch.nn.Embedding):
+            share[name] = 1 / module.num_embeddings
+        elif isinstance(module, QuantizedEmbedding):
+            share[name] = 1 / module.weight.qweight.shape[0]
+    total = 0.0
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in tensors:  # named_* list a tied tensor once, under its first name (the embedding's)
+        if name.startswith("model.mtp") or "rotary" in name:
+            continue
+        owner = max((m for m in share if name.startswith(m + ".")), key=len, default=None)
+        total += t.nbytes * (share[owner] if owner is not None else 1)
+    if model.config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
+        total += model.lm_head.weight.nbytes  # the head reads the whole tied matrix
+    return int(total)
 
 
 def copy_bandwidth() -> float:
