@@ -323,3 +323,18 @@ def test_greedy_decoding_on_v4_caches_equals_transformers_generate(v4_folder):
             tokens.append(logits[:, -1].argmax(-1))
     assert torch.equal(torch.cat([prompt, torch.stack(tokens, 1)], 1), ref)
     assert caches[2].compressor.keys.shape[1] == 32 // 8 and caches[1].indexer.keys.shape[1] == 32 // 4
+
+
+def test_the_engine_decodes_v4_equal_to_transformers_generate(v4_folder):
+    """seekmoe's Engine (continuous batching: 3 prompts of 6-21 tokens in 2 slots, each at its own position) on
+    V4's per-token cache widths: every greedy continuation equals transformers' generate."""
+    from seekmoe.inference import Engine, SamplingParams
+
+    path, hf = v4_folder
+    hf.generation_config.eos_token_id = None
+    prompts = [torch.randint(0, 80, (1, n), generator=torch.Generator().manual_seed(n)) for n in (13, 6, 21)]
+    refs = [hf.generate(p, max_new_tokens=14, do_sample=False)[0, p.shape[1]:].tolist() for p in prompts]
+    engine = Engine(from_pretrained(path), max_batch_size=2, compile=False)
+    done = engine.generate([p[0].tolist() for p in prompts],
+                           SamplingParams(max_new_tokens=14, temperature=0, ignore_eos=True))
+    assert [r.output_ids for r in done] == refs
