@@ -338,3 +338,29 @@ def test_the_engine_decodes_v4_equal_to_transformers_generate(v4_folder):
     done = engine.generate([p[0].tolist() for p in prompts],
                            SamplingParams(max_new_tokens=14, temperature=0, ignore_eos=True))
     assert [r.output_ids for r in done] == refs
+
+
+def test_fp8_weights_with_e8m0_block_scales_load_as_the_release_ships_them(v4_folder, tmp_path):
+    """V4's release: attention matrices in float8_e4m3fn with a power-of-two (E8M0) scale per 128x128 block under
+    `.scale`; loaded as the dequantized product."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from seekmoe.checkpoint import quantize_fp8
+
+    path, _ = v4_folder
+    tensors = {}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    key = "model.layers.1.attn.wq_b.weight"
+    q, scale_inv = quantize_fp8(tensors[key])
+    scale = torch.exp2(torch.ceil(torch.log2(scale_inv)))  # E8M0 holds powers of two only
+    tensors[key] = (tensors[key] / scale).to(torch.float8_e4m3fn)
+    tensors[key.removesuffix("weight") + "scale"] = scale.to(torch.float8_e8m0fnu)
+    (tmp_path / "fp8").mkdir()
+    save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
+    (tmp_path / "fp8" / "config.json").write_text((path / "config.json").read_text())
+    ours = from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    want = tensors[key].float() * scale.float()
+    assert torch.equal(ours.model.layers[1].self_attn.q_b_proj.weight, want)
