@@ -9,6 +9,12 @@ through `o_groups` low-rank groups (o_a_proj) mixed by o_b_proj.
 
 Sliding-window layers rotate with the main rope, compressed ones (and their compressors) with the compress rope
 (v4_rope.py). Without a cache the windows start at position 0 of the sequence.
+
+Decoding runs on either of two caches. `V4LayerCache` (v4_cache.py) is the compact one V4 is built for, the last
+window and the compressed keys (what `seekmoe info` counts); it is eager and keeps a batch's sequences at the same
+positions. The engine's `DecodeCache` (inference/cache.py) holds what `cache_widths` names per token (the key and
+the compressors' projections) and pools the complete windows again each step (`forward_slots`), so that continuous
+batching's slots may each be at their own position: simpler, compilable shapes, more bytes per token.
 """
 
 from __future__ import annotations
