@@ -364,3 +364,25 @@ def test_fp8_weights_with_e8m0_block_scales_load_as_the_release_ships_them(v4_fo
     ours = from_pretrained(tmp_path / "fp8", dtype=torch.float32)
     want = tensors[key].float() * scale.float()
     assert torch.equal(ours.model.layers[1].self_attn.q_b_proj.weight, want)
+
+
+def test_seekmoe_train_runs_the_tiny_v4_preset_and_transformers_loads_the_result(tmp_path):
+    import inspect
+
+    from transformers import DeepseekV4ForCausalLM
+
+    from seekmoe.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, module in enumerate((json.decoder, json.encoder, inspect)):  # a few small real documents
+        (data / f"{i}.py").write_text(inspect.getsource(module)[:6000])
+    args = ["train", "--preset", "tiny-v4", "--out", str(tmp_path / "run"), "--data", str(data), "--max-steps",
+            "3", "seq_len=48", "batch_size=2", "warmup_steps=1", "eval_every=3", "save_every=3", "eval_batches=1",
+            f"cache_dir={tmp_path / 'cache'}", "precision=fp32"]
+    assert main(args) == 0
+    ours = from_pretrained(tmp_path / "run" / "final")
+    hf = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
+    ids = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        assert rel_error(ours(ids).logits, hf(ids).logits) < 2e-4
