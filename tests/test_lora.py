@@ -282,3 +282,44 @@ def test_lora_under_expert_parallelism_and_fsdp_reproduces_one_process(corpus, c
     assert want.keys() == got.keys() and any(".mlp.experts.base_layer.lora_B" in k for k in want)
     for key in want:
         assert rel_error(got[key], want[key]) < 1e-4 or torch.equal(got[key], want[key]), key
+
+
+def test_qlora_reads_the_base_block_by_block_into_what_quantizing_the_loaded_model_gives(sft_base):
+    pytest.importorskip("torchao")
+    from seekmoe.lora.load import load_quantized
+    from seekmoe.lora.nf4 import dequantize
+
+    config = LoRAConfig(rank=2, targets=EVERY_TARGET, quantize="nf4")
+    torch.manual_seed(3)
+    whole = seekmoe.from_pretrained(sft_base / "base")
+    apply_lora(whole, config)
+    torch.manual_seed(3)
+    blockwise, adapted = load_quantized(sft_base / "base", whole.config, config, torch.device("cpu"))
+    a, b = whole.state_dict(), blockwise.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(dequantize(a[key]), dequantize(b[key])), key
+    trained = {n for n, p in blockwise.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in whole.named_parameters() if p.requires_grad} and adapted.experts
+
+
+@pytest.mark.parametrize("fields", [dict(use_mla=False, attention_bias=True), dict(q_lora_rank=None)],
+                         ids=["multi-head attention with biases", "mla without query compression"])
+def test_a_saved_adapted_model_computes_what_the_adapted_model_computes(fields, tmp_path):
+    """final/ (the adapters folded into the plain layout) for each attention kind's projections."""
+    torch.manual_seed(0)
+    model = seekmoe.build_model(seekmoe.ModelConfig.preset("tiny", num_nextn_predict_layers=0, **fields)).eval()
+    adapted = apply_lora(model, LoRAConfig(rank=2, targets=EVERY_TARGET))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "final")
+    save_adapter(tmp_path / "adapter", lora_parameters(model), LoRAConfig(rank=2, targets=EVERY_TARGET),
+                 model.config)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert rel_error(seekmoe.from_pretrained(tmp_path / "final")(ids).logits, model(ids).logits) < 1e-5
+    leaves = {n.rsplit(".", 1)[-1] for n in adapted.linears if ".self_attn." in n}
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == leaves

@@ -237,6 +237,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     raw = read_config_json(path / "config.json")
+    if (raw.get("quantization_config") or {}).get("quant_method") == "seekmoe":  # `seekmoe quantize` wrote it
+        from .quant.folder import load_quantized
+
+        return load_quantized(path, dtype=dtype, device=device)
     config = config_from_dict(raw, str(path / "config.json"))
     device = torch.device(device or "cpu")
     if device.type == "meta":
@@ -310,6 +314,9 @@ class _Loader:
         self.params.update(dict(model.named_buffers()))
         self.filled: set[tuple[str, tuple[int, str] | None]] = set()
         self.handles: dict[str, object] = {}
+        # Name fragments of parameters the folder may lack, initialized fresh by the caller instead: the lightning
+        # indexers a DeepSeek-V3.2 training stage adds to a V3 model (parallel/materialize.py).
+        self.fresh: tuple[str, ...] = ()
         # Experts split into a frozen stack and trainable rows (train/freeze.py's TrainableRows, which a sharded
         # load sets before parallelize): the rows are copies of some experts of the stack, kept apart.
         # stack parameter name -> (the rows' parameter name, {expert id: row})
@@ -434,6 +441,8 @@ class _Loader:
         missing = []
         for name_, param in self.params.items():
             if (name_, None) in self.filled or name_.endswith(_IGNORED_SUFFIXES):
+                continue
+            if any(fragment in name_ for fragment in self.fresh):
                 continue
             if name_.endswith("lm_head.weight") and self.config.tie_word_embeddings:
                 continue

@@ -96,15 +96,26 @@ class ModelConfig:
     sliding_window: int = 128
     o_groups: int = 8
     o_lora_rank: int = 1024
-    index_n_heads: int = 64
-    index_head_dim: int = 128
-    index_topk: int = 512
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
     mlp_layer_types: list[str] | None = None  # "hash_moe" or "moe" per layer
     swiglu_limit: float | None = None  # experts' gate clamped to <= limit, up to [-limit, limit] (V4: 10.0)
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
+    # DeepSeek-V3.2's sparse attention (DSA, model_type deepseek_v32): in every attention layer a lightning indexer
+    # of index_n_heads heads of index_head_dim scores each past token for each query, and MLA attends to the
+    # index_topk best only (model/indexer.py, model/sparse_attention.py). index_topk None = dense MLA (V2/V3).
+    # DeepSeek-V4's compressed sparse attention layers use the same three fields for their indexer (512 there).
+    index_topk: int | None = None
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    # Vision-language models (Kimi-K2.5's name): the token id standing for image features in input_ids; the image
+    # features replace its embeddings, and modality-aware routing counts a token as an image token by it.
+    media_placeholder_token_id: int | None = None
+    # Modality-aware routing (MoMa-style expert groups; seekmoe's own key): {"image": [group ids], "text": [group
+    # ids]}, a partition of the n_group router groups. Image tokens (== media_placeholder_token_id) choose only
+    # among the image groups' experts, every other token among the text groups'; None = one shared routing.
+    modality_expert_groups: dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,12 +132,14 @@ class ModelConfig:
         transformers, which then refuses the checkpoint) when no transformers model computes what this one does."""
         if self.is_v4:
             return "deepseek_v4"
-        if self.router_type != "deepseek" or self.eval_capacity() > 0:
+        if self.router_type != "deepseek" or self.eval_capacity() > 0 or self.modality_expert_groups:
             return f"seekmoe_{self.router_type}"
         if self.family is not None:
             return self.family
         if not self.use_mla:
             return mha_model_type(self)
+        if self.index_topk is not None:
+            return "deepseek_v32"
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
 
     @property

@@ -18,9 +18,17 @@ ROPE_SCALING_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", 
 _DERIVED_KEYS = {"model_type", "architectures", "hidden_act", "num_key_value_heads", "qk_head_dim", "head_dim",
                  "moe_layer_freq", "transformers_version", "torch_dtype", "dtype", "auto_map", "use_cache"}
 
-# The router fields' defaults, left out of config.json (a DeepSeek-router model's config.json lists DeepSeek's keys).
+# seekmoe's own router and modality keys at their defaults are left out of config.json (a DeepSeek-router text model's
+# config.json lists DeepSeek's keys only).
 _ROUTER_DEFAULTS = {"router_type": "deepseek", "capacity_factor": None, "eval_capacity_factor": None,
-                    "router_jitter": 0.0, "router_aux_loss_coef": None, "second_expert_threshold": 0.2}
+                    "router_jitter": 0.0, "router_aux_loss_coef": None, "second_expert_threshold": 0.2,
+                    "modality_expert_groups": None, "media_placeholder_token_id": None}
+
+
+# DeepSeek-V3.2's indexer fields (fields.py), and the defaults of transformers' DeepseekV32Config for a config.json
+# that leaves them out.
+_V32_KEYS = ("index_topk", "index_n_heads", "index_head_dim")
+_V32_DEFAULTS = {"index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128}
 
 
 def config_from_hf_dict(cls: type["ModelConfig"], d: dict) -> "ModelConfig":
@@ -48,9 +56,11 @@ def config_from_hf_dict(cls: type["ModelConfig"], d: dict) -> "ModelConfig":
     family = _read_family(d)
     if family is not None:
         kwargs["family"] = family
-    if d.get("model_type") == "deepseek_v3":
+    if d.get("model_type") in ("deepseek_v3", "deepseek_v32"):
         d.setdefault("scoring_func", "sigmoid")
         d.setdefault("topk_method", "noaux_tc")
+    if d.get("model_type") == "deepseek_v32":
+        _read_v32_layer_lists(d)
     elif d.get("model_type") == "deepseek_v2":
         d.setdefault("scoring_func", "softmax")
         d.setdefault("topk_method", "greedy")
@@ -90,15 +100,23 @@ def config_to_hf_dict(config: "ModelConfig") -> dict:
     if config.is_v4:
         return v4_to_hf(config, d)
     for key in V4_ONLY_FIELDS:  # at their defaults (validation.py): not part of a V2/V3 config.json
-        d.pop(key, None)
+        if key not in _V32_KEYS:  # the indexer's fields are V3.2's too (below)
+            d.pop(key, None)
     d["architectures"] = ({"deepseek_v3": ["DeepseekV3ForCausalLM"], "deepseek_v2": ["DeepseekV2ForCausalLM"],
-                           **_FAMILY_ARCHITECTURES}.get(config.model_type, ["SeekMoEForCausalLM"]))
+                           "deepseek_v32": ["DeepseekV32ForCausalLM"], **_FAMILY_ARCHITECTURES}
+                          .get(config.model_type, ["SeekMoEForCausalLM"]))
     d["hidden_act"] = "silu"
     d["num_key_value_heads"] = config.num_attention_heads
     d["moe_layer_freq"] = 1
     _write_family(config, d)
     d.pop("rope_interleave")
-    if config.model_type != "deepseek_v2" or not config.use_mla:
+    if config.index_topk is None:  # V2/V3 configs carry no indexer keys
+        for key in _V32_KEYS:
+            d.pop(key)
+    if config.model_type == "deepseek_v32":
+        # transformers' DeepseekV32Config always rotates interleaved pairs: it has no rope_interleave key
+        _write_v32_layer_lists(config, d)
+    elif config.model_type != "deepseek_v2" or not config.use_mla:
         d["rope_interleave"] = config.rope_interleave
     elif not config.rope_interleave:
         raise ValueError("ModelConfig.rope_interleave=False cannot be written as a deepseek_v2 config: "
@@ -189,3 +207,33 @@ def _write_family(config: "ModelConfig", d: dict) -> None:
         d["mlp_layer_types"] = [("sparse" if config.is_moe_layer(i) else "dense")
                                 for i in range(config.num_hidden_layers)]
 
+def _read_v32_layer_lists(d: dict) -> None:
+    """DeepseekV32Config's per-layer lists, in place: `layer_types` must be all 'indexed_attention' (every layer
+    sparse); `mlp_layer_types` ('dense' then 'sparse') becomes first_k_dense_replace."""
+    for key, default in _V32_DEFAULTS.items():
+        if d.get(key) is None:
+            d[key] = default
+    # transformers' DeepseekV32Config has no MTP field (DeepSeek's own config.json says 1 and ships the layer)
+    d.setdefault("num_nextn_predict_layers", 0)
+    n = d.get("num_hidden_layers")
+    layer_types = d.pop("layer_types", None)
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or len(layer_types) != n or \
+                any(kind != "indexed_attention" for kind in layer_types):
+            raise ValueError(f"ModelConfig.layer_types={layer_types!r} is invalid: expected None or "
+                             f"num_hidden_layers={n} entries, each 'indexed_attention' (DeepSeek-V3.2)")
+    mlp_types = d.pop("mlp_layer_types", None)
+    if mlp_types is not None:
+        ok = isinstance(mlp_types, list) and len(mlp_types) == n
+        dense = mlp_types.count("dense") if ok else 0
+        if not ok or mlp_types != ["dense"] * dense + ["sparse"] * (n - dense):
+            raise ValueError(f"ModelConfig.mlp_layer_types={mlp_types!r} is invalid: expected num_hidden_layers={n} "
+                             f"entries, 'dense' ones first and then 'sparse' ones")
+        d["first_k_dense_replace"] = dense
+
+
+def _write_v32_layer_lists(config: "ModelConfig", d: dict) -> None:
+    """The per-layer lists transformers' DeepseekV32Config reads (it places MoE layers by mlp_layer_types)."""
+    L = config.num_hidden_layers
+    d["layer_types"] = ["indexed_attention"] * L
+    d["mlp_layer_types"] = ["sparse" if config.is_moe_layer(i) else "dense" for i in range(L)]

@@ -78,6 +78,13 @@ PRESETS["moonlight-16b-a3b"] = dict(vocab_size=163840, hidden_size=2048, interme
                                     q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                                     v_head_dim=128, rope_theta=50000.0, max_position_embeddings=8192,
                                     num_nextn_predict_layers=0, bos_token_id=163584, eos_token_id=163585)
+# DeepSeek-V3.2(-Exp): DeepSeek-V3 plus DeepSeek Sparse Attention, a lightning indexer of 64 heads of 128 picking
+# 2048 past tokens per query in every layer (the MTP layer's included).
+PRESETS["deepseek-v3.2"] = {**PRESETS["deepseek-v3"], "index_topk": 2048, "index_n_heads": 64,
+                            "index_head_dim": 128}
+# For tests and a CPU demo of sparse attention: `tiny` with an indexer whose top-k (8) is shorter than the
+# training sequences, so attention is sparse in every step.
+PRESETS["tiny-v32"] = {**PRESETS["tiny"], "index_topk": 8, "index_n_heads": 2, "index_head_dim": 16}
 # DeepSeek-V4 (model_type deepseek_v4). Flash: transformers' default DeepseekV4Config (284.3B without MTP, 13B
 # active), the compressed branches' YaRN as the release's config.json gives it. Pro: the release's config.json.
 _V4_YARN = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}

@@ -63,6 +63,9 @@ def validate(config: "ModelConfig") -> None:
     elif config.mlp_layer_types is not None or config.compress_rates is not None:
         raise bad("layer_types", "a list of per-layer attention types when mlp_layer_types or compress_rates is "
                                  "set (DeepSeek-V4)")
+    else:
+        _validate_sparse_attention(config)
+    _validate_modality(config)
 
 def _validate_router_type(config: "ModelConfig") -> None:
     def bad(name: str, expected: str) -> ValueError:
@@ -167,3 +170,82 @@ def _validate_attention_choice(config: "ModelConfig") -> None:
         raise bad("num_attention_heads", f"a number of heads leaving an even head width with use_mla=False "
                                          f"(RoPE rotates pairs; hidden_size / heads = {config.mha_head_dim})")
 
+def _validate_sparse_attention(config: "ModelConfig") -> None:
+    """DeepSeek-V3.2's indexer fields (index_topk None: no indexer, the rest unread)."""
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}={getattr(config, name)!r} is invalid: expected {expected}")
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if config.index_topk is not None and not positive_int(config.index_topk):
+        raise bad("index_topk", "None (dense MLA) or a positive integer (past tokens each query attends to)")
+    for name in ("index_n_heads", "index_head_dim"):
+        if not positive_int(getattr(config, name)):
+            raise bad(name, "a positive integer")
+    if config.index_topk is None:
+        return
+    if config.index_head_dim < config.qk_rope_head_dim:
+        raise bad("index_head_dim", f"at least qk_rope_head_dim={config.qk_rope_head_dim} (the indexer rotates its "
+                                    f"first qk_rope_head_dim dimensions)")
+    if config.q_lora_rank is None:
+        raise bad("q_lora_rank", "a positive integer with index_topk set (the indexer's queries come from the "
+                                 "query latent)")
+    if config.scoring_func != "sigmoid":
+        raise bad("scoring_func", "'sigmoid' with index_topk set (DeepSeek-V3.2 routes as V3 does)")
+    if not config.rope_interleave:
+        raise bad("rope_interleave", "True with index_topk set (DeepSeek-V3.2 rotates interleaved pairs)")
+
+
+MODALITIES = ("image", "text")  # the keys of modality_expert_groups
+MAX_MODALITY_GROUPS = 63  # the router keeps each modality's groups as bits of one int64 (model/routing/deepseek.py)
+
+
+def _validate_modality(config: "ModelConfig") -> None:
+    """media_placeholder_token_id is a token id; modality_expert_groups splits the n_group router groups between
+    image and text tokens, each side able to reach num_experts_per_tok experts."""
+    token = config.media_placeholder_token_id
+    if token is not None and (not isinstance(token, int) or isinstance(token, bool)
+                              or not 0 <= token < config.vocab_size):
+        raise ValueError(f"ModelConfig.media_placeholder_token_id={token!r} is invalid: expected None or a token id "
+                         f"in [0, vocab_size={config.vocab_size})")
+    groups = config.modality_expert_groups
+    if groups is None:
+        return
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.modality_expert_groups={groups!r} is invalid: expected {expected}")
+
+    if not isinstance(groups, dict) or set(groups) != set(MODALITIES):
+        raise bad('a dict {"image": [group ids], "text": [group ids]} (or None for one shared routing)')
+    if config.n_routed_experts == 0 or config.router_type != "deepseek":
+        raise bad("None unless the model has routed experts and router_type='deepseek' (modality-aware routing "
+                  "restricts DeepSeek's group-limited routing)")
+    G = config.n_group
+    if not 2 <= G <= MAX_MODALITY_GROUPS:
+        raise bad(f"n_group (now {G}) between 2 and {MAX_MODALITY_GROUPS}: each modality is given whole router "
+                  f"groups")
+    for name in MODALITIES:
+        ids = groups[name]
+        if (not isinstance(ids, list) or not ids
+                or any(not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < G for g in ids)):
+            raise bad(f"{name!r}: a non-empty list of group ids in [0, n_group={G})")
+        if len(set(ids)) != len(ids):
+            raise bad(f"{name!r}: each group id once")
+    shared = sorted(set(groups["image"]) & set(groups["text"]))
+    if shared:
+        raise bad(f"disjoint image and text groups (both hold {shared})")
+    unused = sorted(set(range(G)) - set(groups["image"]) - set(groups["text"]))
+    if unused:
+        raise bad(f"every group 0..{G - 1} given to a modality (groups {unused} are in neither, so their experts "
+                  f"would never be chosen)")
+    if token is None:
+        raise ValueError("ModelConfig.modality_expert_groups is set but media_placeholder_token_id is None: expected "
+                         "the image placeholder token id that marks image tokens")
+    per_group, k = config.n_routed_experts // G, config.num_experts_per_tok
+    for name in MODALITIES:
+        reach = len(groups[name]) if config.topk_method == "greedy" else min(len(groups[name]), config.topk_group)
+        if k > reach * per_group:
+            raise ValueError(f"ModelConfig.num_experts_per_tok={k} is invalid: expected at most {reach * per_group}, "
+                             f"the experts a{'n' if name == 'image' else ''} {name} token can reach in "
+                             f"{reach} of its groups {groups[name]} ({per_group} experts each)")

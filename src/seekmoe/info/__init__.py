@@ -16,8 +16,11 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
       without the MTP modules, which are reported separately as mtp_params (without the shared embedding and head);
     - flops_per_token: forward FLOPs of the matrix products (2 per multiply-add) of the activated weights other
       than the embedding lookup, plus attention scores and values averaged over a causal window of `context`;
-    - kv_cache_bytes_per_token: MLA's cache, (kv_lora_rank + qk_rope_head_dim) per layer, against the full keys
-      and values a standard multi-head attention with the same heads would cache.
+    - kv_cache_bytes_per_token: what a decoder caches per token: MLA's (kv_lora_rank + qk_rope_head_dim) per layer
+      (mla_cache_bytes_per_token), plus, with V3.2's sparse attention, the indexer's key of index_head_dim per layer
+      (indexer_cache_bytes_per_token), against the full keys and values a standard multi-head attention with the
+      same heads would cache. With sparse attention a query attends to at most index_topk keys, and the indexer
+      scores all of them.
     """
     from ..model import CausalLM
 
@@ -35,11 +38,18 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
     embedding = config.vocab_size * config.hidden_size
     L, heads = config.num_hidden_layers, config.num_attention_heads
     attended = (context + 1) / 2  # mean number of keys a query sees in a causal window
-    attention_flops = 2 * L * heads * (config.qk_head_dim + config.v_head_dim) * attended
+    indexer_flops = 0.0
+    if config.index_topk is not None:
+        # V3.2: the indexer scores every key it may see (each head a dot product, then the weighted sum); MLA
+        # attends to the top-k of them only
+        indexer_flops = 2 * L * config.index_n_heads * (config.index_head_dim + 1) * attended
+        attended = _mean_attended(context, config.index_topk)
+    attention_flops = 2 * L * heads * (config.qk_head_dim + config.v_head_dim) * attended + indexer_flops
     if config.is_v4:
         attention_flops = v4_attention_flops(config, context)
     per_dtype = DTYPE_BYTES[cache_dtype]
     mla_values = (config.kv_lora_rank + config.qk_rope_head_dim) * L
+    indexer_values = 0 if config.index_topk is None else config.index_head_dim * L  # one indexer key per layer
     mha_values = heads * (config.qk_head_dim + config.v_head_dim) * L
     summary = {
         "total_params": total,
@@ -49,7 +59,9 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
         "flops_per_token": int(2 * (active - embedding) + attention_flops),
         "context_for_flops": context,
         "kv_cache_dtype": cache_dtype,
-        "kv_cache_bytes_per_token": mla_values * per_dtype,
+        "kv_cache_bytes_per_token": (mla_values + indexer_values) * per_dtype,
+        "mla_cache_bytes_per_token": mla_values * per_dtype,
+        "indexer_cache_bytes_per_token": indexer_values * per_dtype,
         "mha_kv_cache_bytes_per_token": mha_values * per_dtype,
         "num_hidden_layers": L,
         "moe_layers": config.n_moe_layers,
@@ -58,7 +70,7 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
     }
     if config.is_v4:  # no latent: its window, compressed keys and indexer keys, against V3's MLA
         at = {n: v4_cache_bytes(config, n, per_dtype) / n for n in V4_CONTEXTS}
-        summary.update(kv_cache_bytes_per_token=round(at[V4_CONTEXTS[0]]),
+        summary.update(kv_cache_bytes_per_token=round(at[V4_CONTEXTS[0]]), indexer_cache_bytes_per_token=0,
                        v4_cache_bytes_per_token={str(n): round(b) for n, b in at.items()},
                        mla_v3_kv_cache_bytes_per_token=(512 + 64) * 61 * per_dtype,
                        mha_kv_cache_bytes_per_token=heads * 2 * config.head_dim * L * per_dtype)
@@ -102,6 +114,13 @@ def v4_cache_bytes(config: ModelConfig, context: int, dtype_bytes: int) -> int:
             for width in (D, Di):
                 total += context // m * width + open_tokens * 2 * 2 * width + (m * 2 * width if context >= m else 0)
     return total * dtype_bytes
+
+
+def _mean_attended(context: int, top_k: int) -> float:
+    """The mean over a causal window of `context` queries of the keys each attends to, at most top_k."""
+    if context <= top_k:
+        return (context + 1) / 2
+    return (top_k * (top_k + 1) / 2 + (context - top_k) * top_k) / context
 
 
 def parameter_count(config: ModelConfig) -> int:
@@ -157,6 +176,7 @@ def _human(n: float, unit: str = "") -> str:
 def format_summary(name: str, s: dict) -> str:
     """A human-readable table of `model_summary`'s figures."""
     ratio = s["mha_kv_cache_bytes_per_token"] / s["kv_cache_bytes_per_token"]
+    indexer = s.get("indexer_cache_bytes_per_token", 0)
     rows = [
         ("model", name),
         ("total parameters", f"{_human(s['total_params'])} ({s['total_params']:,})"),
@@ -165,16 +185,20 @@ def format_summary(name: str, s: dict) -> str:
         ("layers (MoE)", f"{s['num_hidden_layers']} ({s['moe_layers']})"),
         ("routed experts", f"{s['n_routed_experts']}, {s['num_experts_per_tok']} active per token"),
         ("forward FLOPs per token", f"{_human(s['flops_per_token'], 'FLOP')} at context {s['context_for_flops']}"),
-        (f"KV cache per token, MLA ({s['kv_cache_dtype']})", f"{s['kv_cache_bytes_per_token']:,} bytes"),
-        (f"KV cache per token, MHA ({s['kv_cache_dtype']})",
-         f"{s['mha_kv_cache_bytes_per_token']:,} bytes ({ratio:.1f}x MLA)"),
+        (f"KV cache per token, MLA ({s['kv_cache_dtype']})", f"{s['mla_cache_bytes_per_token']:,} bytes"),
     ]
     if "v4_cache_bytes_per_token" in s:  # DeepSeek-V4: its own caches at long contexts, V3's MLA beside them
         mla = s["mla_v3_kv_cache_bytes_per_token"]
-        rows[-2:] = [(f"V4 cache per token at {int(n) // 1024}K ({s['kv_cache_dtype']})",
+        rows[-1:] = [(f"V4 cache per token at {int(n) // 1024}K ({s['kv_cache_dtype']})",
                       f"{b:,} bytes ({mla / b:.1f}x less than DeepSeek-V3's MLA, {mla:,})")
                      for n, b in s["v4_cache_bytes_per_token"].items()]
         rows.append((f"KV cache per token, MHA ({s['kv_cache_dtype']})",
                      f"{s['mha_kv_cache_bytes_per_token']:,} bytes"))
+    else:
+        if indexer:
+            rows += [(f"indexer keys per token ({s['kv_cache_dtype']})", f"{indexer:,} bytes"),
+                     ("cache per token in all", f"{s['kv_cache_bytes_per_token']:,} bytes")]
+        rows.append((f"KV cache per token, MHA ({s['kv_cache_dtype']})",
+                     f"{s['mha_kv_cache_bytes_per_token']:,} bytes ({ratio:.1f}x {'MLA' if not indexer else 'this'})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

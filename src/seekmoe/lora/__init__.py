@@ -7,7 +7,8 @@ expert (stacked factors through the grouped GEMMs), saved in PEFT's format and m
 - peft_format.py: adapter_config.json + adapter_model.safetensors as peft reads them
 - merge.py: attach an adapter folder to a model, merge it into a new folder (`seekmoe merge`)
 - run.py: what a training run does with LoRA (build, save adapter/ and final/)
-- nf4.py: QLoRA's 4-bit base weights through torchao
+- nf4.py: QLoRA's 4-bit base weights through torchao (NF4Experts: the experts' stacks)
+- load.py: QLoRA's model read block by block into NF4
 """
 
 from .apply import AdaptedModel, apply_lora, lora_parameters

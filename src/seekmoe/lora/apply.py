@@ -47,16 +47,18 @@ def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, c) for n, c in module.named_children() if isinstance(c, nn.Linear)]
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> AdaptedModel:
+def apply_lora(model: nn.Module, config: LoRAConfig, layers: list[int] | None = None) -> AdaptedModel:
     """Adapt the main decoder layers of `model` (a CausalLM) in place as `config` says and freeze the rest; returns
-    what was adapted. ValueError (before any change) when the rank exceeds a targeted width."""
+    what was adapted. ValueError (before any change) when the rank exceeds a targeted width. `layers` adapts (and
+    freezes) only those decoder layers, for a model adapted block by block as it is read (load.py)."""
     config.check_widths(model.config)
     targets, r, s = set(config.target_set), config.rank, config.scaling
     if config.quantize == "nf4":
         from .nf4 import require_torchao
 
         require_torchao()
-    model.requires_grad_(False)
+    if layers is None:
+        model.requires_grad_(False)
     linears: dict[str, LoRALinear] = {}
     experts: dict[str, LoRAExperts] = {}
     routers: list[str] = []
@@ -67,8 +69,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> AdaptedModel:
             setattr(parent, name, wrapped)
             linears[f"{path}.{name}"] = wrapped
 
-    for i, block in enumerate(model.model.layers):
-        path = f"model.layers.{i}"
+    for i in range(len(model.model.layers)) if layers is None else layers:
+        block, path = model.model.layers[i], f"model.layers.{i}"
+        block.requires_grad_(False)
+        first = len(linears)
         if "attention" in targets:
             adapt(block.self_attn, f"{path}.self_attn")
         mlp = block.mlp
@@ -85,12 +89,12 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> AdaptedModel:
                 experts[f"{path}.mlp.experts"] = provider
             if "router" in targets:
                 mlp.gate.weight.requires_grad_(True)
+            if config.quantize == "nf4":
+                mlp.experts.add_provider(NF4_PROVIDER, NF4Experts(mlp.experts))
         elif isinstance(mlp, MLP) and "dense-mlp" in targets:
             adapt(mlp, f"{path}.mlp")
-    if config.quantize == "nf4":
-        quantize_base(linears)
-        for moe in model.moe_layers()[:len(routers)]:
-            moe.experts.add_provider(NF4_PROVIDER, NF4Experts(moe.experts))
+        if config.quantize == "nf4":
+            quantize_base(dict(list(linears.items())[first:]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return AdaptedModel(linears, experts, routers, trainable, total)

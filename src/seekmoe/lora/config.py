@@ -105,7 +105,11 @@ def targeted_shapes(config: ModelConfig, targets: tuple[str, ...]) -> dict[str, 
     """{a weight's name: (out, in)} for each kind of weight the targets adapt (one per kind, from config arithmetic)."""
     H, h = config.hidden_size, config.num_attention_heads
     shapes: dict[str, tuple[int, int]] = {}
-    if "attention" in targets:
+    if "attention" in targets and not config.use_mla:  # multi-head attention: q/k/v/o, heads x mha_head_dim
+        width = h * config.mha_head_dim
+        shapes.update({"self_attn.q_proj": (width, H), "self_attn.k_proj": (width, H),
+                       "self_attn.v_proj": (width, H), "self_attn.o_proj": (H, width)})
+    elif "attention" in targets:  # MLA (V3.2's indexer is not adapted)
         if config.q_lora_rank is None:
             shapes["self_attn.q_proj"] = (h * config.qk_head_dim, H)
         else:

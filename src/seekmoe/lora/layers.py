@@ -48,19 +48,28 @@ class LoRALinear(nn.Module):
         base = dequantize(self.base_layer.weight)
         return base + (self.scaling * (self.lora_B @ self.lora_A)).to(base.dtype)
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base projection's bias (not adapted), or None."""
+        return self.base_layer.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]; the adapter runs on the rank-wide path (never forming B @ A)."""
-        y = F.linear(x, dequantize(self.base_layer.weight))
+        y = F.linear(x, dequantize(self.base_layer.weight), self.base_layer.bias)
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     def fold_state(self, state: dict, prefix: str) -> None:
-        """Replace this module's entries of a full state dict by the merged `prefix + 'weight'`."""
+        """Replace this module's entries of a full state dict by the merged `prefix + 'weight'` (and the base's
+        `prefix + 'bias'`)."""
         a, b = state.pop(prefix + "lora_A", None), state.pop(prefix + "lora_B", None)
         base = state.pop(prefix + "base_layer.weight", None)
+        bias = state.pop(prefix + "base_layer.bias", None)
         if base is None or a is None or b is None:
             return
         base = dequantize(base)
         state[prefix + "weight"] = (base.float() + self.scaling * (b.float() @ a.float())).to(base.dtype)
+        if bias is not None:
+            state[prefix + "bias"] = bias
 
     def extra_repr(self) -> str:
         return f"rank={self.lora_A.shape[0]}, scaling={self.scaling}"

@@ -2,7 +2,8 @@
 `adapter_config.json` + `adapter_model.safetensors`.
 
 How each adapted weight is written (transformers v5 keeps the routed experts fused, as we do):
-- attention projections: `target_modules` (q_proj or q_a_proj/q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj),
+- attention projections: `target_modules`, their leaf names (MLA's q_proj or q_a_proj/q_b_proj, kv_a_proj_with_mqa,
+  kv_b_proj, o_proj; multi-head attention's q_proj, k_proj, v_proj, o_proj),
   keys `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r];
 - shared experts and dense MLPs: `target_parameters` (`mlp.shared_experts.gate_proj.weight`, ...), the same keys.
   Not target_modules: peft renames the leaf names gate_proj/up_proj/down_proj of a fused-MoE model to the fused
@@ -30,7 +31,6 @@ from .config import LoRAConfig
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 _EXPERTS = f".providers.{PROVIDER}."
 
@@ -76,10 +76,11 @@ def from_peft(tensors: dict[str, torch.Tensor], n_experts: int) -> dict[str, tor
     return out
 
 
-def adapter_config(config: LoRAConfig, model_config, base: str | None) -> dict:
-    """PEFT's adapter_config.json for an adapter of `config` on a model of `model_config`."""
+def adapter_config(config: LoRAConfig, model_config, base: str | None, attention: list[str]) -> dict:
+    """PEFT's adapter_config.json for an adapter of `config` on a model of `model_config` whose adapted attention
+    projections have the leaf names `attention` (MLA's or multi-head attention's)."""
     targets = set(config.target_set)
-    modules = [n for n in ATTENTION if "attention" in targets and _has_attention(model_config, n)]
+    modules = sorted(attention)
     parameters = []
     if "experts" in targets and model_config.n_moe_layers:
         parameters += ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -97,12 +98,10 @@ def adapter_config(config: LoRAConfig, model_config, base: str | None) -> dict:
     }
 
 
-def _has_attention(model_config, name: str) -> bool:
-    if name == "q_proj":
-        return model_config.q_lora_rank is None
-    if name in ("q_a_proj", "q_b_proj"):
-        return model_config.q_lora_rank is not None
-    return True
+def attention_leaves(state: dict) -> list[str]:
+    """The leaf names of the adapted attention projections among adapter tensors `state` (q_a_proj, ...)."""
+    return sorted({name.split(".self_attn.", 1)[1].split(".")[0] for name in state
+                   if ".self_attn." in name and name.endswith(".lora_A")})
 
 
 def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], config: LoRAConfig, model_config,
@@ -115,7 +114,8 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], config: LoR
     tmp = folder.parent / f".{folder.name}.saving-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(to_peft(state, model_config.n_routed_experts), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    text = json.dumps(adapter_config(config, model_config, None if base is None else str(base)), indent=2)
+    text = json.dumps(adapter_config(config, model_config, None if base is None else str(base),
+                                     attention_leaves(state)), indent=2)
     (tmp / CONFIG_NAME).write_text(text + "\n")
     swap_folder(tmp, folder)
     return folder

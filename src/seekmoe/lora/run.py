@@ -1,5 +1,6 @@
 """What a training run (train, sft, rl: the Trainer) does with LoRA: check the settings before anything is written,
-adapt the model before it is parallelized, and write OUT/adapter/ (PEFT's format) and the merged OUT/final/."""
+and at the end write OUT/adapter/ (PEFT's format) and, for QLoRA, OUT/final/ merged into the full-precision base (the
+Trainer adapts the model before it is parallelized, or reads it with load.py for QLoRA)."""
 
 from __future__ import annotations
 

@@ -72,8 +72,12 @@ class MultiHeadLatentAttention(nn.Module):
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head query parts: q_nope [B, S, heads, qk_nope_head_dim] and rotated q_pe [B, S, heads, rope_dim]."""
-        B, S, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return self.split_query(q, cos, sin)
+
+    def split_query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected queries q [B, S, heads * qk_head_dim] as `query` returns them (q_pe rotated)."""
+        B, S, _ = q.shape
         q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_head_dim).split(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
@@ -126,15 +130,22 @@ class MultiHeadLatentAttention(nn.Module):
         into the query and W_UV into the output. attn_mask [B, 1, S, T] is True where a query may attend.
         """
         B, S, h, _ = q_nope.shape
-        w_kv_b = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w_kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, dn, r], [h, dv, r]
+        probs = self.attention_probs(q_nope, q_pe, c_kv, k_pe, attn_mask).to(c_kv.dtype)
+        w_uv = self.kv_b_proj.weight.view(h, -1, self.kv_lora_rank)[:, self.qk_nope_head_dim:]  # [h, dv, r]
+        mixed = torch.matmul(probs.transpose(1, 2).reshape(B, S * h, -1), c_kv).view(B, S, h, -1)  # [B, S, h, r]
+        out = torch.einsum("bshc,hdc->bshd", mixed, w_uv)  # [B, S, h, dv]
+        return self.o_proj(out.reshape(B, S, h * self.v_head_dim))
+
+    def attention_probs(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                        attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Each head's attention distribution [B, heads, S, T] (fp32) of the queries over the latents, W_UK absorbed
+        into the query (see `attend_latent`); attn_mask [B, 1, S, T] is True where a query may attend."""
+        B, S, h, _ = q_nope.shape
+        w_uk = self.kv_b_proj.weight.view(h, -1, self.kv_lora_rank)[:, :self.qk_nope_head_dim]  # [h, dn, r]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, h, r]
         scores = (torch.matmul(q_latent.reshape(B, S * h, -1), c_kv.transpose(1, 2))
                   + torch.matmul(q_pe.reshape(B, S * h, -1), k_pe.transpose(1, 2)))  # [B, S*h, T]
         scores = scores.view(B, S, h, -1).transpose(1, 2).float() * self.softmax_scale  # [B, h, S, T]
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        mixed = torch.matmul(probs.transpose(1, 2).reshape(B, S * h, -1), c_kv).view(B, S, h, -1)  # [B, S, h, r]
-        out = torch.einsum("bshc,hdc->bshd", mixed, w_uv)  # [B, S, h, dv]
-        return self.o_proj(out.reshape(B, S, h * self.v_head_dim))
+        return scores.softmax(dim=-1)

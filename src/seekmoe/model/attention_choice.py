@@ -7,6 +7,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import MultiHeadLatentAttention
 from .mha import MultiHeadAttention
+from .sparse_attention import SparseLatentAttention
 from .v4_attention import V4Attention
 
 
@@ -22,4 +23,6 @@ def build_attention(config: ModelConfig, layer_idx: int, rotary: nn.Module | Non
         return V4Attention(config, layer_idx, rotary)
     if not config.use_mla:  # DeepSeekMoE 16B, DeepSeek-VL2-Tiny's and DeepSeek-OCR's language models
         return MultiHeadAttention(config)
+    if config.index_topk is not None and not config.is_v4:  # DeepSeek-V3.2: every layer's MLA sparse, picked by a lightning indexer
+        return SparseLatentAttention(config)
     return MultiHeadLatentAttention(config)

@@ -190,6 +190,9 @@ def init_module(module: nn.Module, std: float) -> bool:
             module.bias.zero_()
     elif isinstance(module, RMSNorm):
         module.weight.fill_(1.0)
+    elif isinstance(module, nn.LayerNorm):  # V3.2's indexer key norm
+        module.weight.fill_(1.0)
+        module.bias.zero_()
     elif isinstance(module, Router):  # every router initializes its own parameters
         module.reset_parameters(std)
     elif isinstance(module, RoutedExperts):

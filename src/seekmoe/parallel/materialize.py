@@ -45,7 +45,18 @@ def check_folder(model: nn.Module, folder: str | Path) -> None:
     """Compare the safetensors headers of `folder` with `model` (still plain, on the meta device): every shape and
     every required tensor, reading no tensor data. Raises ValueError naming the first mismatch."""
     folder = Path(folder)
-    _Loader(model, folder, checkpoint_files(folder), (128, 128)).check()
+    loader = _Loader(model, folder, checkpoint_files(folder), (128, 128))
+    loader.fresh = added_modules(model, folder)
+    loader.check()
+
+
+def added_modules(model: nn.Module, folder: str | Path) -> tuple[str, ...]:
+    """Name fragments of the modules `model` has and the model of `folder` cannot have, to be initialized rather
+    than loaded: the lightning indexers of a DeepSeek-V3.2 model made from a V3 one (`seekmoe train --init-from
+    V3_DIR --dsa-stage warmup index_topk=N`, as V3.2 was made from V3.1)."""
+    if model.config.index_topk is not None and read_config_json(Path(folder) / "config.json").get("index_topk") is None:
+        return (".self_attn.indexer.",)
+    return ()
 
 
 def materialize(model: nn.Module, device: torch.device, folder: str | Path | None = None) -> nn.Module:
@@ -59,7 +70,11 @@ def materialize(model: nn.Module, device: torch.device, folder: str | Path | Non
         if folder is None:
             init_shards(model)
         else:
-            ShardedLoader(model, Path(folder)).load()
+            loader = ShardedLoader(model, Path(folder))
+            loader.fresh = added_modules(model, folder)
+            loader.load()
+            if loader.fresh:
+                init_shards(model, only=loader.fresh)
             for module in model.modules():
                 if isinstance(module, RotaryEmbedding):
                     module.reset_parameters()  # a non-persistent buffer: in no checkpoint
@@ -81,18 +96,19 @@ def _twin(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def init_shards(model: nn.Module) -> None:
+def init_shards(model: nn.Module, only: tuple[str, ...] = ()) -> None:
     """CausalLM's initialization into this rank's shards, bit for bit the weights `CausalLM(config)` gets in one
     process after the same seed: the random draws of construction are replayed, then each module's tensors are
-    drawn in full on the CPU (one module at a time, so at most the largest tensor is ever whole) and sliced."""
+    drawn in full on the CPU (one module at a time, so at most the largest tensor is ever whole) and sliced.
+    `only`: initialize just the modules whose names contain one of these fragments (modules a folder lacks)."""
     std = model.config.initializer_range
-    for module in model.modules():  # construction: nn.Linear / nn.Embedding draw their own initial weights
+    for module in model.modules() if not only else ():  # construction: nn.Linear / nn.Embedding draw their own
         if isinstance(module, _DRAWN_AT_CONSTRUCTION):
             type(module).reset_parameters(_twin(module))
     drawn: dict[str, dict[str, torch.Tensor]] = {}  # module name -> its full tensors, for trainable rows below
     for module_name, module in model.named_modules():
         own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
-        if not own:
+        if not own or (only and not any(f in module_name + "." for f in only)):
             continue
         ids = getattr(module, "ids", None)
         if ".providers." in module_name and ids is not None:

@@ -52,6 +52,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "from the model's original context to LEN tokens and trains on LEN-token sequences of "
                              "long documents at a constant lr (defaults: seq_len=LEN, lr = the final lr of a default "
                              "pretraining run, warmup_steps=0, min_file_bytes=4*LEN; field=value overrides them)")
+    parser.add_argument("--dsa-stage", choices=("warmup", "sparse"),
+                        help="with --init-from a DeepSeek-V3.2 model (index_topk set): one of the report's two "
+                             "stages of training its sparse attention. warmup: dense attention, only the lightning "
+                             "indexers train, towards the main attention's distribution (KL; lr 1e-3 constant); "
+                             "sparse: attention over the indexer's top-k, the model trained by the language-model "
+                             "loss and the indexer by its KL alone (lr = the final lr of a default pretraining run, "
+                             "constant). field=value overrides these defaults; the KL is logged as indexer_kl. "
+                             "Training a V3.2 model without this flag uses the sparse stage's objective")
     parser.add_argument("--train", metavar="WHAT",
                         help="which parameters train, the rest frozen (no gradients, no optimizer state): 'all' "
                              "(default), or comma-separated names (new-experts, router, experts, shared-experts, "
@@ -85,6 +93,7 @@ def resume_mode(args: argparse.Namespace) -> bool | str:
 def run_train(args: argparse.Namespace) -> int:
     """Run `seekmoe train`; returns the exit status."""
     from .config import load_run_config, parse_overrides
+    from .indexer_warmup import indexer_objective
     from .trainer import exit_status, train
 
     # `--data a.txt lr=1e-3`: argparse hands the override to --data; a field=value that is no path is an override.
@@ -98,12 +107,30 @@ def run_train(args: argparse.Namespace) -> int:
     for flag in ("max_steps", "save_every", "eval_every", "seed", "save_hf_every"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
+    if args.dsa_stage is not None:
+        overrides = {**dsa_stage_defaults(args.dsa_stage, args.init_from), **overrides}
     model_config, train_config = load_run_config(args.preset, args.config, overrides, init_from=args.init_from,
                                                  extend_context=args.extend_context)
+    forward = None
+    if model_config.index_topk is not None:  # V3.2: the indexer learns beside the model (train/indexer_warmup.py)
+        forward = indexer_objective(args.dsa_stage or "sparse")
+    elif args.dsa_stage is not None:
+        raise ValueError(f"--dsa-stage {args.dsa_stage} needs a model with sparse attention: "
+                         f"{args.init_from}/config.json sets no index_topk (a DeepSeek-V3.2 model has one)")
     resume = resume_mode(args)
     return exit_status("train", lambda: train(model_config, train_config, args.out, data=data, resume=resume,
                                               stop_at=args.stop_at, progress=not args.no_progress,
-                                              init_from=args.init_from))
+                                              init_from=args.init_from, forward=forward))
+
+
+def dsa_stage_defaults(stage: str, init_from: str | None) -> dict:
+    """The training defaults of a `--dsa-stage` (train/indexer_warmup.py); it continues a model (`--init-from`)."""
+    from .config import TrainConfig
+    from .indexer_warmup import stage_defaults
+
+    if init_from is None:
+        raise ValueError(f"--dsa-stage {stage} needs --init-from DIR: it continues a trained DeepSeek-V3.2 model")
+    return stage_defaults(stage, TrainConfig.lr * TrainConfig.min_lr_ratio)
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from ..config import ModelConfig
 
 LR_SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")  # fp8: CUDA only (quant/fp8.py)
 BALANCE_SCOPES = ("global", "micro")
 
 # DeepSeek-V3's stepwise schedules (section 4.2), as (fraction of training at which a phase starts, multiplier of
@@ -309,3 +309,4 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
 }
 PRESET_TRAINING["tiny-dense"] = PRESET_TRAINING["tiny"]
 PRESET_TRAINING["small-dense"] = PRESET_TRAINING["small"]
+PRESET_TRAINING["tiny-v32"] = PRESET_TRAINING["tiny"]

@@ -2,7 +2,7 @@
 gradient, no gradient memory and no optimizer state, and stay bit-identical.
 
 A selection is a comma-separated list of names (`all`, `new-experts`, `router`, `experts`, `shared-experts`,
-`attention`, `dense-mlp`, `embeddings`, `norms`, `mtp`) and glob patterns of parameter names
+`attention`, `indexer`, `dense-mlp`, `embeddings`, `norms`, `mtp`) and glob patterns of parameter names
 (`model.layers.*.mlp.gate.weight`). The routed experts of a layer are two stacked tensors ([E, 2I, H] and
 [E, H, I]), so `new-experts` cannot just flag them: their new rows become parameters of their own
 (`experts.providers.trainable.gate_up_proj`, [N, 2I, H]) of a weight provider, `TrainableRows`, that writes them into
@@ -27,6 +27,7 @@ NAMED: dict[str, tuple[str, ...]] = {
     "experts": ("*.mlp.experts.*",),
     "shared-experts": ("*.mlp.shared_experts.*",),
     "attention": ("*.self_attn.*",),
+    "indexer": ("*.self_attn.indexer.*",),  # DeepSeek-V3.2's lightning indexers (their warm-up, --dsa-stage)
     "dense-mlp": ("*.mlp.gate_proj.weight", "*.mlp.up_proj.weight", "*.mlp.down_proj.weight"),
     "embeddings": ("model.embed_tokens.weight", "lm_head.weight"),
     "norms": ("*norm.weight",),

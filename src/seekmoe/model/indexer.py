@@ -1,0 +1,73 @@
+"""DeepSeek-V3.2's lightning indexer: a few cheap ReLU heads that score every past token for each query, so that
+MLA (model/sparse_attention.py) attends to the `index_topk` best tokens only.
+
+Parameter names are DeepSeek's and transformers' (`self_attn.indexer.wq_b`, `wk`, `k_norm`, `weights_proj`).
+DeepSeek's kernels also apply a Hadamard rotation to q and k and score in FP8; the rotation is orthogonal (it keeps
+every q . k) and FP8 is a speed choice, so the scores here are the exact-arithmetic ones, in fp32, as
+transformers computes them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .rope import apply_rope
+
+
+class LightningIndexer(nn.Module):
+    """I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s] / sqrt(index_head_dim)) for query t and past token s.
+
+    The queries (index_n_heads of them) come from MLA's query latent; the one key per token from the hidden state,
+    LayerNorm-ed (with a bias, as DeepSeek's checkpoint has it); the per-head weights w from the hidden state.
+    RoPE rotates the first qk_rope_head_dim dimensions of q and k as halves (not as the interleaved pairs of MLA).
+    A decoder caches the key, index_head_dim values per token.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.softmax_scale = self.head_dim ** -0.5
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, S, heads, index_head_dim] with its first rope_dim dimensions rotated by position."""
+        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rope(rot, cos, sin, interleave=False), rest], dim=-1)
+
+    def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """What the indexer caches per token: its rotated key [B, S, index_head_dim] of hidden states x [B, S, H]."""
+        return self._rotate(self.k_norm(self.wk(x)).unsqueeze(2), cos, sin).squeeze(2)
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """Index scores [B, S, T] (fp32) of the queries of x [B, S, H] and q_latent [B, S, q_lora_rank] (MLA's
+        normalized query latent) against keys [B, T, index_head_dim] (`key` of every token they may see)."""
+        B, S, _ = x.shape
+        q = self._rotate(self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim), cos, sin)
+        # fp32 even under autocast: the top-k choice turns on small score differences (transformers keeps
+        # weights_proj in fp32 for the same reason).
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))
+                            * self.softmax_scale)  # [B, S, heads, T]
+            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # [B, S, heads]
+            return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, T]
+
+
+def select_top_k(index_scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The attention mask [B, 1, S, T] (True = attend) keeping, of the tokens `allowed` [B or 1, 1, S, T] lets each
+    query see, the `top_k` with the highest index_scores [B, S, T]: all of them where there are no more."""
+    B, S, T = index_scores.shape
+    if T <= top_k:
+        return allowed.expand(B, 1, S, T)
+    masked = index_scores.masked_fill(~allowed[:, 0], float("-inf"))
+    chosen = masked.topk(top_k, dim=-1).indices  # [B, S, top_k]; disallowed tokens only where fewer are allowed
+    keep = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, chosen, True)
+    return (keep & allowed[:, 0]).unsqueeze(1)
