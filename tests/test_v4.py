@@ -386,3 +386,15 @@ def test_seekmoe_train_runs_the_tiny_v4_preset_and_transformers_loads_the_result
     ids = torch.randint(0, 512, (1, 40))
     with torch.no_grad():
         assert rel_error(ours(ids).logits, hf(ids).logits) < 2e-4
+
+
+def test_packed_examples_are_refused_with_one_clear_error():
+    model = CausalLM(ModelConfig.preset("tiny-v4")).eval()
+    ids = torch.randint(0, 512, (1, 8))
+    causal = torch.ones(8, 8, dtype=torch.bool).tril().view(1, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(ids, attn_mask=causal).logits, model(ids).logits)
+        packed = causal.clone()
+        packed[..., 4:, :4] = False  # two examples of 4 tokens
+        with pytest.raises(ValueError, match="one sequence per row"):
+            model(ids, attn_mask=packed)

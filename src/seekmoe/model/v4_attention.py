@@ -107,8 +107,8 @@ class V4Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 cache=None) -> torch.Tensor:
         """x [B, S, hidden] with cos/sin [2, ..., S, 1, rope_dim / 2] (main, compress: V4RotaryEmbedding) -> the
-        attention output [B, S, hidden]. `attn_mask` [B, 1, S, S] (True = may attend), if given, is intersected
-        with the sliding window (the compressed keys do not see it: they cover whole windows from position 0)."""
+        attention output [B, S, hidden]. `attn_mask` [B, 1, S, S] (True = may attend), if given, must be causal:
+        the compressed keys cover whole windows from position 0, across any packed examples (ValueError)."""
         B, S, _ = x.shape
         cos_l, sin_l = cos[self.rope_index], sin[self.rope_index]
         q, q_latent = self.query(x, cos_l, sin_l)
@@ -124,8 +124,10 @@ class V4Attention(nn.Module):
         i = positions.unsqueeze(-1)
         j = torch.arange(key_first, key_first + kv.shape[1], device=x.device).view(1, 1, -1)
         visible = (j <= i) & (j > i - self.sliding_window)  # [B, S, keys]
-        if attn_mask is not None:
-            visible = visible & attn_mask[:, 0]
+        if attn_mask is not None and not bool((attn_mask[:, 0] | (j > i)).all()):
+            # Packed examples (SFT): the compressed windows would span several examples.
+            raise ValueError("DeepSeek-V4 attention takes one sequence per row: attn_mask hides causal pairs "
+                             "(packed examples), which its compressed keys cannot respect; pack one example a row")
         keys = kv
         if self.compressor is not None:
             inv_freq = self.rotary.inv_freq[1]
