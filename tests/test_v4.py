@@ -323,6 +323,10 @@ def test_greedy_decoding_on_v4_caches_equals_transformers_generate(v4_folder):
             tokens.append(logits[:, -1].argmax(-1))
     assert torch.equal(torch.cat([prompt, torch.stack(tokens, 1)], 1), ref)
     assert caches[2].compressor.keys.shape[1] == 32 // 8 and caches[1].indexer.keys.shape[1] == 32 // 4
+    # `seekmoe info`'s arithmetic is what these caches hold (fp32, one sequence, 32 tokens)
+    from seekmoe.info import v4_cache_bytes
+
+    assert sum(c.nbytes() for c in caches) == v4_cache_bytes(ours.config, 32, 4)
 
 
 def test_the_engine_decodes_v4_equal_to_transformers_generate(v4_folder):
