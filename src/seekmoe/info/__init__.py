@@ -46,6 +46,8 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
         indexer_flops = 2 * L * config.index_n_heads * (config.index_head_dim + 1) * attended
         attended = _mean_attended(context, config.index_topk)
     attention_flops = 2 * L * heads * (config.qk_head_dim + config.v_head_dim) * attended + indexer_flops
+    if config.is_v4:
+        attention_flops = v4_attention_flops(config, context)
     per_dtype = DTYPE_BYTES[cache_dtype]
     mla_values = (config.kv_lora_rank + config.qk_rope_head_dim) * L
     indexer_values = 0 if config.index_topk is None else config.index_head_dim * L  # one indexer key per layer
@@ -79,6 +81,22 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
                        mla_v3_kv_cache_bytes_per_token=(512 + 64) * 61 * per_dtype,
                        mha_kv_cache_bytes_per_token=heads * 2 * config.head_dim * L * per_dtype)
     return summary
+
+
+def v4_attention_flops(config: ModelConfig, context: int) -> float:
+    """DeepSeek-V4's attention FLOPs per token averaged over a causal context: each head scores and mixes (keys are
+    values: 2 x head_dim a key) the window's keys and the compressed ones it sees (every complete window for HCA, at
+    most index_topk for CSA); CSA's indexer scores every complete window with its own heads."""
+    W, D = config.sliding_window, config.head_dim
+    keys = index = 0.0
+    for kind in config.layer_types:
+        keys += min(W, (context + 1) / 2)
+        if kind != "sliding_attention":
+            windows = context / config.compress_rates[kind] / 2  # complete windows, on average over the context
+            keys += windows if kind == "heavily_compressed_attention" else min(config.index_topk, windows)
+            if kind == "compressed_sparse_attention":
+                index += windows * config.index_n_heads * config.index_head_dim
+    return 2 * config.num_attention_heads * 2 * D * keys + 2 * index
 
 
 V4_CONTEXTS = (128 * 1024, 1024 * 1024)  # the contexts `seekmoe info` gives DeepSeek-V4's cache at
