@@ -294,9 +294,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                              f", CPU); got dtype {str(dtype).removeprefix('torch.')} on {device.type}: a conversion "
                              f"would copy every weight into memory")
         check_config_bounds(config, str(path))  # before the meta-device model is built
+        block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
         with torch.device("meta"):
-            _Loader(CausalLM(config).to(dtype), path, files, (128, 128)).check()
-        return map_pretrained(path, config, files, dtype)
+            _Loader(CausalLM(config).to(dtype), path, files, block).check()
+        return map_pretrained(path, config, files, dtype, block)
     # Counted from the config alone (one block of each kind), before even the meta-device model is built.
     check_fits_memory(config, dtype.itemsize, f"{str(dtype).removeprefix('torch.')} weights", device,
                       source=str(path))
