@@ -252,3 +252,40 @@ def test_info_counts_deepseek_v32_as_v3_plus_its_indexers_and_their_key_cache():
     assert v32["kv_cache_bytes_per_token"] == v3["kv_cache_bytes_per_token"] + 61 * 128 * 2
     # attention over 2048 keys costs far less than over all of them, the indexer's scan included
     assert v32["flops_per_token"] < 0.5 * v3["flops_per_token"]
+
+
+@pytest.mark.slow  # a minute of graph capture on 2 busy cores
+def test_compiled_decoding_with_mtp_drafts_gives_the_eager_tokens(monkeypatch):
+    """Graph capture (aot_eager) of the decode, verify and draft forwards, with the CUDA path's static shapes (a
+    padded batch, full-length cache reads whose mask hides the empty columns): the top-k is tensor-only."""
+    from torch._dynamo.utils import counters
+
+    from seekmoe.inference import Engine, SamplingParams, compiled
+
+    model = tiny_v32(num_nextn_predict_layers=1).eval()
+    prompts = [[0, 5, 6, 7, 8, 9, 10, 11, 12, 13], [0, 40]]  # longer and shorter than index_topk=8
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    want = [r.output_ids for r in Engine(model, max_batch_size=3, speculative="mtp", compile=False,
+                                         max_seq_len=64).generate(prompts, greedy)]
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, max_batch_size=3, speculative="mtp", compile=True, max_seq_len=64)
+    engine.forwards.static = True
+    assert [r.output_ids for r in engine.generate(prompts, greedy)] == want
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.slow  # a torchrun launch
+def test_tiny_v32_trains_under_expert_parallelism_with_the_losses_of_one_process(tmp_path, corpus, cache):
+    from test_distributed import WORKER, assert_same_losses, torchrun
+
+    one = _cli_train(["--preset", "tiny-v32", "--out", str(tmp_path / "one"), "--max-steps", "3"], corpus, cache)
+    job = ["train", "--preset", "tiny-v32", "--out", str(tmp_path / "ep2"), "--max-steps", "3", f"cache_dir={cache}",
+           "seq_len=32", "batch_size=2", "eval_every=100", "precision=fp32", "num_threads=1", "parallel.ep=2",
+           "--data", str(corpus), "--no-progress"]  # the same global batch of 4 sequences
+    torchrun(2, WORKER, "matrix", json.dumps([job]), timeout=600)
+    lines = (tmp_path / "ep2" / "metrics.jsonl").read_text().splitlines()
+    ep2 = [r for r in map(json.loads, lines) if "lm_loss" in r]
+    assert_same_losses([r["loss"] for r in ep2], [r["loss"] for r in one])
+    assert_same_losses([r["indexer_kl"] for r in ep2], [r["indexer_kl"] for r in one])
