@@ -57,8 +57,8 @@ class LightningIndexer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             scores = F.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))
                             * self.softmax_scale)  # [B, S, heads, T]
-            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # [B, S, heads]
-            return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, T]
+            weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5
+            return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, 1, heads] @ [B, S, heads, T]
 
 
 def select_top_k(index_scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Tensor:
