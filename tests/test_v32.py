@@ -289,3 +289,21 @@ def test_tiny_v32_trains_under_expert_parallelism_with_the_losses_of_one_process
     ep2 = [r for r in map(json.loads, lines) if "lm_loss" in r]
     assert_same_losses([r["loss"] for r in ep2], [r["loss"] for r in one])
     assert_same_losses([r["indexer_kl"] for r in ep2], [r["indexer_kl"] for r in one])
+
+
+@torch.no_grad()
+def test_decoding_attends_to_the_gathered_top_k_as_the_masked_attention_does():
+    from seekmoe.model.indexer import select_top_k, top_k_tokens
+
+    attention = tiny_v32().model.layers[1].self_attn
+    B, S, T, h, k = 3, 2, 30, 4, attention.index_topk
+    q_nope, q_pe = torch.randn(B, S, h, 16), torch.randn(B, S, h, 8)
+    c_kv, k_pe = torch.randn(B, T, 32), torch.randn(B, T, 8)
+    scores = torch.randn(B, S, T).relu()  # many exact zeros: ties
+    allowed = torch.arange(T) <= torch.tensor([[[[4], [5]]], [[[20], [21]]], [[[28], [29]]]])  # [B, 1, S, T]
+    chosen = top_k_tokens(scores, allowed, k)
+    gathered = attention.attend_selected(q_nope, q_pe, c_kv, k_pe, chosen, allowed)
+    masked = attention.attend_latent(q_nope, q_pe, c_kv, k_pe, select_top_k(scores, allowed, k))
+    assert rel_error(gathered, masked) < 1e-5
+    # ties go to the earlier token, whatever the row's length
+    assert torch.equal(top_k_tokens(scores[..., :22], allowed[..., :22], k)[1], chosen[1])

@@ -61,18 +61,24 @@ class LightningIndexer(nn.Module):
             return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, 1, heads] @ [B, S, heads, T]
 
 
-def select_top_k(index_scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The attention mask [B, 1, S, T] (True = attend) keeping, of the tokens `allowed` [B or 1, 1, S, T] lets each
-    query see, the `top_k` with the highest index_scores [B, S, T] (the earlier of equal ones): all of them where
-    there are no more."""
-    B, S, T = index_scores.shape
-    if T <= top_k:
-        return allowed.expand(B, 1, S, T)
+def top_k_tokens(index_scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The `top_k` tokens [B, S, top_k] with the highest index_scores [B, S, T] (the earlier of equal ones) among
+    those `allowed` [B or 1, 1, S, T] lets each query see; where fewer are allowed, disallowed ones fill the rest
+    (attention masks them out)."""
     masked = index_scores.masked_fill(~allowed[:, 0], float("-inf"))
     # Exact ties are common (a token every head's ReLU zeroes scores 0): a stable sort gives them to the earlier
     # token, so a query picks the same tokens whatever the row it is scored in (a prefill, a decoding step, a batch
     # with longer neighbours). torch.topk breaks ties by an order that changes with the row's length (transformers
     # uses it: the two agree wherever no tie straddles the k-th place).
-    chosen = masked.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]  # [B, S, top_k]
-    keep = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, chosen, True)
+    return masked.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
+
+
+def select_top_k(index_scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The attention mask [B, 1, S, T] (True = attend) keeping, of the tokens `allowed` [B or 1, 1, S, T] lets each
+    query see, the `top_k` of `top_k_tokens`: all of them where there are no more."""
+    B, S, T = index_scores.shape
+    if T <= top_k:
+        return allowed.expand(B, 1, S, T)
+    chosen = top_k_tokens(index_scores, allowed, top_k)
+    keep = torch.zeros_like(index_scores, dtype=torch.bool).scatter_(-1, chosen, True)
     return (keep & allowed[:, 0]).unsqueeze(1)
