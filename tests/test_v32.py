@@ -307,3 +307,14 @@ def test_decoding_attends_to_the_gathered_top_k_as_the_masked_attention_does():
     assert rel_error(gathered, masked) < 1e-5
     # ties go to the earlier token, whatever the row's length
     assert torch.equal(top_k_tokens(scores[..., :22], allowed[..., :22], k)[1], chosen[1])
+
+
+def test_the_decoding_cache_holds_what_info_counts_the_indexer_key_beside_the_latent():
+    from seekmoe.inference import DecodeCache
+    from seekmoe.info import model_summary
+
+    model = tiny_v32()
+    cache = DecodeCache.for_model(model, 2, 16, torch.float32)
+    assert set(cache.tensors[0]) == {"c_kv", "k_pe", "index_k"} and cache.tensors[0]["index_k"].shape == (2, 17, 16)
+    summary = model_summary(model.config, cache_dtype="float32")
+    assert cache.bytes_per_token() == summary["kv_cache_bytes_per_token"] == (32 + 8 + 16) * 2 * 4
