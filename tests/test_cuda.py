@@ -190,3 +190,27 @@ def test_fsdp2_on_nccl_at_world_size_1_steps_like_one_process_and_round_trips_dc
     with torch.no_grad():  # not bit for bit: CUDA's index_add (the experts' combine) sums in any order
         want, got = model(ids, labels=ids).loss.item(), fresh(ids, labels=ids).loss.item()
     assert abs(got - want) < 1e-5 * abs(want)
+
+
+def test_fp8_training_linears_track_bf16_on_a_float8_gpu():
+    """precision=fp8 (quant/fp8.py): torchao's float8 linears swapped in, a training step's loss within float8
+    rounding of bf16 autocast's, and the gradients finite (needs compute capability 8.9+ and torchao)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs compute capability 8.9+")
+    pytest.importorskip("torchao")
+    from seekmoe.quant.fp8 import convert_to_fp8_training
+
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", hidden_size=128, moe_intermediate_size=128, intermediate_size=256,
+                                q_lora_rank=128, kv_lora_rank=128, num_nextn_predict_layers=0)
+    model = seekmoe.build_model(config).cuda().train()
+    ids = torch.randint(0, config.vocab_size, (4, 64), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        want = model(ids, labels=ids).loss.item()
+    recipe = convert_to_fp8_training(model, torch.device("cuda"))
+    assert any("Float8" in type(m).__name__ for m in model.modules())
+    with torch.autocast("cuda", torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert abs(loss.item() - want) < 0.05 * want, (recipe, loss.item(), want)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

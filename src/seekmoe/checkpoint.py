@@ -21,7 +21,9 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import CausalLM
+from .checkpoint_v4 import v4_disk_key, v4_model_key
 from .model.experts import fold_weight_providers
+from .model.routing import HashTableRouter
 from .model_folder import check_fits_memory, config_from_dict, read_config_json
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -32,6 +34,9 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # On disk, each MTP layer repeats the shared embedding and output head (DeepSeek-V3's release does this).
 _MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# model_types whose checkpoints hold each layer's experts stacked (`mlp.experts.gate_up_proj` [E, 2I, H]), as
+# transformers writes a model it has no per-expert key conversion for; loading reads either form.
+STACKED_EXPERT_MODEL_TYPES = ("deepseek_ocr2_text",)
 
 
 # ----------------------------------------------------------------------------------------------------- saving
@@ -42,23 +47,30 @@ def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     state = fold_weight_providers(model, model.state_dict(keep_vars=False))  # partly frozen experts: plain stacks
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    # transformers writes DeepSeek-OCR-2's text model with its experts stacked, as we hold them (no conversion)
+    per_expert = config.model_type not in STACKED_EXPERT_MODEL_TYPES
     for key, tensor in state.items():
         key = _to_disk_key(key, L)
-        if key.endswith(".mlp.experts.gate_up_proj"):
+        if per_expert and key.endswith(".mlp.experts.gate_up_proj"):
             prefix = key[: -len("gate_up_proj")]
             for e in range(tensor.shape[0]):
                 yield f"{prefix}{e}.gate_proj.weight", tensor[e, :I]
                 yield f"{prefix}{e}.up_proj.weight", tensor[e, I:]
-        elif key.endswith(".mlp.experts.down_proj"):
+        elif per_expert and key.endswith(".mlp.experts.down_proj"):
             prefix = key[: -len("down_proj")]
             for e in range(tensor.shape[0]):
                 yield f"{prefix}{e}.down_proj.weight", tensor[e]
         else:
             yield key, tensor
-    for j in range(config.num_nextn_predict_layers):
+    for j in range(len(model.model.mtp)):
         for suffix, shared in _MTP_SHARED.items():
             source = state.get(shared, state["model.embed_tokens.weight"])
             yield f"model.layers.{L + j}.{suffix}", source
+
+
+def _v4_disk_items(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, tensor in items:
+        yield v4_disk_key(key), tensor
 
 
 def _to_disk_key(key: str, n_layers: int) -> str:
@@ -129,7 +141,8 @@ def _write_model_files(model: CausalLM, path: Path, limit: int) -> None:
     model.config.save(path)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
-    for key, tensor in hf_state_items(model):
+    items = hf_state_items(model)
+    for key, tensor in (_v4_disk_items(items) if model.config.is_v4 else items):  # transformers' V4 names
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append([])
@@ -224,6 +237,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     raw = read_config_json(path / "config.json")
+    if (raw.get("quantization_config") or {}).get("quant_method") == "seekmoe":  # `seekmoe quantize` wrote it
+        from .quant.folder import load_quantized
+
+        return load_quantized(path, dtype=dtype, device=device)
     config = config_from_dict(raw, str(path / "config.json"))
     device = torch.device(device or "cpu")
     if device.type == "meta":
@@ -232,7 +249,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         return model if dtype is None else model.to(dtype)
 
     files = checkpoint_files(path)
-    config = _without_absent_mtp(config, files, path)
+    if not config.is_v4:  # V4's MTP module is not built: its config keeps num_nextn_predict_layers as it is
+        config = _without_absent_mtp(config, files, path)
     if dtype is None:
         dtype = _checkpoint_dtype(path, files)
     # Counted from the config alone (one block of each kind), before even the meta-device model is built.
@@ -249,6 +267,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     model.model.rotary_emb.reset_parameters()  # a non-persistent buffer: to_empty left it uninitialized
     loader = _Loader(model, path, files, block)
     loader.load()
+    for name, module in model.named_modules():
+        if isinstance(module, HashTableRouter):  # a table pointing past the experts would index out of bounds
+            module.check_table(f"{path}: {name}.tid2eid")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
@@ -276,9 +297,9 @@ def _checkpoint_dtype(path: Path, files: dict[str, str]) -> torch.dtype:
     with safe_open(str(path / first), "pt") as f:
         for key in f.keys():
             t = f.get_slice(key).get_dtype()
-            if t == "F8_E4M3":
+            if t in ("F8_E4M3", "F4"):
                 return torch.bfloat16
-            if t in ("F32", "BF16", "F16") and not key.endswith("_scale_inv"):
+            if t in ("F32", "BF16", "F16") and not key.endswith(("_scale_inv", ".scale")):
                 return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[t]
     return torch.float32
 
@@ -320,13 +341,41 @@ class _Loader:
             self.handles[name] = safe_open(str(self.path / name), "pt")
         return self.handles[name]
 
+    def _scale_key(self, key: str) -> str | None:
+        """The block scales of a quantized weight: `{key}_scale_inv` (V3's release, transformers), or `.scale` beside
+        `.weight` (V4's release)."""
+        for scale_key in (key + "_scale_inv", key.removesuffix("weight") + "scale"):
+            if scale_key != key and scale_key in self.files:
+                return scale_key
+        return None
+
+    def _is_mxfp4(self, key: str, dtype: str) -> bool:
+        """Packed FP4 (two E2M1 values a byte, V4's routed experts): F4, or bytes with block scales."""
+        return dtype == "F4" or (dtype in ("I8", "U8") and self._scale_key(key) is not None)
+
+    def _disk_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of the (dequantized) tensor `key` from its safetensors header."""
+        tensor = self._open(self.files[key]).get_slice(key)
+        shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
+        if dtype in ("I8", "U8") and self._is_mxfp4(key, dtype):  # F4's header already counts values
+            shape = (*shape[:-1], 2 * shape[-1])
+        return shape
+
     def _get(self, key: str) -> torch.Tensor:
         tensor = self._open(self.files[key]).get_tensor(key)
-        if tensor.dtype == torch.float8_e4m3fn:
-            scale_key = key + "_scale_inv"
-            if scale_key not in self.files:
-                raise ValueError(f"FP8 tensor {key} has no {scale_key} in the checkpoint")
-            tensor = dequantize_fp8(tensor, self._open(self.files[scale_key]).get_tensor(scale_key), self.block)
+        fp4 = getattr(torch, "float4_e2m1fn_x2", None)
+        if tensor.dtype == torch.float8_e4m3fn or tensor.dtype in (torch.int8, torch.uint8, fp4):
+            scale_key = self._scale_key(key)
+            if scale_key is None:
+                if tensor.dtype in (torch.int8, torch.uint8):
+                    return tensor  # a plain integer tensor (an unquantized table)
+                raise ValueError(f"quantized tensor {key} has no {key}_scale_inv (or .scale) in the checkpoint")
+            scale = self._open(self.files[scale_key]).get_tensor(scale_key)
+            if tensor.dtype == torch.float8_e4m3fn:
+                tensor = dequantize_fp8(tensor, e8m0_to_float(scale) if scale.dtype == torch.uint8 else scale,
+                                        self.block)
+            else:
+                tensor = dequantize_mxfp4(tensor, scale)
         return tensor
 
     def _targets(self):
@@ -338,6 +387,8 @@ class _Loader:
         for name in sorted(by_file):
             for key in by_file[name]:
                 if key.endswith("_scale_inv") or key.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if self.config.is_v4 and key.endswith(".scale"):  # V4 release's block scales (read by _get)
                     continue
                 target = self._target(key, L, D)
                 if target is None:
@@ -355,7 +406,7 @@ class _Loader:
         device), and that every tensor the model needs is there. Reads no tensor data."""
         for key, name, index in self._targets():
             dest = self._destination(name, index)
-            shape = tuple(self._open(self.files[key]).get_slice(key).get_shape())
+            shape = self._disk_shape(key)
             if tuple(dest.shape) != shape:
                 raise ValueError(f"checkpoint tensor {key} has shape {shape}, the model expects "
                                  f"{tuple(dest.shape)} (does config.json match the weights?)")
@@ -417,6 +468,10 @@ class _Loader:
 
     def _target(self, key: str, L: int, D: int) -> tuple[str, tuple[int, str] | None] | None:
         """Our parameter name for a disk key (and the expert slice), or None for keys we deliberately skip."""
+        if self.config.is_v4:
+            key = v4_model_key(key)  # transformers' and DeepSeek's V4 names (checkpoint_v4.py)
+            if key is None:
+                return None
         m = _LAYER_KEY.match(key)
         if m and int(m.group(1)) >= L:
             j = int(m.group(1)) - L
@@ -449,3 +504,47 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> t
     scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
     q = (tiles / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn).view(rows * block[0], cols * block[1])
     return q[:out_dim, :in_dim].contiguous(), scale_inv
+
+
+# OCP Microscaling (MX) v1.0: an E2M1 element is sign (bit 3), exponent (bits 2-1, bias 1) and mantissa (bit 0);
+# exponent 0 is subnormal (mantissa * 0.5). Indexed by the 4-bit code.
+_E2M1_VALUES = [(-1.0) ** (code >> 3) * ((code & 1) * 0.5 if (code >> 1) & 3 == 0
+                                          else 2.0 ** (((code >> 1) & 3) - 1) * (1 + (code & 1) / 2))
+                for code in range(16)]
+MX_BLOCK = 32  # elements sharing one E8M0 scale
+
+
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 scales (float8_e8m0fnu, or their raw bytes as uint8) as fp32: 2^(byte - 127), byte 255 = NaN."""
+    if scale.dtype != torch.uint8:
+        return scale.float()
+    value = torch.exp2(scale.float() - 127.0)
+    return torch.where(scale == 255, torch.full_like(value, float("nan")), value)
+
+
+def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """MXFP4 weights (DeepSeek-V4's routed experts) as fp32: packed [..., n / 2] holds two E2M1 codes a byte,
+    element 2i in the low nibble (float4_e2m1fn_x2's order), and each run of 32 elements along the last dim shares
+    the E8M0 scale [..., n / 32] (float8_e8m0fnu, uint8 bytes, or an already-float scale): value = E2M1 * scale."""
+    codes = packed.contiguous().view(torch.uint8)
+    table = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=packed.device)
+    values = torch.stack([table[(codes & 0xF).long()], table[(codes >> 4).long()]], dim=-1).flatten(-2)
+    n = values.shape[-1]
+    if scale.shape[-1] * MX_BLOCK != n or scale.shape[:-1] != values.shape[:-1]:
+        raise ValueError(f"MXFP4 scales of shape {tuple(scale.shape)} do not fit weights of {tuple(values.shape)} "
+                         f"values: expected {(*values.shape[:-1], n // MX_BLOCK)} (one scale per {MX_BLOCK})")
+    return values * e8m0_to_float(scale).repeat_interleave(MX_BLOCK, dim=-1)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [..., n] (n a multiple of 32) as MXFP4: (packed uint8 [..., n / 2], E8M0 scales as uint8 bytes
+    [..., n / 32]), each block's scale the power of two putting its largest magnitude at or under 6 (E2M1's max),
+    each value rounded to the nearest E2M1 value (for tests and for writing release-format folders)."""
+    blocks = weight.float().unflatten(-1, (-1, MX_BLOCK))
+    amax = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=2.0 ** -126)
+    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = blocks / torch.exp2(exponent)
+    table = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=weight.device)
+    codes = (scaled.unsqueeze(-1) - table).abs().argmin(dim=-1).flatten(-2).to(torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed, (exponent.squeeze(-1) + 127).to(torch.uint8)

@@ -22,6 +22,8 @@ COMMANDS = {
     "rl": ("seekmoe.posttrain.cli", "improve a model on a task with verifiable rewards by GRPO (routing replay on)"),
     "expand": ("seekmoe.grow.cli", "add routed experts to a trained model (to learn a new domain in them)"),
     "upcycle": ("seekmoe.grow.cli", "turn a dense model into a DeepSeekMoE that starts where it stood"),
+    "merge": ("seekmoe.lora.cli", "merge a LoRA adapter (PEFT format) into a copy of its base model folder"),
+    "quantize": ("seekmoe.quant.cli", "write an int8/int4 weight-only copy of a model folder, for CPU decoding"),
 }
 
 

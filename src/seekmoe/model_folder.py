@@ -47,6 +47,15 @@ BOUNDS = {
     "v_head_dim": 1 << 12,
     "first_k_dense_replace": 1024,
     "max_position_embeddings": 1 << 26,
+    # DeepSeek-V4 (V4-Pro: head_dim 512, 16 output groups, 64 indexer heads, window 128, 4 streams)
+    "head_dim": 1 << 12,
+    "o_groups": 4096,
+    "o_lora_rank": 1 << 16,
+    "index_n_heads": 4096,
+    "index_head_dim": 1 << 12,
+    "hc_mult": 64,
+    "hc_sinkhorn_iters": 1000,
+    "sliding_window": 1 << 26,
 }
 
 # Bytes a parameter costs in a training run: fp32 weight, fp32 gradient, AdamW's two fp32 moments.

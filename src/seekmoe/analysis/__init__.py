@@ -1,5 +1,5 @@
-"""Routing analysis (`seekmoe analyze`): what each MoE layer decides on held-out text, what experts specialize in,
-ablation probes, and a self-contained HTML report."""
+"""Routing analysis (`seekmoe analyze`): what each MoE layer decides on held-out text, what experts specialize in (by
+source, token and modality), ablation probes, and a self-contained HTML report."""
 
 from .analyze import analyze, route
 from .capture import LayerRouting, RoutingCapture

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import probes, specialization, statistics
+from . import modality, probes, specialization, statistics
 from .capture import LayerRouting, RoutingCapture
 from .sources import Source, batches
 
@@ -81,8 +81,11 @@ def _token_texts(vocab: list[dict], tokenizer) -> None:
 
 def analyze(model: nn.Module, tokenizer, sources: Sequence[Source], batch_size: int = 8, prompt: str | None = None,
             compare: nn.Module | None = None, compare_name: str | None = None, probe_tokens: int | None = None,
-            top_tokens: int = 8, min_count: int = 5, progress: bool = False) -> dict:
-    """Every statistic of the report, as a dict of plain numbers, lists and strings (the JSON file)."""
+            top_tokens: int = 8, min_count: int = 5, progress: bool = False,
+            modality_token_id: int | None = None) -> dict:
+    """Every statistic of the report, as a dict of plain numbers, lists and strings (the JSON file). Routing per
+    modality (`modality`) is reported when `modality_token_id` is given, or when the data holds the model's image
+    placeholder token (config.media_placeholder_token_id)."""
     config = model.config
     E, k = config.n_routed_experts, config.num_experts_per_tok
     routed = route(model, sources, batch_size, progress)
@@ -92,7 +95,8 @@ def analyze(model: nn.Module, tokenizer, sources: Sequence[Source], batch_size: 
                   "scoring_func": config.scoring_func, "n_group": config.n_group, "topk_group": config.topk_group},
         "sources": [{"name": s.name, "sequences": int(s.sequences.shape[0]), "seq_len": int(s.sequences.shape[1]),
                      "tokens": s.tokens} for s in sources],
-        "definitions": {**statistics.DEFINITIONS, **specialization.DEFINITIONS, **probes.DEFINITIONS},
+        "definitions": {**statistics.DEFINITIONS, **specialization.DEFINITIONS, **modality.DEFINITIONS,
+                        **probes.DEFINITIONS},
         "loss": routed.loss,
         "layers": [statistics.layer_statistics(layer, routed.next_in_sequence, E) for layer in routed.layers],
         "domain": [{"layer": layer.layer, **specialization.domain_specialization(layer, routed.source, len(sources), E)}
@@ -101,6 +105,11 @@ def analyze(model: nn.Module, tokenizer, sources: Sequence[Source], batch_size: 
             layer, routed.token_ids, E, top_tokens, min_count)} for layer in routed.layers],
     }
     _token_texts(results["vocabulary"], tokenizer)
+    image_id = config.media_placeholder_token_id if modality_token_id is None else modality_token_id
+    if image_id is not None and (modality_token_id is not None or bool((routed.token_ids == image_id).any())):
+        results["modality"] = modality.modality_report(
+            routed.layers, routed.token_ids, image_id, E, config.modality_expert_groups,
+            config.n_group, source="config" if modality_token_id is None else "--modality-token-id")
     if prompt:
         results["prompt"] = prompt_view(model, tokenizer, prompt)
     if compare is not None:

@@ -40,6 +40,10 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-tokens", type=int, default=8, metavar="N", help="tokens listed per expert (default 8)")
     p.add_argument("--min-count", type=int, default=5, metavar="N",
                    help="occurrences a token needs for its routing concentration to count (default 5)")
+    p.add_argument("--modality-token-id", type=int, default=None, metavar="ID",
+                   help="report routing per modality, counting tokens with this id as image tokens and the rest as "
+                        "text (default: the model's media_placeholder_token_id, reported when the data holds it); "
+                        "--data may be a .jsonl of token ids ({\"input_ids\": [...]} per line) to hold such tokens")
     p.add_argument("--data-glob", default="*", metavar="GLOB", help="files to read inside --data folders")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight type (default float32)")
     p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
@@ -60,6 +64,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     for name, value, minimum in (("--batch-size", args.batch_size, 1), ("--top-tokens", args.top_tokens, 1),
                                  ("--min-count", args.min_count, 1), ("--probe-tokens", args.probe_tokens, 0)):
         _positive(name, value, minimum)
+    if args.modality_token_id is not None:
+        _positive("--modality-token-id", args.modality_token_id, 0)
     for flag, path in (("--model", args.model), ("--compare", args.compare)):
         if path is not None and not Path(path).is_dir():
             raise FileNotFoundError(f"{flag} {path}: no such model directory")
@@ -70,6 +76,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len}: longer than the model's context "
                          f"(max_position_embeddings={model.config.max_position_embeddings})")
+    if args.modality_token_id is not None and args.modality_token_id >= model.config.vocab_size:
+        raise ValueError(f"--modality-token-id {args.modality_token_id}: expected a token id below the model's "
+                         f"vocab_size={model.config.vocab_size}")
     sources = load_sources(args.data, tokenizer, seq_len, args.max_tokens, model.config.vocab_size, args.data_glob)
     compare = None
     if args.compare and is_training_checkpoint(args.compare):  # OUT/checkpoints/step-N of a run
@@ -78,7 +87,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         compare = from_pretrained(args.compare, dtype=DTYPES[args.dtype], device=args.device).eval()
     results = analyze(model, tokenizer, sources, args.batch_size, prompt=args.prompt, compare=compare,
                       compare_name=args.compare, probe_tokens=args.probe_tokens, top_tokens=args.top_tokens,
-                      min_count=args.min_count, progress=not args.no_progress)
+                      min_count=args.min_count, progress=not args.no_progress,
+                      modality_token_id=args.modality_token_id)
     results["model"]["path"] = str(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,5 +98,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     vio = [s["max_vio"] for s in results["layers"]]
     print(f"loss {results['loss']:.4f} over {sum(s.tokens for s in sources)} tokens of {len(sources)} source(s); "
           f"MaxVio per MoE layer {', '.join(f'{v:.3f}' for v in vio)}; {time.perf_counter() - started:.1f}s")
+    if "modality" in results:
+        m = results["modality"]
+        js = ", ".join(f"{layer['js_divergence']:.3f}" for layer in m["layers"])
+        print(f"per modality: {m['tokens']['image']} image and {m['tokens']['text']} text tokens (image id "
+              f"{m['image_token_id']}); Jensen-Shannon divergence of their loads per MoE layer {js}"
+              + ("" if m["tokens"]["image"] else f" (no token of the data has id {m['image_token_id']})"))
     print(f"wrote {out / REPORT_NAME} and {out / JSON_NAME}")
     return 0

@@ -166,6 +166,46 @@ def _domain(results: dict) -> str:
                                                            "domain_tv_pooled"])
 
 
+def _modality(results: dict) -> str:
+    m = results.get("modality")
+    if not m:
+        return ("<p>No image tokens in the data. Give <code>--modality-token-id ID</code> (or a model whose "
+                "<code>media_placeholder_token_id</code> occurs in the data) to split the routing into image and "
+                "text tokens.</p>")
+    E = results["model"]["n_routed_experts"]
+    groups = m.get("expert_groups")
+    split = (f"modality-aware routing: image groups {groups['image']}, text groups {groups['text']}" if groups
+             else "one routing shared by both modalities")
+    rows = ["<tr><th>layer</th><th>image tokens</th><th>text tokens</th><th>JS divergence (bits)</th>"
+            "<th>MaxVio image</th><th>MaxVio text</th><th>shared share image</th><th>shared share text</th>"
+            "<th>image-only experts</th><th>text-only experts</th></tr>"]
+    parts = []
+    for layer in m["layers"]:
+        t, v, sh, sp = layer["tokens"], layer["max_vio"], layer["shared_norm_share"], layer["specialized_experts"]
+        rows.append(f"<tr><td>{layer['layer']}</td><td class=n>{t['image']}</td><td class=n>{t['text']}</td>"
+                    f"<td class=n>{_fmt(layer['js_divergence'])}</td><td class=n>{_fmt(v['image'])}</td>"
+                    f"<td class=n>{_fmt(v['text'])}</td><td class=n>{_pct(sh['image'])}</td>"
+                    f"<td class=n>{_pct(sh['text'])}</td><td class=n>{sp['image']}</td>"
+                    f"<td class=n>{sp['text']}</td></tr>")
+        load = [(f"{name} load", [x * E for x in layer["load"][name]]) for name in ("image", "text")]
+        parts.append(f"<h3>layer {layer['layer']}</h3>" + _heatmap(
+            load, lambda x: _sequential(x, 2.0),
+            lambda i, j, x: f"expert {j}: {_pct(x / E)} of the {('image', 'text')[i]} tokens' "
+                                                    f"slots = {x:.2f} x 1/E"))
+        parts.append(_heatmap([("specialization", layer["specialization"])], lambda x: _diverging(x, 0.0, 1.0),
+                              lambda i, j, x: f"expert {j}: specialization {x:+.2f} (+1 image only, -1 text only)"))
+    return (f"<p>Image token id {m['image_token_id']} (from {_e(m['token_id_from'])}): {m['tokens']['image']} image "
+            f"and {m['tokens']['text']} text tokens; {_e(split)}. Mean JS divergence of the two loads over the "
+            f"layers: <b>{_fmt(m['js_divergence_mean'])}</b> bits (0 alike, 1 disjoint experts).</p>"
+            f"<table>{''.join(rows)}</table>"
+            f"<p>Load rows: share of each modality's slots relative to 1/E (white 0, dark blue 2x or more). "
+            f"Specialization row: red = image tokens' expert, blue = text tokens', white = shared alike.</p>"
+            + "".join(parts)
+            + _defs(results["definitions"], ["modality", "modality_load", "modality_specialization", "modality_js",
+                                             "modality_max_vio", "modality_shared_share",
+                                             "modality_specialized_experts"]))
+
+
 def _vocabulary(results: dict) -> str:
     parts = []
     for v in results["vocabulary"]:
@@ -271,8 +311,8 @@ def render_report(results: dict, title: str = "seekmoe routing analysis") -> str
     sources = "".join(f"<li><code>{_e(s['name'])}</code>: {s['tokens']} tokens in {s['sequences']} sequences of "
                       f"{s['seq_len']}</li>" for s in results["sources"])
     sections = [("Per-layer summary", _summary), ("Expert load", _load), ("Domain specialization", _domain),
-                ("Vocabulary specialization", _vocabulary), ("Co-activation", _coactivation),
-                ("Token-level view of the prompt", _prompt), ("Router saturation", _saturation),
+                ("Routing per modality", _modality), ("Vocabulary specialization", _vocabulary),
+                ("Co-activation", _coactivation), ("Token-level view of the prompt", _prompt), ("Router saturation", _saturation),
                 ("Ablation probes (DeepSeekMoE section 4.5)", _probes)]
     body = "".join(f"<h2>{_e(name)}</h2>{render(results)}" for name, render in sections)
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"

@@ -1,10 +1,14 @@
 """Held-out text for `seekmoe analyze`: each --data path is one source (a domain, a language), its documents tokenized
-as training packs them (begin-of-text, text, end-of-text, concatenated) and cut into equal sequences."""
+as training packs them (begin-of-text, text, end-of-text, concatenated) and cut into equal sequences. A `.jsonl` file
+whose records hold `input_ids` (lists of token ids) is a token stream read as it is, for data the tokenizer cannot
+write: a vision-language model's sequences with their image placeholder tokens in place."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,9 +46,10 @@ def load_sources(paths: Sequence[str], tokenizer, seq_len: int, max_tokens: int,
         raise ValueError("no --data path given: expected one or more files or folders of held-out text")
     sources = []
     for path in paths:
-        corpus = discover_corpus([path], glob)
         ids: list[int] = []
-        for doc in corpus.documents():
+        if _is_token_stream(Path(path)):
+            ids = _read_token_stream(Path(path), max_tokens, vocab_size)
+        for doc in [] if ids else discover_corpus([path], glob).documents():
             if not doc:
                 continue
             ids += tokenizer.encode(doc, add_bos=True)
@@ -68,3 +73,40 @@ def batches(sources: Sequence[Source], batch_size: int) -> list[tuple[int, torch
     """(source index, ids [<= batch_size, seq_len]) for every batch of every source, in order."""
     return [(d, s.sequences[i:i + batch_size]) for d, s in enumerate(sources)
             for i in range(0, len(s.sequences), batch_size)]
+
+
+def _is_token_stream(path: Path) -> bool:
+    """Whether `path` is a JSONL file whose first record has an `input_ids` field."""
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        return False
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    return False  # the text reader names the bad line
+                return isinstance(record, dict) and "input_ids" in record
+    return False
+
+
+def _read_token_stream(path: Path, max_tokens: int, vocab_size: int) -> list[int]:
+    """The `input_ids` of every record of `path`, concatenated, at most `max_tokens` of them."""
+    ids: list[int] = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}:{n} is not valid JSON: {str(e)[:200]}") from None
+            row = record.get("input_ids") if isinstance(record, dict) else None
+            if (not isinstance(row, list)
+                    or any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in row)):
+                raise ValueError(f"{path}:{n}: expected an object whose 'input_ids' is a list of token ids in "
+                                 f"[0, vocab_size={vocab_size})")
+            ids += row
+            if len(ids) >= max_tokens:
+                break
+    return ids[:max_tokens]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .hf import config_from_hf_dict, config_to_hf_dict
+from .hf import config_from_hf_dict, config_to_hf_dict, mha_model_type
 from .presets import PRESETS
 from .validation import validate
 
@@ -73,13 +73,49 @@ class ModelConfig:
     # (aux_loss_alpha, expert_balance_alpha, device_balance_alpha and bias_update_speed are the DeepSeek router's.)
     router_aux_loss_coef: float | None = None
     second_expert_threshold: float = 0.2  # GShard: the 2nd expert is kept with probability min(1, g2 / threshold)
+    # --- Multi-head attention (issue 21; DeepSeekMoE 16B, DeepSeek-VL2-Tiny's and DeepSeek-OCR's language models):
+    # use_mla=False replaces MLA by standard multi-head attention whose RoPE rotates the whole head
+    # (hidden_size / num_attention_heads wide, `mha_head_dim`); the MLA ranks and head dims are then unused.
+    use_mla: bool = True
+    attention_bias: bool = False  # biases on the q/k/v/o projections (multi-head attention only)
+    # --- Families with another family's numerics under their own model_type (issue 21): glm4_moe_lite and
+    # kimi_k2 compute as deepseek_v3, deepseek (DeepSeekMoE's remote code) and deepseek_ocr2_text as multi-head
+    # attention; config.json is written back under this name. None = the model_type the fields imply.
+    family: str | None = None
+    # DeepSeek-V4 (model_type deepseek_v4; transformers' DeepseekV4Config names): `layer_types` set = a V4 model.
+    # Per-layer attention: "sliding_attention" (a window of `sliding_window` keys), "compressed_sparse_attention"
+    # (the window plus the indexer's top-`index_topk` of the keys compressed every compress_rates[type] tokens) or
+    # "heavily_compressed_attention" (the window plus every compressed key); one shared KV head of `head_dim`, its
+    # last qk_rope_head_dim rotated (compressed branches with base compress_rope_theta and rope_scaling's YaRN),
+    # a sink per head, the output through o_groups low-rank (o_lora_rank) groups. The residual is hc_mult streams
+    # (mHC, Sinkhorn-normalized mixing); "hash_moe" layers of mlp_layer_types route by a fixed token->experts table.
+    layer_types: list[str] | None = None
+    compress_rates: dict | None = None  # {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    compress_rope_theta: float = 160000.0
+    head_dim: int = 512
+    sliding_window: int = 128
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    mlp_layer_types: list[str] | None = None  # "hash_moe" or "moe" per layer
+    swiglu_limit: float | None = None  # experts' gate clamped to <= limit, up to [-limit, limit] (V4: 10.0)
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, written back unchanged
     # DeepSeek-V3.2's sparse attention (DSA, model_type deepseek_v32): in every attention layer a lightning indexer
     # of index_n_heads heads of index_head_dim scores each past token for each query, and MLA attends to the
     # index_topk best only (model/indexer.py, model/sparse_attention.py). index_topk None = dense MLA (V2/V3).
+    # DeepSeek-V4's compressed sparse attention layers use the same three fields for their indexer (512 there).
     index_topk: int | None = None
     index_n_heads: int = 64
     index_head_dim: int = 128
+    # Vision-language models (Kimi-K2.5's name): the token id standing for image features in input_ids; the image
+    # features replace its embeddings, and modality-aware routing counts a token as an image token by it.
+    media_placeholder_token_id: int | None = None
+    # Modality-aware routing (MoMa-style expert groups; seekmoe's own key): {"image": [group ids], "text": [group
+    # ids]}, a partition of the n_group router groups. Image tokens (== media_placeholder_token_id) choose only
+    # among the image groups' experts, every other token among the text groups'; None = one shared routing.
+    modality_expert_groups: dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,11 +130,22 @@ class ModelConfig:
     def model_type(self) -> str:
         """The transformers model type whose numerics this config matches; `seekmoe_<router_type>` (unknown to
         transformers, which then refuses the checkpoint) when no transformers model computes what this one does."""
-        if self.router_type != "deepseek" or self.eval_capacity() > 0:
+        if self.is_v4:
+            return "deepseek_v4"
+        if self.router_type != "deepseek" or self.eval_capacity() > 0 or self.modality_expert_groups:
             return f"seekmoe_{self.router_type}"
+        if self.family is not None:
+            return self.family
+        if not self.use_mla:
+            return mha_model_type(self)
         if self.index_topk is not None:
             return "deepseek_v32"
         return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
+
+    @property
+    def is_v4(self) -> bool:
+        """A DeepSeek-V4 model (per-layer compressed attention, hyper-connections): `layer_types` is set."""
+        return self.layer_types is not None
 
     def train_capacity(self) -> float:
         """The capacity factor in training (0 = dropless), after the router type's default."""
@@ -121,6 +168,16 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` holds a MoE (True) or a dense MLP (False)."""
         return self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+    @property
+    def mha_head_dim(self) -> int:
+        """Query/key/value width per head of multi-head attention (use_mla=False): hidden_size / heads."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_head_dim(self) -> int:
+        """How many dimensions of each query/key head RoPE rotates: MLA's decoupled rope part, or the whole head."""
+        return self.qk_rope_head_dim if self.use_mla else self.mha_head_dim
 
     @property
     def n_moe_layers(self) -> int:

@@ -7,12 +7,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .fields import ModelConfig
 
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")  # sqrtsoftplus: sqrt(softplus(logits)), DeepSeek-V4
 # greedy: plain top-k (V2-Lite); group_limited_greedy: groups scored by their best expert (V2);
 # noaux_tc: groups scored by the sum of their two best experts, bias-corrected selection (V3).
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # deepseek: DeepSeek's router (the default); the others are the MoE literature's, for comparison (model/routing/).
 ROUTER_TYPES = ("deepseek", "switch", "gshard", "noisy_topk", "hash", "hierarchical")
+# DeepSeek-V4's attention of a layer (layer_types) and its MoE routing (mlp_layer_types).
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
 
 
 def validate(config: "ModelConfig") -> None:
@@ -52,7 +55,17 @@ def validate(config: "ModelConfig") -> None:
         if not isinstance(getattr(config, name), (int, float)) or getattr(config, name) < 0:
             raise bad(name, "a non-negative number")
     _validate_router_type(config)
-    _validate_sparse_attention(config)
+    _validate_attention_choice(config)
+    if config.is_v4:
+        from .validation_v4 import validate_v4
+
+        validate_v4(config)
+    elif config.mlp_layer_types is not None or config.compress_rates is not None:
+        raise bad("layer_types", "a list of per-layer attention types when mlp_layer_types or compress_rates is "
+                                 "set (DeepSeek-V4)")
+    else:
+        _validate_sparse_attention(config)
+    _validate_modality(config)
 
 def _validate_router_type(config: "ModelConfig") -> None:
     def bad(name: str, expected: str) -> ValueError:
@@ -127,6 +140,36 @@ def _validate_rope_scaling(config: "ModelConfig") -> None:
                          "context length the model was pretrained at")
 
 
+# ----- issue 21: multi-head attention and the families read as another's numerics -----
+# model_type -> whether it uses MLA (True) or multi-head attention (False); the family a config.json is written
+# back under (ModelConfig.family).
+FAMILIES = {"glm4_moe_lite": True, "kimi_k2": True, "deepseek": False, "deepseek_ocr2_text": False,
+            "deepseek_v2": None, "deepseek_v3": None}
+
+
+def _validate_attention_choice(config: "ModelConfig") -> None:
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}={getattr(config, name)!r} is invalid: expected {expected}")
+
+    for name in ("use_mla", "attention_bias"):
+        if not isinstance(getattr(config, name), bool):
+            raise bad(name, "true or false")
+    if config.family is not None and config.family not in FAMILIES:
+        raise bad("family", f"None or one of {sorted(FAMILIES)}")
+    wants_mla = FAMILIES.get(config.family)
+    if wants_mla is not None and wants_mla != config.use_mla:
+        raise bad("use_mla", f"{wants_mla} for a {config.family} model")
+    if config.use_mla:
+        if config.attention_bias:
+            raise bad("attention_bias", "false with use_mla=True (MLA's projections have no biases here)")
+        return
+    if config.hidden_size % config.num_attention_heads:
+        raise bad("num_attention_heads", f"a divisor of hidden_size={config.hidden_size} with use_mla=False "
+                                         f"(each head is hidden_size / heads wide)")
+    if config.mha_head_dim % 2:
+        raise bad("num_attention_heads", f"a number of heads leaving an even head width with use_mla=False "
+                                         f"(RoPE rotates pairs; hidden_size / heads = {config.mha_head_dim})")
+
 def _validate_sparse_attention(config: "ModelConfig") -> None:
     """DeepSeek-V3.2's indexer fields (index_topk None: no indexer, the rest unread)."""
     def bad(name: str, expected: str) -> ValueError:
@@ -152,3 +195,57 @@ def _validate_sparse_attention(config: "ModelConfig") -> None:
         raise bad("scoring_func", "'sigmoid' with index_topk set (DeepSeek-V3.2 routes as V3 does)")
     if not config.rope_interleave:
         raise bad("rope_interleave", "True with index_topk set (DeepSeek-V3.2 rotates interleaved pairs)")
+
+
+MODALITIES = ("image", "text")  # the keys of modality_expert_groups
+MAX_MODALITY_GROUPS = 63  # the router keeps each modality's groups as bits of one int64 (model/routing/deepseek.py)
+
+
+def _validate_modality(config: "ModelConfig") -> None:
+    """media_placeholder_token_id is a token id; modality_expert_groups splits the n_group router groups between
+    image and text tokens, each side able to reach num_experts_per_tok experts."""
+    token = config.media_placeholder_token_id
+    if token is not None and (not isinstance(token, int) or isinstance(token, bool)
+                              or not 0 <= token < config.vocab_size):
+        raise ValueError(f"ModelConfig.media_placeholder_token_id={token!r} is invalid: expected None or a token id "
+                         f"in [0, vocab_size={config.vocab_size})")
+    groups = config.modality_expert_groups
+    if groups is None:
+        return
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"ModelConfig.modality_expert_groups={groups!r} is invalid: expected {expected}")
+
+    if not isinstance(groups, dict) or set(groups) != set(MODALITIES):
+        raise bad('a dict {"image": [group ids], "text": [group ids]} (or None for one shared routing)')
+    if config.n_routed_experts == 0 or config.router_type != "deepseek":
+        raise bad("None unless the model has routed experts and router_type='deepseek' (modality-aware routing "
+                  "restricts DeepSeek's group-limited routing)")
+    G = config.n_group
+    if not 2 <= G <= MAX_MODALITY_GROUPS:
+        raise bad(f"n_group (now {G}) between 2 and {MAX_MODALITY_GROUPS}: each modality is given whole router "
+                  f"groups")
+    for name in MODALITIES:
+        ids = groups[name]
+        if (not isinstance(ids, list) or not ids
+                or any(not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < G for g in ids)):
+            raise bad(f"{name!r}: a non-empty list of group ids in [0, n_group={G})")
+        if len(set(ids)) != len(ids):
+            raise bad(f"{name!r}: each group id once")
+    shared = sorted(set(groups["image"]) & set(groups["text"]))
+    if shared:
+        raise bad(f"disjoint image and text groups (both hold {shared})")
+    unused = sorted(set(range(G)) - set(groups["image"]) - set(groups["text"]))
+    if unused:
+        raise bad(f"every group 0..{G - 1} given to a modality (groups {unused} are in neither, so their experts "
+                  f"would never be chosen)")
+    if token is None:
+        raise ValueError("ModelConfig.modality_expert_groups is set but media_placeholder_token_id is None: expected "
+                         "the image placeholder token id that marks image tokens")
+    per_group, k = config.n_routed_experts // G, config.num_experts_per_tok
+    for name in MODALITIES:
+        reach = len(groups[name]) if config.topk_method == "greedy" else min(len(groups[name]), config.topk_group)
+        if k > reach * per_group:
+            raise ValueError(f"ModelConfig.num_experts_per_tok={k} is invalid: expected at most {reach * per_group}, "
+                             f"the experts a{'n' if name == 'image' else ''} {name} token can reach in "
+                             f"{reach} of its groups {groups[name]} ({per_group} experts each)")

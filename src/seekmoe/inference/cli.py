@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 
 from .chat_template import CHAT_STOP, format_chat
+from ..quant.cli import add_quantize_flags, quant_spec
 from .compiled import COMPILE_CHOICES, should_compile
 from .engine import SPECULATIVE_METHODS, Engine, Request
 from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,6 +39,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step (prefill stays eager): same tokens, several times fewer "
                         "operator launches; compiling takes seconds to a minute once. 'auto' (default) compiles "
                         "on CUDA and in the server, not for a one-off CPU generation")
+    add_quantize_flags(p)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -60,10 +63,31 @@ def load_engine(args: argparse.Namespace, max_batch_size: int, long_running: boo
     if args.num_speculative_tokens is not None and args.speculative is None:
         raise ValueError(f"--num-speculative-tokens={args.num_speculative_tokens}: expected --speculative mtp too")
     compile = should_compile(args.compile, torch.device(args.device), long_running)
-    return Engine.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
-                                  max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
-                                  speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                                  compile=compile)
+    model = load_model(args, compile)
+    tokenizer = Tokenizer(args.model, model.config.bos_token_id, model.config.eos_token_id)
+    return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
+                  speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens, compile=compile)
+
+
+def load_model(args: argparse.Namespace, compile: bool):
+    """The model of --model in --dtype on --device: quantized on load with --quantize, or as `seekmoe quantize`
+    wrote it; quantized modules multiply the way compiled or eager decoding wants (`configure_quantized`)."""
+    from .. import from_pretrained
+    from ..quant import configure_quantized, quantize_model
+    from ..quant.folder import is_quantized_folder, load_quantized
+
+    spec = quant_spec(args, args.quantize)
+    if is_quantized_folder(args.model):
+        if spec is not None:
+            raise ValueError(f"--quantize {args.quantize}: {args.model} is quantized already (by seekmoe "
+                             f"quantize): expected no --quantize")
+        model = load_quantized(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    else:
+        model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        if spec is not None:
+            quantize_model(model, spec, embeddings=args.quantize_embeddings)
+    configure_quantized(model, compile)
+    return model
 
 
 def sampling_params(args: argparse.Namespace, stop: list[str] | None = None) -> SamplingParams:
@@ -131,6 +155,11 @@ def run_generate(args: argparse.Namespace) -> int:
         print(report(requests, time.perf_counter() - start), file=sys.stderr)
         if engine.forwards.compiled:
             print(f"(including {engine.forwards.compile_seconds:.1f}s compiling the decode step)", file=sys.stderr)
+    failed = [r for r in requests if r.finish_reason == "error"]
+    if failed:  # the engine ended them early (and logged the traceback): a script must not take this for success
+        print(f"seekmoe generate: error: {len(failed)} of {len(requests)} requests failed after "
+              f"{len(failed[0].output_ids)} tokens: {failed[0].error.splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -127,15 +127,20 @@ class DecodeForwards:
         live in their own cache region (isolate_recompiles). On CPU, inductor's C++ wrapper calls the kernels
         without the Python glue of its default wrapper (a third of a step's time at batch 1)."""
         options: dict = {}
-        isolate = {}
+        extra: dict = {}
         if _HAS_ISOLATED_GUARD_SKIPPING:  # torch >= 2.13; older builds keep the guards
             options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-            isolate["isolate_recompiles"] = True
+            # Without module guards, a graph break is unsafe, not just slow: dynamo then compiles the frame it
+            # resumes in (DecoderBlock.forward, say) on its own, and with no guard on `self` a dense block's frame
+            # ran for the MoE block (KeyError 'gate_proj', issue 24: an lru_cache'd CPU probe in the experts'
+            # forward broke the graph). fullgraph makes any graph break a compile error naming its cause.
+            extra["isolate_recompiles"] = True
+            extra["fullgraph"] = True
         mode = None
         if BACKEND == "inductor":
             mode = "reduce-overhead" if self.static else None
             options["cpp_wrapper"] = not self.static
-        return dict(backend=BACKEND, mode=mode, dynamic=None if self.static else True, options=options, **isolate)
+        return dict(backend=BACKEND, mode=mode, dynamic=None if self.static else True, options=options, **extra)
 
     def batch(self, n: int) -> int | None:
         """The padded batch for n rows under CUDA graphs (a power of two), else None (no padding)."""

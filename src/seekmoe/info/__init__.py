@@ -49,7 +49,7 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
     mla_values = (config.kv_lora_rank + config.qk_rope_head_dim) * L
     indexer_values = 0 if config.index_topk is None else config.index_head_dim * L  # one indexer key per layer
     mha_values = heads * (config.qk_head_dim + config.v_head_dim) * L
-    return {
+    summary = {
         "total_params": total,
         "active_params": active,
         "mtp_params": mtp,
@@ -66,6 +66,36 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
         "n_routed_experts": config.n_routed_experts,
         "num_experts_per_tok": config.num_experts_per_tok,
     }
+    if config.is_v4:  # no latent: its window, compressed keys and indexer keys, against V3's MLA
+        at = {n: v4_cache_bytes(config, n, per_dtype) / n for n in V4_CONTEXTS}
+        summary.update(kv_cache_bytes_per_token=round(at[V4_CONTEXTS[0]]), indexer_cache_bytes_per_token=0,
+                       v4_cache_bytes_per_token={str(n): round(b) for n, b in at.items()},
+                       mla_v3_kv_cache_bytes_per_token=(512 + 64) * 61 * per_dtype,
+                       mha_kv_cache_bytes_per_token=heads * 2 * config.head_dim * L * per_dtype)
+    return summary
+
+
+V4_CONTEXTS = (128 * 1024, 1024 * 1024)  # the contexts `seekmoe info` gives DeepSeek-V4's cache at
+
+
+def v4_cache_bytes(config: ModelConfig, context: int, dtype_bytes: int) -> int:
+    """Bytes of a DeepSeek-V4 decoding cache (model/v4_cache.py) after `context` tokens: per layer the last
+    sliding_window - 1 keys, and per compressor (the layer's; CSA's indexer too) one key per `rate` tokens, the open
+    window's kv and gate projections and, for CSA's overlapping windows, the previous window's first series."""
+    D, Di, W = config.head_dim, config.index_head_dim, config.sliding_window
+    total = 0
+    for kind in config.layer_types:
+        total += min(context, W - 1) * D
+        if kind == "sliding_attention":
+            continue
+        m = config.compress_rates[kind]
+        open_tokens = min(context % m, m - 1)
+        if kind == "heavily_compressed_attention":
+            total += context // m * D + open_tokens * 2 * D
+        else:
+            for width in (D, Di):
+                total += context // m * width + open_tokens * 2 * 2 * width + (m * 2 * width if context >= m else 0)
+    return total * dtype_bytes
 
 
 def _mean_attended(context: int, top_k: int) -> float:
@@ -88,6 +118,8 @@ def parameter_count(config: ModelConfig) -> int:
     L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     n_moe = config.n_moe_layers
     total = V * H * (1 if config.tie_word_embeddings else 2) + H  # embedding, LM head, final norm
+    if config.is_v4:
+        return total + _v4_blocks_count(config)
     with torch.device("meta"):
         if n_moe:
             total += n_moe * count(DecoderBlock(config, moe=True))
@@ -96,6 +128,24 @@ def parameter_count(config: ModelConfig) -> int:
         if config.num_nextn_predict_layers:
             total += config.num_nextn_predict_layers * count(MTPModule(config))
     return total
+
+
+def _v4_blocks_count(config: ModelConfig) -> int:
+    """The parameters of a DeepSeek-V4 model's blocks and final stream collapse, one block built per distinct
+    (attention type, MoE type) pair (its MTP module is not built)."""
+    from ..model.hyper_connections import HyperHead
+    from ..model.v4_block import V4DecoderBlock
+    from ..model.v4_rope import V4RotaryEmbedding
+
+    kinds: dict[tuple[str, str], int] = {}
+    for i, kind in enumerate(zip(config.layer_types, config.mlp_layer_types)):
+        kinds.setdefault(kind, i)
+    with torch.device("meta"):
+        rotary = V4RotaryEmbedding(config)
+        per_kind = {kind: sum(p.numel() for p in V4DecoderBlock(config, i, rotary).parameters())
+                    for kind, i in kinds.items()}
+        head = sum(p.numel() for p in HyperHead(config.hidden_size, config.hc_mult, 0.0, 1.0).parameters())
+    return head + sum(per_kind[kind] for kind in zip(config.layer_types, config.mlp_layer_types))
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -119,10 +169,18 @@ def format_summary(name: str, s: dict) -> str:
         ("forward FLOPs per token", f"{_human(s['flops_per_token'], 'FLOP')} at context {s['context_for_flops']}"),
         (f"KV cache per token, MLA ({s['kv_cache_dtype']})", f"{s['mla_cache_bytes_per_token']:,} bytes"),
     ]
-    if indexer:
-        rows += [(f"indexer keys per token ({s['kv_cache_dtype']})", f"{indexer:,} bytes"),
-                 ("cache per token in all", f"{s['kv_cache_bytes_per_token']:,} bytes")]
-    rows.append((f"KV cache per token, MHA ({s['kv_cache_dtype']})",
-                 f"{s['mha_kv_cache_bytes_per_token']:,} bytes ({ratio:.1f}x {'MLA' if not indexer else 'this'})"))
+    if "v4_cache_bytes_per_token" in s:  # DeepSeek-V4: its own caches at long contexts, V3's MLA beside them
+        mla = s["mla_v3_kv_cache_bytes_per_token"]
+        rows[-1:] = [(f"V4 cache per token at {int(n) // 1024}K ({s['kv_cache_dtype']})",
+                      f"{b:,} bytes ({mla / b:.1f}x less than DeepSeek-V3's MLA, {mla:,})")
+                     for n, b in s["v4_cache_bytes_per_token"].items()]
+        rows.append((f"KV cache per token, MHA ({s['kv_cache_dtype']})",
+                     f"{s['mha_kv_cache_bytes_per_token']:,} bytes"))
+    else:
+        if indexer:
+            rows += [(f"indexer keys per token ({s['kv_cache_dtype']})", f"{indexer:,} bytes"),
+                     ("cache per token in all", f"{s['kv_cache_bytes_per_token']:,} bytes")]
+        rows.append((f"KV cache per token, MHA ({s['kv_cache_dtype']})",
+                     f"{s['mha_kv_cache_bytes_per_token']:,} bytes ({ratio:.1f}x {'MLA' if not indexer else 'this'})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

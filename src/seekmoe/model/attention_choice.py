@@ -6,6 +6,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MultiHeadLatentAttention
+from .mha import MultiHeadAttention
 from .sparse_attention import SparseLatentAttention
 
 
@@ -14,6 +15,8 @@ def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
 
     Every kind takes (x, cos, sin, attn_mask, cache) in its forward and declares `cache_widths()`, what it keeps per
     token while decoding (inference/cache.py)."""
-    if config.index_topk is not None:  # DeepSeek-V3.2: every layer's MLA sparse, picked by a lightning indexer
+    if not config.use_mla:  # DeepSeekMoE 16B, DeepSeek-VL2-Tiny's and DeepSeek-OCR's language models
+        return MultiHeadAttention(config)
+    if config.index_topk is not None and not config.is_v4:  # DeepSeek-V3.2: every layer's MLA sparse, picked by a lightning indexer
         return SparseLatentAttention(config)
     return MultiHeadLatentAttention(config)

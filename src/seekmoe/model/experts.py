@@ -135,8 +135,10 @@ class RoutedExperts(nn.Module):
     up rows; down_proj [E, hidden, moe_intermediate_size]. `backend` (None = the module docstring's table) picks
     the grouped GEMM; `providers` the weight providers, applied in their order."""
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str | None = None):
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str | None = None,
+                 swiglu_limit: float | None = None):
         super().__init__()
+        self.swiglu_limit = swiglu_limit  # DeepSeek-V4 clamps gate and up (grouped_swiglu.clamp_gate_up)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown routed-experts backend {backend!r}: expected one of {BACKENDS}")
         self.n_experts = n_experts
@@ -194,8 +196,9 @@ class RoutedExperts(nn.Module):
         return w.gate_up_proj, w.down_proj
 
     def fold_state(self, state: dict, prefix: str = "") -> None:
-        """Fold every provider's own entries of `state` into the plain stacks (the layout checkpoints keep)."""
-        for name, provider in reversed(list(self.providers.items())):
+        """Fold every provider's own entries of `state` into the plain stacks (the layout checkpoints keep), in the
+        providers' order, as the forward applies them (quantized stacks become plain before adapters add to them)."""
+        for name, provider in self.providers.items():
             provider.fold_state(state, prefix, f"{prefix}providers.{name}.")
 
     def forward(self, rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -216,10 +219,11 @@ class RoutedExperts(nn.Module):
             name = backend.few_rows
         with torch.autocast(device_type, enabled=False):
             if name == "gathered":
-                y = gathered_swiglu(rows, weights, gate_up_proj, down_proj, plan.expert)
+                y = gathered_swiglu(rows, weights, gate_up_proj, down_proj, plan.expert, self.swiglu_limit)
             else:
                 layout = "ragged" if name == "grouped_mm" else "padded"
-                y = grouped_swiglu(rows, weights, gate_up_proj, down_proj, plan.offsets, layout)[0]
+                y = grouped_swiglu(rows, weights, gate_up_proj, down_proj, plan.offsets, layout,
+                                   self.swiglu_limit)[0]
         return y.to(dtype)
 
 
@@ -230,10 +234,17 @@ def _unfold_providers(module: RoutedExperts, state: dict, prefix: str, *args) ->
 
 def fold_weight_providers(model: nn.Module, state: dict) -> dict:
     """Fold the weight providers' own entries of `model`'s full (unsharded) state dict into the plain [E, ...]
-    stacks, in place: what the Hugging Face layout saves. Returns `state`."""
+    stacks, in place: what the Hugging Face layout saves. Returns `state`.
+
+    A dense module put in place of an nn.Linear from outside (lora/layers.py's LoRALinear) that keeps its weight in
+    another form folds it the same way: its `fold_state(state, prefix)` leaves the plain `prefix + 'weight'`."""
     for name, module in model.named_modules():
-        if isinstance(module, RoutedExperts) and module.providers:
-            module.fold_state(state, f"{name}." if name else "")
+        prefix = f"{name}." if name else ""
+        if isinstance(module, RoutedExperts):
+            if module.providers:
+                module.fold_state(state, prefix)
+        elif not isinstance(module, WeightProvider) and callable(getattr(module, "fold_state", None)):
+            module.fold_state(state, prefix)
     return state
 
 

@@ -71,20 +71,28 @@ class _PaddedGroups:
         return torch.bmm(g.transpose(1, 2), a)
 
 
-def _swiglu_forward(rows, weights, gate_up_proj, down_proj, groups) -> tuple[torch.Tensor, torch.Tensor]:
+def clamp_gate_up(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4's clamped SwiGLU inputs: gate <= limit, up in [-limit, limit] (unchanged when limit is None)."""
+    if limit is None:
+        return gate, up
+    return gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+
+
+def _swiglu_forward(rows, weights, gate_up_proj, down_proj, groups, limit=None) -> tuple[torch.Tensor, torch.Tensor]:
     """down( w * silu(gate) * up ) on rows grouped as `groups` lays them out: (y [..., hidden], the gate/up
-    pre-activations h [..., 2I] that the backward needs). rows [..., hidden], weights [...]."""
+    pre-activations h [..., 2I] that the backward needs). rows [..., hidden], weights [...]; `limit` clamps gate
+    and up first (clamp_gate_up)."""
     h = groups.linear(rows, gate_up_proj)  # [..., 2I]: each expert's gate columns, then its up columns
-    gate, up = h.chunk(2, dim=-1)
+    gate, up = clamp_gate_up(*h.chunk(2, dim=-1), limit)
     a = F.silu(gate).mul_(up * weights.unsqueeze(-1))  # [..., I]: the product in fp32, stored as rows' dtype
     return groups.linear(a, down_proj), h  # [..., hidden]
 
 
-def _swiglu_backward(dy, rows, weights, gate_up_proj, down_proj, h, groups):
+def _swiglu_backward(dy, rows, weights, gate_up_proj, down_proj, h, groups, limit=None):
     """Gradients of _swiglu_forward's y for rows, weights, gate_up_proj and down_proj, recomputing the activation
-    from h instead of having saved it."""
+    from h instead of having saved it (zero through the clamp where `limit` cut gate or up)."""
     dy = dy.contiguous()
-    gate, up = h.chunk(2, dim=-1)
+    gate, up = clamp_gate_up(*h.chunk(2, dim=-1), limit)
     silu_gate = F.silu(gate)
     act = silu_gate * up  # [..., I] the activation before the routing weight
     w = weights.unsqueeze(-1)
@@ -96,6 +104,10 @@ def _swiglu_backward(dy, rows, weights, gate_up_proj, down_proj, h, groups):
     d_gate, d_up = dh.chunk(2, dim=-1)
     torch.mul(d_act, silu_gate, out=d_up)
     torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_gate)
+    if limit is not None:  # clamp's gradient: through where the value was inside the bounds
+        h_gate, h_up = h.chunk(2, dim=-1)
+        d_gate.mul_(h_gate <= limit)
+        d_up.mul_(h_up.abs() <= limit)
     d_gate_up = groups.linear_grad_weight(dh, rows)
     d_rows = groups.linear_grad_input(dh, gate_up_proj)
     return d_rows, d_weights, d_gate_up, d_down
@@ -119,28 +131,31 @@ def _pad_groups(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor
 # Its backward is its own operator too, so that compiled graphs hold both as single nodes.
 @torch.library.custom_op("seekmoe::grouped_swiglu", mutates_args=())
 def grouped_swiglu(rows: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                   offsets: torch.Tensor, layout: str = "ragged") -> tuple[torch.Tensor, torch.Tensor]:
+                   offsets: torch.Tensor, layout: str = "ragged",
+                   limit: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """down( w * silu(gate) * up ) for rows [M, hidden] grouped by expert with group ends `offsets` [E] and their
-    routing weights [M] (fp32): (y [M, hidden], the gate/up pre-activations h [M, 2I] its backward reads)."""
+    routing weights [M] (fp32): (y [M, hidden], the gate/up pre-activations h [M, 2I] its backward reads). `limit`
+    clamps gate and up (DeepSeek-V4's swiglu_limit; None: no clamp)."""
     if layout == "ragged":
-        return _swiglu_forward(rows, weights, gate_up_proj, down_proj, _RaggedGroups(offsets))
+        return _swiglu_forward(rows, weights, gate_up_proj, down_proj, _RaggedGroups(offsets), limit)
     padded_rows, padded_weights, slot = _pad_groups(rows, weights, offsets)
-    y, h = _swiglu_forward(padded_rows, padded_weights, gate_up_proj, down_proj, _PaddedGroups())
+    y, h = _swiglu_forward(padded_rows, padded_weights, gate_up_proj, down_proj, _PaddedGroups(), limit)
     return tuple(t.reshape(-1, t.shape[-1]).index_select(0, slot) for t in (y, h))
 
 
 @grouped_swiglu.register_fake
-def _(rows, weights, gate_up_proj, down_proj, offsets, layout="ragged"):
+def _(rows, weights, gate_up_proj, down_proj, offsets, layout="ragged", limit=None):
     return rows.new_empty(rows.shape[0], down_proj.shape[1]), rows.new_empty(rows.shape[0], gate_up_proj.shape[1])
 
 
 @torch.library.custom_op("seekmoe::grouped_swiglu_backward", mutates_args=())
 def grouped_swiglu_backward(dy: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
                             down_proj: torch.Tensor, h: torch.Tensor, offsets: torch.Tensor, layout: str = "ragged",
+                            limit: float | None = None,
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of grouped_swiglu's y for rows, weights, gate_up_proj and down_proj."""
     if layout == "ragged":
-        return _swiglu_backward(dy, rows, weights, gate_up_proj, down_proj, h, _RaggedGroups(offsets))
+        return _swiglu_backward(dy, rows, weights, gate_up_proj, down_proj, h, _RaggedGroups(offsets), limit)
     padded_rows, padded_weights, slot = _pad_groups(rows, weights, offsets)
     E = gate_up_proj.shape[0]
 
@@ -149,13 +164,13 @@ def grouped_swiglu_backward(dy: torch.Tensor, rows: torch.Tensor, weights: torch
             E, -1, t.shape[-1])
 
     d_rows, d_weights, d_gate_up, d_down = _swiglu_backward(pad(dy), padded_rows, padded_weights, gate_up_proj,
-                                                            down_proj, pad(h), _PaddedGroups())
+                                                            down_proj, pad(h), _PaddedGroups(), limit)
     return (d_rows.reshape(-1, rows.shape[1]).index_select(0, slot), d_weights.reshape(-1).index_select(0, slot),
             d_gate_up, d_down)
 
 
 @grouped_swiglu_backward.register_fake
-def _(dy, rows, weights, gate_up_proj, down_proj, h, offsets, layout="ragged"):
+def _(dy, rows, weights, gate_up_proj, down_proj, h, offsets, layout="ragged", limit=None):
     return torch.empty_like(rows), torch.empty_like(weights), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
 
 
@@ -163,23 +178,23 @@ def _setup_context(ctx, inputs, output):
     # Only the rows and the gate/up pre-activations (plus the weights it multiplies by) are kept for the backward:
     # the [M, I] activation is recomputed from h, and the routing-weight gradient comes from the down projection's
     # input gradient (sum(dy * down(a)) = sum(down^T(dy) * a)), so the expert outputs are never saved either.
-    rows, weights, gate_up_proj, down_proj, offsets, layout = inputs
-    ctx.layout = layout
+    rows, weights, gate_up_proj, down_proj, offsets, layout, limit = inputs
+    ctx.layout, ctx.limit = layout, limit
     ctx.save_for_backward(rows, weights, gate_up_proj, down_proj, output[1], offsets)
 
 
 def _backward(ctx, dy, dh):
-    return *grouped_swiglu_backward(dy, *ctx.saved_tensors, ctx.layout), None, None
+    return *grouped_swiglu_backward(dy, *ctx.saved_tensors, ctx.layout, ctx.limit), None, None, None
 
 
 grouped_swiglu.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gathered_swiglu(rows: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                     expert: torch.Tensor) -> torch.Tensor:
+                     expert: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     """grouped_swiglu's y with each row's expert weights gathered: rows [M, hidden], weights [M], expert [M]
     -> [M, hidden]. No ragged groups and no host synchronization, so its shapes depend on M alone."""
     h = torch.bmm(gate_up_proj.index_select(0, expert), rows.unsqueeze(-1)).squeeze(-1)  # [M, 2I]
-    gate, up = h.chunk(2, dim=-1)
+    gate, up = clamp_gate_up(*h.chunk(2, dim=-1), limit)
     a = F.silu(gate) * (up * weights.unsqueeze(-1))  # [M, I]
     return torch.bmm(down_proj.index_select(0, expert), a.to(rows.dtype).unsqueeze(-1)).squeeze(-1)

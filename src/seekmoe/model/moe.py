@@ -38,14 +38,17 @@ class MoEStats:
 class MoE(nn.Module):
     """y = sum_{i in top-k} g_i * Expert_i(x) + sum_j Shared_j(x)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int | None = None):
         super().__init__()
         self.config = config
-        # DeepSeek's router, or one of the MoE literature's (model/routing/) when config.router_type says so.
-        self.gate = build_router(config)
+        # DeepSeek's router, or one of the MoE literature's (model/routing/) when config.router_type says so;
+        # DeepSeek-V4's hash layers (by `layer_idx`) route by a token table.
+        self.gate = build_router(config, layer_idx)
         self.dispatcher = LocalDispatcher(config.n_routed_experts)
-        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        limit = config.swiglu_limit
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+                                     swiglu_limit=limit)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, limit)
                                if config.n_shared_experts > 0 else None)
         # Experts are grouped into "devices" for the device-level loss: the router's groups on one process;
         # parallel/ sets the expert-parallel size here when the experts really are spread over several ranks.

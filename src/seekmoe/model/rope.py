@@ -11,8 +11,8 @@ from ..config import ModelConfig, yarn_get_mscale
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [qk_rope_head_dim / 2] and the cos/sin scale (YaRN's mscale ratio, else 1)."""
-    dim, base = config.qk_rope_head_dim, config.rope_theta
+    """Inverse frequencies [rope_head_dim / 2] and the cos/sin scale (YaRN's mscale ratio, else 1)."""
+    dim, base = config.rope_head_dim, config.rope_theta  # MLA's rope part, or a multi-head attention's whole head
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     rs = config.rope_scaling
     if not rs:

@@ -13,11 +13,16 @@ from ..config import ModelConfig
 from .attention import CacheLayer
 from .block import DecoderBlock
 from .experts import RoutedExperts
+from .hyper_connections import HyperConnection, HyperHead, expand_streams
 from .moe import BalanceWindow, MoE, MoEStats, batch_balance_loss
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 from .routing import Router
+from .v4_attention import V4Attention
+from .v4_block import V4DecoderBlock
+from .v4_compressor import Compressor
+from .v4_rope import V4RotaryEmbedding
 
 
 @dataclass
@@ -40,11 +45,19 @@ class DeepseekModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i), i)
-                                    for i in range(config.num_hidden_layers))
+        n_mtp = 0 if config.is_v4 else config.num_nextn_predict_layers  # V4's MTP module is not built (as in transformers)
+        if config.is_v4:  # v4_block.py: blocks over hyper-connection streams
+            rotary = V4RotaryEmbedding(config)
+            self.layers = nn.ModuleList(V4DecoderBlock(config, i, rotary) for i in range(config.num_hidden_layers))
+        else:
+            self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i), i)
+                                        for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, config.num_nextn_predict_layers + 1))
-        self.rotary_emb = RotaryEmbedding(config)
+        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, n_mtp + 1))
+        self.rotary_emb = rotary if config.is_v4 else RotaryEmbedding(config)
+        # DeepSeek-V4: the final collapse of its hyper-connection streams (None otherwise)
+        self.hc_head = (HyperHead(config.hidden_size, config.hc_mult, config.hc_eps, config.rms_norm_eps)
+                        if config.is_v4 else None)
 
 
 class CausalLM(nn.Module):
@@ -93,6 +106,8 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(S, device=input_ids.device)
         cos, sin = body.rotary_emb(position_ids)
         h = body.embed_tokens(input_ids)
+        if body.hc_head is not None:
+            h = expand_streams(h, self.config.hc_mult)
         stats: list[MoEStats] = []
         for i, layer in enumerate(body.layers):
             if self.gradient_checkpointing and self.training:
@@ -101,7 +116,7 @@ class CausalLM(nn.Module):
                 h, s = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], input_ids)
             if s is not None:
                 stats.append(s)
-        h = body.norm(h)
+        h = body.norm(h if body.hc_head is None else body.hc_head(h))
         logits = self.lm_head(h)
         out = CausalLMOutput(logits=logits, hidden_states=h)
         if labels is None:
@@ -171,6 +186,8 @@ def init_module(module: nn.Module, std: float) -> bool:
     tensors of its own to set. parallel/materialize.py calls it module by module to initialize shards."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         module.weight.normal_(0.0, std)
+        if getattr(module, "bias", None) is not None:  # attention_bias: zero, as transformers initializes them
+            module.bias.zero_()
     elif isinstance(module, RMSNorm):
         module.weight.fill_(1.0)
     elif isinstance(module, nn.LayerNorm):  # V3.2's indexer key norm
@@ -181,8 +198,10 @@ def init_module(module: nn.Module, std: float) -> bool:
     elif isinstance(module, RoutedExperts):
         module.gate_up_proj.normal_(0.0, std)
         module.down_proj.normal_(0.0, std)
-    elif isinstance(module, RotaryEmbedding):
+    elif isinstance(module, (RotaryEmbedding, V4RotaryEmbedding)):
         module.reset_parameters()
+    elif isinstance(module, (HyperConnection, HyperHead, Compressor, V4Attention)):  # DeepSeek-V4's own tensors
+        module.reset_parameters(std)
     else:
         return False
     return True

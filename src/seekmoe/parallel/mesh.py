@@ -11,6 +11,7 @@ parallelism carved out of data parallelism:
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, fields
 
@@ -118,6 +119,7 @@ def init_processes(config: ParallelConfig, model: ModelConfig) -> Processes:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(_leave_process_group)  # we joined it, so we leave it: see _leave_process_group
     key = (dist.group.WORLD, device.type, world_size // config.ep, config.ep)  # a new process group: new meshes
     if key not in _MESHES:
         _MESHES[key] = init_device_mesh(device.type, key[2:], mesh_dim_names=("dp_mod_ep", "ep"))
@@ -129,3 +131,12 @@ def init_processes(config: ParallelConfig, model: ModelConfig) -> Processes:
 # failed FSDP2's check that the experts' DTensor mesh is the one passed to fully_shard (torch 2.11: the flattened
 # "dp" sub-mesh is process-global state keyed by dimension names).
 _MESHES: dict[tuple, DeviceMesh] = {}
+
+
+def _leave_process_group() -> None:
+    """Destroy the meshes and the process group before the interpreter exits. Left alive, the backend's threads
+    are still running when C++ destroys them at exit, which aborts a run that had succeeded ("terminate called
+    without an active exception", exit status -6 under torchrun)."""
+    _MESHES.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()

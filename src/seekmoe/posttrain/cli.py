@@ -27,7 +27,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--freeze-router-bias", action="store_true",
                         help="keep the routers' balancing biases as the model has them (no auxiliary-loss-free "
                              "bias updates); the balance losses of the model's config still apply")
-    _add_run_arguments(parser, SFT_DEFAULTS["max_steps"], "seed of the held-out split and data order")
+    _add_run_arguments(parser, SFT_DEFAULTS["max_steps"], "seed of the held-out split and data order", quantize=True)
     parser.add_argument("overrides", nargs="*", metavar="field=value",
                         help="any TrainConfig field (lr=1e-4 seq_len=512 batch_size=16 ...), or a ModelConfig field "
                              "no weight depends on")
@@ -87,8 +87,11 @@ def run_rl(args: argparse.Namespace) -> int:
                                         resume=resume_mode(args), stop_at=args.stop_at, progress=not args.no_progress))
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser, max_steps: int, seed_help: str) -> None:
-    """The options sft and rl share with each other: where the run goes, how long, resuming, seed, progress."""
+def _add_run_arguments(parser: argparse.ArgumentParser, max_steps: int, seed_help: str,
+                       quantize: bool = False) -> None:
+    """The options sft and rl share with each other: where the run goes, how long, resuming, seed, progress, LoRA
+    (and QLoRA's --quantize where `quantize`)."""
+    from ..lora.cli import add_lora_arguments
     from ..train.cli import add_resume_arguments
 
     parser.add_argument("--out", required=True, metavar="DIR", help="where metrics, checkpoints and final/ go")
@@ -98,14 +101,20 @@ def _add_run_arguments(parser: argparse.ArgumentParser, max_steps: int, seed_hel
     add_resume_arguments(parser)
     parser.add_argument("--seed", type=int, metavar="S", help=seed_help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_arguments(parser, quantize=quantize)
 
 
 def _run_overrides(args: argparse.Namespace, items: list[str]) -> dict:
     """The field=value overrides, with --max-steps and --seed among them when given."""
     from ..train.config import parse_overrides
 
+    from ..lora.cli import lora_overrides
+
     overrides = parse_overrides(items)
     for flag in ("max_steps", "seed"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
+    lora = lora_overrides(args)
+    if lora is not None:
+        overrides["lora"] = {**overrides.get("lora", {}), **lora}
     return overrides

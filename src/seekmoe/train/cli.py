@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..config import PRESETS
+from ..lora.cli import add_lora_arguments, lora_overrides
 
 
 EPILOG = """\
@@ -65,6 +66,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "attention, dense-mlp, embeddings, norms, mtp) and globs of parameter names, e.g. "
                              "--train new-experts,router after `seekmoe expand` (sets trainable=)")
     add_resume_arguments(parser)
+    add_lora_arguments(parser)
     parser.add_argument("--save-hf-every", type=int, metavar="N",
                         help="also write a Hugging Face model folder DIR/hf/step-N/ every N steps (save_hf_every=)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -99,6 +101,9 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = parse_overrides([p for p in args.data or [] if p not in (data or [])] + args.overrides)
     if args.train is not None:
         overrides["trainable"] = args.train
+    lora = lora_overrides(args)
+    if lora is not None:
+        overrides["lora"] = {**overrides.get("lora", {}), **lora}
     for flag in ("max_steps", "save_every", "eval_every", "seed", "save_hf_every"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)

@@ -13,7 +13,8 @@ from ..model_folder import check_config_bounds
 from ..config import ModelConfig
 
 LR_SCHEDULES = ("cosine", "wsd")
-PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "muon")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")  # fp8: CUDA only (quant/fp8.py)
 BALANCE_SCOPES = ("global", "micro")
 
 # DeepSeek-V3's stepwise schedules (section 4.2), as (fraction of training at which a phase starts, multiplier of
@@ -50,6 +51,11 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    # optimizer=muon (issue 21): Muon (train/muon.py, Moonlight's recipe: update RMS matched to AdamW's, so the same
+    # lr and weight_decay) on the hidden weight matrices, AdamW on embeddings, output head, norms and routers
+    optimizer: str = "adamw"  # adamw | muon
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per update
     # objective schedules: [[fraction of max_steps where a phase starts, multiplier of the config value], ...]
     mtp_loss_weight_schedule: list = field(default_factory=lambda: [list(p) for p in V3_MTP_LOSS_WEIGHT_SCHEDULE])
     bias_update_speed_schedule: list = field(default_factory=lambda: [list(p) for p in V3_BIAS_UPDATE_SPEED_SCHEDULE])
@@ -76,6 +82,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses after which training stops
     # multi-process training under torchrun (`parallel.ep=2` on the command line): see seekmoe.parallel
     parallel: dict = field(default_factory=dict)
+    # LoRA / QLoRA adapters instead of full fine-tuning (`--lora 8`, or `lora.rank=8 lora.targets=experts`): see
+    # seekmoe.lora; empty = train the weights themselves
+    lora: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,6 +120,13 @@ class TrainConfig:
                 raise bad(name, "a finite number >= 0")
         if not isinstance(self.trainable, str) or not self.trainable.strip():
             raise bad("trainable", "'all' or a comma-separated list of parameter names and globs (see --train)")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"one of {OPTIMIZERS}")
+        if not _finite_number(self.muon_momentum) or not 0 <= self.muon_momentum < 1:
+            raise bad("muon_momentum", "a number in [0, 1)")
+        steps = self.muon_ns_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps < 100:
+            raise bad("muon_ns_steps", "an integer from 1 to 99")
         if self.lr_schedule not in LR_SCHEDULES:
             raise bad("lr_schedule", f"one of {LR_SCHEDULES}")
         if self.balance_scope not in BALANCE_SCOPES:
@@ -119,6 +135,12 @@ class TrainConfig:
             raise bad("precision", f"one of {PRECISIONS}")
         if not isinstance(self.parallel, dict):
             raise bad("parallel", "a mapping of parallelism settings, e.g. parallel.ep=2")
+        if not isinstance(self.lora, dict):
+            raise bad("lora", "a mapping of LoRA settings, e.g. lora.rank=8 (or --lora 8)")
+        if self.lora:
+            from ..lora.config import LoRAConfig
+
+            LoRAConfig.from_dict(self.lora)
         for name in ("mtp_loss_weight_schedule", "bias_update_speed_schedule"):
             phases = getattr(self, name)
             if (not isinstance(phases, list) or not phases

@@ -33,6 +33,11 @@ def checkpoint_model(checkpoint: str | Path):
 
         return from_pretrained(source, dtype=torch.float32)
     model = build_model(ModelConfig.from_dict(json.loads((source / "config.json").read_text())))
+    lora = json.loads((source / "trainer_state.json").read_text()).get("train_config", {}).get("lora")
+    if lora:  # a LoRA run's checkpoint holds the adapted modules; the folder gets them merged
+        from ..lora import LoRAConfig, apply_lora
+
+        apply_lora(model, LoRAConfig.from_dict(lora))
     load_dcp_state(source, model, None)
     return model
 

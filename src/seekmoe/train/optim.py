@@ -10,9 +10,12 @@ from torch import nn
 from .config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; norms, biases and embeddings get no weight decay unless
-    `decay_norms_biases_embeddings`. Group 0 decays, group 1 does not."""
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (`optimizer=adamw`); norms, biases and embeddings get no weight decay
+    unless `decay_norms_biases_embeddings`. Group 0 decays, group 1 does not. With `optimizer=muon`, the hidden
+    weight matrices go to Muon instead (muon.py; groups 2 and 3: plain matrices, fused gate/up expert stacks)."""
+    if config.optimizer == "muon":
+        return _build_muon(model, config)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -23,6 +26,41 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     # foreach=False: the same arithmetic order on every run, so a resumed run repeats the uninterrupted one bit for bit.
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
                              foreach=False)
+
+
+def muon_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters Muon updates (by name): the hidden weight matrices (attention and MLP projections,
+    expert stacks [E, out, in] as E matrices, MTP's eh_proj), not the embedding, output head, norms, biases or
+    routers (Moonlight's split; a router's few rows are AdamW's, like a bias)."""
+    from ..model.routing import Router
+
+    excluded: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (Router, nn.Embedding)):
+            excluded.update(id(p) for p in module.parameters())
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None:
+        excluded.add(id(lm_head.weight))
+    return {name: p for name, p in model.named_parameters()
+            if p.requires_grad and p.ndim >= 2 and id(p) not in excluded}
+
+
+def _build_muon(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    from .muon import Muon
+
+    muon = muon_parameters(model)
+    fused = {n for n, p in muon.items() if n.endswith("gate_up_proj") and p.ndim == 3}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in muon:
+            exempt = p.ndim < 2 or "embed_tokens" in name
+            (no_decay if exempt and not config.decay_norms_biases_embeddings else decay).append(p)
+    wd = config.weight_decay
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": [p for n, p in muon.items() if n not in fused], "weight_decay": wd, "muon": True},
+              {"params": [p for n, p in muon.items() if n in fused], "weight_decay": wd, "muon": True, "halves": 2}]
+    return Muon(groups, lr=config.lr, weight_decay=wd, momentum=config.muon_momentum,
+                ns_steps=config.muon_ns_steps, betas=(config.beta1, config.beta2), eps=config.eps)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

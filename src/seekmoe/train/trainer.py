@@ -18,8 +18,11 @@ from tokenizers import Tokenizer
 
 from .. import build_model
 from ..config import ModelConfig
-from ..inference.tokenizer import read_tokenizer_file
+from ..inference.tokenizer import read_tokenizer_file, write_tokenizer_files
 from ..info import model_summary
+from ..lora.apply import apply_lora
+from ..lora.load import load_quantized
+from ..lora.run import lora_for_run, merged_final, save_lora_outputs
 from ..model.moe import device_groups_for
 from ..model_folder import TRAINING_BYTES_PER_PARAM, check_fits_memory, ranks_on_this_machine
 from ..parallel import ParallelConfig, init_processes, parallelize
@@ -94,7 +97,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     it natively (a GPU with bf16, a CPU with AVX-512 bf16 or AMX); on other CPUs bf16 is emulated and slower."""
     if precision == "fp32":
         return None
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):  # fp8: float8 linears (quant/fp8.py), bf16 autocast around them
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
@@ -161,11 +164,18 @@ class Trainer:
         self.parallel = ParallelConfig.from_dict(config.parallel)
         self.processes = init_processes(self.parallel, model_config)  # one process unless launched by torchrun
         self.rank, self.world_size = self.processes.rank, self.processes.world_size
+        self.lora = lora_for_run(config.lora, config.trainable, model_config, init_from, self.processes.distributed)
+        if config.precision == "fp8":  # a CPU (or an older GPU) is refused before anything is read or written
+            from ..quant.fp8 import check_fp8_training
+
+            check_fp8_training(self.processes.device)
         # Before any data is read or tensor allocated: a model this machine cannot train is refused with the sums.
         # (With --train a subset, only the fp32 weights are counted: the frozen rest needs no gradient or moments.)
-        every = config.trainable == "all"
-        check_fits_memory(model_config, TRAINING_BYTES_PER_PARAM if every else 4,
-                          "fp32 weights, gradients and AdamW's two moments" if every else "fp32 weights",
+        every = config.trainable == "all" and self.lora is None
+        nf4 = self.lora is not None and self.lora.quantize == "nf4"  # read block by block into NF4: ~1 byte each
+        check_fits_memory(model_config, TRAINING_BYTES_PER_PARAM if every else 1 if nf4 else 4,
+                          "fp32 weights, gradients and AdamW's two moments" if every else
+                          "NF4 weights, fp32 embeddings" if nf4 else "fp32 weights",
                           self.processes.device, shards=self.world_size,
                           ranks_here=ranks_on_this_machine() if self.world_size > 1 else 1,
                           source=f"the model of {init_from or 'this run'}")
@@ -191,6 +201,7 @@ class Trainer:
         self.parallel.mixed_precision = fsdp_bf16
         self.autocast_dtype = None if fsdp_bf16 else resolve_precision(config.precision, self.device)
         self.precision = "bf16 (FSDP2 mixed precision)" if fsdp_bf16 else (
+            "fp8 linears, bf16 autocast" if config.precision == "fp8" else
             "bf16 autocast" if self.autocast_dtype else "fp32")
 
         tokenizer = None
@@ -232,6 +243,16 @@ class Trainer:
         (parallel/materialize.py), so no rank holds the whole model."""
         from ..parallel.materialize import added_modules, check_folder, materialize
 
+        if self.lora is not None and self.lora.quantize == "nf4":
+            # QLoRA (one process): the base read block by block into NF4, never whole in full precision; a resumed
+            # run reads it too (its checkpoint holds the same NF4 weights) and then loads the checkpoint.
+            model, adapted = load_quantized(self.init_from, self.model_config, self.lora, self.device)
+            self.log(f"initialized from {self.init_from} (NF4 base weights)\n{adapted.describe()}")
+            for moe in model.moe_layers():
+                device_groups_for(self.model_config, moe.device_groups)
+            return parallelize(model, self.processes, self.parallel, compile=self.config.compile,
+                               activation_checkpointing=self.config.activation_checkpointing,
+                               compute_dtype=self.autocast_dtype).train()
         full_weights = None
         if self.init_from is not None and self.resume_from is None:
             full_weights = self.init_from
@@ -250,6 +271,15 @@ class Trainer:
                 model = materialize(model, self.device, full_weights)  # one process: read straight into place
         if self.config.trainable != "all":
             self.log(select_trainable(model, self.config.trainable).describe())
+        if self.lora is not None:
+            # Adapters are added to the whole model on every rank, then parallelized like any parameter.
+            if next(model.parameters()).is_meta:
+                model = materialize(model, self.device, full_weights)
+            self.log(apply_lora(model.to(self.device), self.lora).describe())
+        if self.config.precision == "fp8":
+            from ..quant.fp8 import convert_to_fp8_training
+
+            self.log(f"fp8 training: {convert_to_fp8_training(model, self.device)} scaling (torchao)")
         on_meta = next(model.parameters()).is_meta
         model = parallelize(model if on_meta else model.to(self.device), self.processes, self.parallel,
                             compile=self.config.compile, activation_checkpointing=self.config.activation_checkpointing,
@@ -407,8 +437,16 @@ class Trainer:
         returns the summary (on rank 0; {} on the others)."""
         # The summary first: a run without one completed step has no model worth writing.
         summary = self.summary() if self.rank == 0 else {}
-        save_model_folder(self.out / "final", self.model, self.model_config, self.data.tokenizer, self.rank,
-                          self.processes.distributed)
+        if self.lora is not None:
+            save_lora_outputs(self.out, self.model, self.lora, self.model_config, self.init_from, self.rank,
+                              self.processes.distributed)
+        if self.lora is not None and self.lora.quantize != "none":
+            if self.rank == 0:  # merged into the full-precision base, not into the run's NF4 weights
+                merged_final(self.out, self.init_from, lambda folder: write_tokenizer_files(
+                    self.data.tokenizer, folder, self.model_config.max_position_embeddings))
+        else:
+            save_model_folder(self.out / "final", self.model, self.model_config, self.data.tokenizer, self.rank,
+                              self.processes.distributed)
         self.processes.barrier()
         if self.rank != 0:
             return {}

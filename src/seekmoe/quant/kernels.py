@@ -1,0 +1,72 @@
+"""Matrix products with int8/int4 weights (formats.py), for decoding on a CPU where reading the weights is the cost.
+
+Decoding multiplies a few rows by each weight once per token, so its time is the bytes of weights read: the point
+of 1- and 0.5-byte weights is to read only those bytes. Two ways to get there, chosen once per module (`fused`):
+
+- fused (compiled decoding, few rows): the product is written as elementwise multiply-and-sum with the dequantization
+  inside it (`(codes - 8) * scale * x`, summed over the inputs), so that inductor fuses the gather of the experts'
+  codes, their conversion and the reduction into one loop that reads each code byte once and never materializes a
+  float weight. Measured at the 289M model's expert shapes (benchmarks/quant_decode.py), this runs 2.5-3x faster
+  than the compiled fp32 gathered product, where torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, what
+  torchao's Int4CPULayout calls) would need one call per (row, expert) and a torch-build-specific packing.
+- otherwise (eager, or many rows: prefill): the weights are dequantized to the activations' dtype and multiplied by
+  torch's dense kernels — except int8 linears, which torch's weight-only kernel `_weight_int8pack_mm` (also
+  torchao's int8 CPU path) multiplies reading the int8 bytes only.
+
+Accumulation is fp32 throughout; results come back in the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .formats import dequantize, unpack_int4
+
+
+def fused_rows_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Each row times its own quantized matrix: x [M, in], qweight/scale the M rows' weights ([M, out, in] int8
+    codes and [M, out] scales, or [M, out, in/2] packed int4 and [M, out, G]) -> [M, out] fp32, as multiply-and-sum
+    (one fused loop once compiled; see the module docstring)."""
+    x = x.float()
+    if scheme == "int8":
+        return (qweight.float() * x.unsqueeze(1)).sum(-1) * scale.float()
+    M, out, G = scale.shape
+    codes = unpack_int4(qweight).float().sub(8).view(M, out, G, -1)  # [M, out, G, g]
+    partial = (codes * x.view(M, 1, G, -1)).sum(-1)  # [M, out, G]: each group's sum, before its scale
+    return (partial * scale.float()).sum(-1)
+
+
+def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, scheme: str,
+                     fused: bool) -> torch.Tensor:
+    """x [..., in] @ W^T for W = dequantize(qweight, scale) [out, in]: [..., out] in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if fused:
+        rows = x2.shape[0]
+        y = fused_rows_matmul(x2, qweight.expand(rows, *qweight.shape), scale.expand(rows, *scale.shape), scheme)
+    elif scheme == "int8" and x2.device.type == "cpu":
+        y = torch._weight_int8pack_mm(x2.contiguous(), qweight, scale.to(x2.dtype))
+    else:
+        y = F.linear(x2, dequantize(qweight, scale, scheme, x2.dtype))
+    return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+
+def gathered_quantized_swiglu(rows: torch.Tensor, weights: torch.Tensor, gate_up: tuple[torch.Tensor, torch.Tensor],
+                              down: tuple[torch.Tensor, torch.Tensor], expert: torch.Tensor, scheme: str,
+                              fused: bool, compute: torch.dtype) -> torch.Tensor:
+    """down( w * silu(gate) * up ) of each row through its own expert, with quantized expert stacks: rows
+    [M, hidden], weights [M] fp32, gate_up = (qweight, scale) of [E, 2I, hidden], down = of [E, hidden, I],
+    expert [M] -> [M, hidden] in `compute`. Only the M rows' experts are read (index_select of their codes)."""
+    (gu_q, gu_s), (dn_q, dn_s) = gate_up, down
+    if fused:
+        h = fused_rows_matmul(rows, gu_q.index_select(0, expert), gu_s.index_select(0, expert), scheme)
+    else:
+        w = dequantize(gu_q.index_select(0, expert), gu_s.index_select(0, expert), scheme, compute)
+        h = torch.bmm(w, rows.to(compute).unsqueeze(-1)).squeeze(-1).float()
+    gate, up = h.chunk(2, dim=-1)
+    a = F.silu(gate) * (up * weights.unsqueeze(-1))  # [M, I] fp32
+    if fused:
+        return fused_rows_matmul(a, dn_q.index_select(0, expert), dn_s.index_select(0, expert), scheme).to(compute)
+    w = dequantize(dn_q.index_select(0, expert), dn_s.index_select(0, expert), scheme, compute)
+    return torch.bmm(w, a.to(compute).unsqueeze(-1)).squeeze(-1)
