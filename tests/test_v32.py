@@ -65,6 +65,18 @@ def test_a_transformers_v32_folder_loads_with_its_logits_on_sequences_longer_tha
         assert rel_error(ours(ids).logits, logits) > 1e-2
 
 
+def test_a_yarn_scaled_v32_folder_loads_with_its_logits(tmp_path):
+    """YaRN's frequencies and cos/sin scale reach the indexer's rotation as they reach MLA's."""
+    from hf_oracle import YARN
+
+    reference = hf_v32_model(seed=3, rope_parameters=dict(YARN), num_hidden_layers=2)
+    reference.save_pretrained(tmp_path)
+    ours = seekmoe.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert ours.config.rope_scaling["factor"] == YARN["factor"]
+    ids = torch.randint(0, 97, (1, 6 * TOPK), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert rel_error(ours(ids).logits, reference(ids).logits) < 2e-4
+
 def test_save_then_transformers_reloads_the_same_logits(v32_folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
