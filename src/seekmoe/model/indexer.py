@@ -52,12 +52,11 @@ class LightningIndexer(nn.Module):
         normalized query latent) against keys [B, T, index_head_dim] (`key` of every token they may see)."""
         B, S, _ = x.shape
         q = self._rotate(self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim), cos, sin)
-        # fp32 even under autocast: the top-k choice turns on small score differences (transformers keeps
-        # weights_proj in fp32 for the same reason).
+        weights = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, heads]
+        # The scores in fp32 even under autocast: the top-k choice turns on small score differences.
         with torch.autocast(x.device.type, enabled=False):
             scores = F.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))
                             * self.softmax_scale)  # [B, S, heads, T]
-            weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5
             return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, 1, heads] @ [B, S, heads, T]
 
 
