@@ -330,3 +330,16 @@ def test_the_decoding_cache_holds_what_info_counts_the_indexer_key_beside_the_la
     assert set(cache.tensors[0]) == {"c_kv", "k_pe", "index_k"} and cache.tensors[0]["index_k"].shape == (2, 17, 16)
     summary = model_summary(model.config, cache_dtype="float32")
     assert cache.bytes_per_token() == summary["kv_cache_bytes_per_token"] == (32 + 8 + 16) * 2 * 4
+
+
+@torch.no_grad()
+def test_the_indexer_scores_long_sequences_a_few_queries_at_a_time_with_the_same_result(monkeypatch):
+    from seekmoe.model import indexer as indexer_module
+
+    model = tiny_v32()
+    indexer = model.model.layers[0].self_attn.indexer
+    x, q_latent, keys = torch.randn(2, 40, 64), torch.randn(2, 40, 32), torch.randn(2, 40, 16)
+    cos, sin = model.model.rotary_emb(torch.arange(40))
+    whole = indexer(x, q_latent, keys, cos, sin)
+    monkeypatch.setattr(indexer_module, "SCORE_CHUNK_BYTES", 4 * 2 * 2 * 40 * 7)  # 7 queries a chunk
+    assert torch.allclose(indexer(x, q_latent, keys, cos, sin), whole, rtol=1e-6, atol=1e-7)

@@ -16,6 +16,9 @@ from torch import nn
 from ..config import ModelConfig
 from .rope import apply_rope
 
+# The most bytes of per-head scores the indexer holds at once (see LightningIndexer.forward).
+SCORE_CHUNK_BYTES = 1 << 28
+
 
 class LightningIndexer(nn.Module):
     """I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s] / sqrt(index_head_dim)) for query t and past token s.
@@ -53,11 +56,17 @@ class LightningIndexer(nn.Module):
         B, S, _ = x.shape
         q = self._rotate(self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim), cos, sin)
         weights = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, heads]
+        keys_t = keys.float().transpose(-1, -2).unsqueeze(1)  # [B, 1, index_head_dim, T]
+        # Each head's ReLU comes before the weighted sum, so [B, S, heads, T] is made whole: a few queries at a time,
+        # within SCORE_CHUNK_BYTES (a 4K-token sequence of V3.2's 64 heads would need 4 GB at once).
+        step = max(1, SCORE_CHUNK_BYTES // (4 * B * self.n_heads * keys.shape[1]))
+        out = []
         # The scores in fp32 even under autocast: the top-k choice turns on small score differences.
         with torch.autocast(x.device.type, enabled=False):
-            scores = F.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))
-                            * self.softmax_scale)  # [B, S, heads, T]
-            return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, 1, heads] @ [B, S, heads, T]
+            for i in range(0, S, step):
+                scores = F.relu(torch.matmul(q[:, i:i + step].float(), keys_t) * self.softmax_scale)  # [B, s, h, T]
+                out.append(torch.matmul(weights[:, i:i + step].unsqueeze(-2), scores).squeeze(-2))  # [B, s, T]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
 def top_k_tokens(index_scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Tensor:
