@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .mapped_weights import map_pretrained, write_items
 from .model import CausalLM
 from .checkpoint_v4 import v4_disk_key, v4_model_key
 from .model.experts import fold_weight_providers
@@ -43,10 +43,21 @@ STACKED_EXPERT_MODEL_TYPES = ("deepseek_ocr2_text",)
 def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """(disk key, tensor) pairs in DeepSeek's layout, one expert matrix at a time (views, no copies)."""
     config = model.config
-    L, I = config.num_hidden_layers, config.moe_intermediate_size
     state = fold_weight_providers(model, model.state_dict(keep_vars=False))  # partly frozen experts: plain stacks
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    yield from disk_items(state, config)
+    L = config.num_hidden_layers
+    for j in range(len(model.model.mtp)):
+        for suffix, shared in _MTP_SHARED.items():
+            source = state.get(shared, state["model.embed_tokens.weight"])
+            yield f"model.layers.{L + j}.{suffix}", source
+
+
+def disk_items(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(disk key, tensor) pairs of any part of our state dict in DeepSeek's layout: each expert stack as per-expert
+    matrices in stack order (gate, up of expert 0, then of expert 1, ...; views, no copies)."""
+    L, I = config.num_hidden_layers, config.moe_intermediate_size
     # transformers writes DeepSeek-OCR-2's text model with its experts stacked, as we hold them (no conversion)
     per_expert = config.model_type not in STACKED_EXPERT_MODEL_TYPES
     for key, tensor in state.items():
@@ -62,10 +73,6 @@ def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{prefix}{e}.down_proj.weight", tensor[e]
         else:
             yield key, tensor
-    for j in range(len(model.model.mtp)):
-        for suffix, shared in _MTP_SHARED.items():
-            source = state.get(shared, state["model.embed_tokens.weight"])
-            yield f"model.layers.{L + j}.{suffix}", source
 
 
 def _v4_disk_items(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -78,7 +85,8 @@ def _to_disk_key(key: str, n_layers: int) -> str:
     return f"model.layers.{n_layers + int(m.group(1))}.{m.group(2)}" if m else key
 
 
-def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: int | None = None,
+                    state_items=hf_state_items) -> None:
     """Write `path/config.json` and the weights as safetensors, sharded with an index past `max_shard_bytes`.
 
     Everything is written into a temporary sibling folder, together with links to the other files already in `path`
@@ -90,7 +98,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: i
     tmp = path.parent / f".{path.name}.saving-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _write_model_files(model, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
+    _write_model_files(model, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES, state_items)
     if not path.exists():
         os.rename(tmp, path)
         return
@@ -136,15 +144,21 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
-def _write_model_files(model: CausalLM, path: Path, limit: int) -> None:
-    """config.json and the safetensors (one file, or shards and their index) into the empty folder `path`."""
+def _write_model_files(model: CausalLM, path: Path, limit: int, state_items=hf_state_items) -> None:
+    """config.json and the safetensors (one file, or shards and their index) into the empty folder `path`;
+    `state_items(model)` gives the (disk key, tensor) pairs (a vision-language model has its own: vision/)."""
     model.config.save(path)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    items = hf_state_items(model)
-    for key, tensor in (_v4_disk_items(items) if model.config.is_v4 else items):  # transformers' V4 names
+    size, group = 0, None
+    items = state_items(model)
+    is_v4 = getattr(model.config, "is_v4", False)
+    for key, tensor in (_v4_disk_items(items) if is_v4 else items):  # transformers' V4 names
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
+        # One layer's expert stack (gate and up rows, or down) stays in one shard, back to back, so that a mapped
+        # load (mapped_weights.py) views it in place.
+        m = _EXPERT_KEY.match(key)
+        previous, group = group, (m.group(1), m.group(3) == "down_proj") if m else None
+        if shards[-1] and size + nbytes > limit and (group is None or group != previous):
             shards.append([])
             size = 0
         shards[-1].append((key, tensor))
@@ -164,8 +178,9 @@ def _write_model_files(model: CausalLM, path: Path, limit: int) -> None:
 
 
 def _write_shard(file: Path, items: list[tuple[str, torch.Tensor]]) -> None:
-    # clone(): safetensors refuses tensors that share storage (expert slices, the MTP layers' shared copies).
-    save_file({k: t.detach().to("cpu").contiguous().clone() for k, t in items}, str(file), metadata={"format": "pt"})
+    # In the given order (each expert stack back to back), not sorted by name as safetensors' save_file would, and
+    # streamed tensor by tensor; the files are ordinary safetensors for every reader.
+    write_items(file, items, metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -226,17 +241,23 @@ def _check_safetensors(file: Path) -> None:
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> CausalLM:
-    """Load a DeepSeek-V2/V3 Hugging Face directory into a CausalLM.
+                    device: str | torch.device | None = None, mmap: bool | str = False) -> CausalLM:
+    """Load a DeepSeek-V2/V3 Hugging Face directory into a CausalLM (a Kimi-K2.5 one into a VisionLanguageModel).
 
     Tensors are streamed one at a time from memory-mapped shards straight into the model's parameters; FP8
     block-quantized weights are dequantized on the way. `device="meta"` builds the model's structure only.
     `dtype` defaults to the checkpoint's floating dtype (bfloat16 for FP8 checkpoints).
+    `mmap=True` leaves the weights in their files, paged in when used (mapped_weights.py: for models larger than
+    memory; CPU, the checkpoint's own dtype, inference only); `mmap="auto"` does so when they do not fit in memory.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     raw = read_config_json(path / "config.json")
+    if raw.get("model_type") == "kimi_k25":  # a vision-language model: MoonViT + projector + this CausalLM
+        from .vision.checkpoint import load_vision_language
+
+        return load_vision_language(path, raw, dtype=dtype, device=device)
     if (raw.get("quantization_config") or {}).get("quant_method") == "seekmoe":  # `seekmoe quantize` wrote it
         from .quant.folder import load_quantized
 
@@ -251,8 +272,29 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     files = checkpoint_files(path)
     if not config.is_v4:  # V4's MTP module is not built: its config keeps num_nextn_predict_layers as it is
         config = _without_absent_mtp(config, files, path)
+    stored = _checkpoint_dtype(path, files)
     if dtype is None:
-        dtype = _checkpoint_dtype(path, files)
+        dtype = stored
+    if mmap not in (True, False, "auto"):
+        raise ValueError(f"mmap={mmap!r}: expected True, False or 'auto'")
+    if mmap == "auto":
+        mmap = device.type == "cpu" and not _fits(config, dtype, device, path)
+        if mmap and dtype != stored:
+            name = str(stored).removeprefix("torch.")
+            raise ValueError(f"{path} does not fit in memory as {str(dtype).removeprefix('torch.')} weights: map its "
+                             f"{name} weights from the files instead (`--mmap --dtype {name}`, or "
+                             f"from_pretrained(mmap=True))")
+        if mmap:
+            warnings.warn(f"{path}: the weights do not fit in memory: mapping them from the files (paged in when "
+                          f"used; decoding speed then depends on the disk)", MappedLoadNote, stacklevel=2)
+    if mmap:
+        if device.type != "cpu" or dtype != stored:
+            raise ValueError(f"mmap: the weights stay in the files as they are ({str(stored).removeprefix('torch.')}"
+                             f", CPU); got dtype {str(dtype).removeprefix('torch.')} on {device.type}: a conversion "
+                             f"would copy every weight into memory")
+        with torch.device("meta"):
+            _Loader(CausalLM(config).to(dtype), path, files, (128, 128)).check()
+        return map_pretrained(path, config, files, dtype)
     # Counted from the config alone (one block of each kind), before even the meta-device model is built.
     check_fits_memory(config, dtype.itemsize, f"{str(dtype).removeprefix('torch.')} weights", device,
                       source=str(path))
@@ -274,6 +316,18 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
     return model
+
+
+class MappedLoadNote(UserWarning):
+    """from_pretrained(mmap="auto") maps the weights from their files because they do not fit in memory."""
+
+
+def _fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, path: Path) -> bool:
+    try:
+        check_fits_memory(config, dtype.itemsize, "weights", device, source=str(path))
+        return True
+    except ValueError:
+        return False
 
 
 class MissingMTPWarning(UserWarning):

@@ -13,7 +13,7 @@ import sys
 COMMANDS = {
     "info": ("seekmoe.info.cli", "parameters, FLOPs and KV-cache size of a preset or a model directory"),
     "train": ("seekmoe.train.cli", "pretrain a model on text (the default corpus: Python's standard library)"),
-    "export": ("seekmoe.train.cli", "turn a training checkpoint into a Hugging Face model folder"),
+    "export": ("seekmoe.train.cli", "turn a training checkpoint into a Hugging Face model folder, or a model into GGUF"),
     "generate": ("seekmoe.inference.cli", "complete a prompt with a trained model"),
     "chat": ("seekmoe.inference.cli", "talk to a model interactively"),
     "serve": ("seekmoe.serve.cli", "serve a model over an OpenAI-compatible HTTP API"),

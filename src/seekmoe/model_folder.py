@@ -109,11 +109,17 @@ def _max_depth(text: str, limit: int = MAX_JSON_DEPTH) -> int:
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of `path` (a config.json or a folder holding one), read safely and held to BOUNDS."""
+    """The ModelConfig of `path` (a config.json or a folder holding one), read safely and held to BOUNDS (of a
+    vision-language folder: its language model's)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    return config_from_dict(read_config_json(path), str(path))
+    raw = read_config_json(path)
+    if raw.get("model_type") == "kimi_k25":  # a vision-language folder: its language model's config
+        from .vision.config import text_config_dict
+
+        raw = text_config_dict(raw, str(path))
+    return config_from_dict(raw, str(path))
 
 
 def config_from_dict(raw: dict, source: str) -> ModelConfig:

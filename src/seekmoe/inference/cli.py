@@ -25,7 +25,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags that pick the model and how it runs (shared by generate, chat and serve)."""
     p.add_argument("--model", metavar="DIR", required=True,
                    help="a model directory: config.json, safetensors weights and tokenizer.json")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight and cache type (default float32)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weight and cache type (default float32; with --mmap the checkpoint's own)")
+    p.add_argument("--mmap", action="store_true",
+                   help="leave the weights in their safetensors files, paged in when used (experts only when routed "
+                        "to): for models larger than memory, CPU only. Automatic when the weights do not fit")
     p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="context length: prompt plus completion, in tokens; the cache is preallocated for it "
@@ -81,9 +85,12 @@ def load_model(args: argparse.Namespace, compile: bool):
         if spec is not None:
             raise ValueError(f"--quantize {args.quantize}: {args.model} is quantized already (by seekmoe "
                              f"quantize): expected no --quantize")
-        model = load_quantized(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        model = load_quantized(args.model, dtype=DTYPES[args.dtype] if args.dtype else torch.float32,
+                               device=args.device)
     else:
-        model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        # --mmap leaves the weights in their files in their own dtype (a conversion would copy them all)
+        dtype = DTYPES[args.dtype] if args.dtype else None if args.mmap else torch.float32
+        model = from_pretrained(args.model, dtype=dtype, device=args.device, mmap=True if args.mmap else "auto")
         if spec is not None:
             quantize_model(model, spec, embeddings=args.quantize_embeddings)
     configure_quantized(model, compile)
@@ -109,6 +116,20 @@ def report(requests: list[Request], seconds: float) -> str:
     return line
 
 
+def memory_report(model) -> str:
+    """One line: peak and current resident memory, and for a mapped model how much of the weights stay in files."""
+    from ..mapped_weights import memory_stats
+
+    m, gib = memory_stats(), 2**30
+    line = f"memory: peak RSS {m['peak_rss'] / gib:.2f} GiB, RSS now {m.get('rss', 0) / gib:.2f} GiB"
+    if "rss_anon" in m:
+        line += f" ({m['rss_anon'] / gib:.2f} private, {m['rss_file'] / gib:.2f} file pages)"
+    mapping = getattr(model, "mapping", None)
+    if mapping is not None:
+        line += f"; weights mapped from files {mapping.mapped_bytes / gib:.2f} GiB, copied {mapping.copied_bytes / gib:.2f} GiB"
+    return line
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", metavar="TEXT", help="the text to complete")
@@ -121,7 +142,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep generating past the end-of-text token, so exactly --max-new-tokens come out (benchmarks)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default 8)")
     p.add_argument("--stats", action="store_true",
-                   help="print tokens/s, the MTP acceptance rate and the compile time to stderr")
+                   help="print tokens/s, the MTP acceptance rate, the compile time and memory (peak and current "
+                        "resident set) to stderr")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image (PNG, JPEG or WebP) for a vision-language model, repeatable: each goes where the "
+                        "prompt says <image>, or, without any <image>, before the prompt text")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -135,6 +160,8 @@ def run_generate(args: argparse.Namespace) -> int:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
     else:
         prompts = [args.prompt]
+    if args.image:
+        return _generate_with_images(args, params)
     engine = load_engine(args, max_batch_size=min(args.batch_size, len(prompts)))
     ids = [engine.tokenizer.encode(p) for p in prompts]
     for x in ids:
@@ -155,11 +182,47 @@ def run_generate(args: argparse.Namespace) -> int:
         print(report(requests, time.perf_counter() - start), file=sys.stderr)
         if engine.forwards.compiled:
             print(f"(including {engine.forwards.compile_seconds:.1f}s compiling the decode step)", file=sys.stderr)
+        print(memory_report(engine.model), file=sys.stderr)
     failed = [r for r in requests if r.finish_reason == "error"]
     if failed:  # the engine ended them early (and logged the traceback): a script must not take this for success
         print(f"seekmoe generate: error: {len(failed)} of {len(requests)} requests failed after "
               f"{len(failed[0].output_ids)} tokens: {failed[0].error.splitlines()[0]}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _generate_with_images(args: argparse.Namespace, params: SamplingParams) -> int:
+    """`seekmoe generate --prompt TEXT --image PATH ...`: the images' placeholders in the prompt, then one stream."""
+    from ..vision.images import load_image_file
+    from ..vision.inference import IMAGE_TAG, image_prompt
+    from ..vision.sft import IMAGE_MARK
+
+    if args.prompt is None:
+        raise ValueError("--image goes with --prompt (one prompt), not --prompts-file")
+    images = [load_image_file(path) for path in args.image]  # ValueError naming the file and why
+    text = args.prompt
+    if IMAGE_TAG not in text:
+        text = IMAGE_TAG * len(images) + text
+    if IMAGE_MARK in text:
+        raise ValueError("--prompt holds U+E000, which stands for images here: remove it")
+    engine = load_engine(args, max_batch_size=1)
+    if engine.vision is None:
+        raise ValueError(f"--image: {args.model} is a text model (no vision tower); train one with "
+                         f"`seekmoe sft --vision-tower`")
+    ids, pixel_values, grid = image_prompt(text.replace(IMAGE_TAG, IMAGE_MARK), images, engine.tokenizer,
+                                           engine.vision.config)
+    engine.check_prompt(ids, images=True)  # image tokens count against the context
+    start = time.perf_counter()
+    request = engine.add(Request(ids, params, pixel_values=pixel_values, image_grid_thw=grid))
+    while not request.done:
+        for event in engine.step():
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    if request.finish_reason == "error":
+        raise RuntimeError(f"generation failed: {request.error}")
+    if args.stats:
+        print(report([request], time.perf_counter() - start), file=sys.stderr)
     return 0
 
 
@@ -175,25 +238,53 @@ def run_chat(args: argparse.Namespace) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
-        print("Type a message; an empty line, /exit or Ctrl-D ends the chat.", file=sys.stderr)
+        print("Type a message; an empty line, /exit or Ctrl-D ends the chat."
+              + (" /image PATH adds an image to your next message." if engine.vision is not None else ""),
+              file=sys.stderr)
+    images, pending = [], ""  # the conversation's images, and the marks of those the next message carries
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line or line.strip() in ("", "/exit"):
             return 0
-        messages.append({"role": "user", "content": line.strip()})
-        ids = engine.tokenizer.encode(format_chat(messages))
+        if line.startswith("/image "):
+            try:
+                images.append(_chat_image(engine, line[len("/image "):].strip()))
+                from ..vision.sft import IMAGE_MARK
+
+                pending += IMAGE_MARK
+            except ValueError as e:  # a bad file costs the image, not the conversation
+                print(f"/image: {e}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": pending + line.strip()})
+        pending = ""
+        if images:
+            from ..vision.inference import image_prompt
+
+            ids, pixel_values, grid = image_prompt(format_chat(messages), images, engine.tokenizer,
+                                                   engine.vision.config)
+        else:
+            ids, pixel_values, grid = engine.tokenizer.encode(format_chat(messages)), None, None
         try:
-            engine.check_prompt(ids)
+            engine.check_prompt(ids, images=bool(images))
         except ValueError as e:
             print(f"the conversation no longer fits: {e}", file=sys.stderr)
             return 1
         reply = ""
-        for event in engine.stream(ids, params):
+        for event in engine.stream(ids, params, pixel_values=pixel_values, image_grid_thw=grid):
             text = event.text if reply else event.text.lstrip()  # no space after "Assistant:"
             reply += text
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply.strip()})
+
+
+def _chat_image(engine: Engine, path: str):
+    """The image `/image PATH` names, for a vision-language model (ValueError saying why not)."""
+    from ..vision.images import load_image_file
+
+    if engine.vision is None:
+        raise ValueError("this model takes no images (it has no vision tower)")
+    return load_image_file(path)

@@ -56,6 +56,11 @@ class Request:
     drafted: int = 0  # MTP drafts verified
     accepted: int = 0  # ... and accepted
     slot: int | None = None
+    # A vision-language model's images for the prompt's placeholder tokens (vision/preprocess.py's tensors); their
+    # features are computed when the request is added and fill the placeholders' embeddings at prefill.
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    _image_embeds: torch.Tensor | None = None
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
     _last: int | None = None  # the newest token: sampled, not yet in the cache
@@ -94,6 +99,11 @@ class Engine:
         if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
             raise ValueError(f"max_prefill_tokens={max_prefill_tokens!r} is invalid: expected an integer >= 1")
         self.max_prefill_tokens = max_prefill_tokens
+        # A vision-language model: its tower runs once a request (at add), the language model does the rest.
+        self.vision = model.eval() if hasattr(model, "vision_tower") else None
+        self.image_token_id = self.vision.config.image_token_id if self.vision is not None else None
+        if self.vision is not None:
+            model = model.language_model
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
@@ -133,20 +143,28 @@ class Engine:
     def active(self) -> int:
         return len(self.running) + len(self._new)
 
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        """Raise ValueError unless the prompt is non-empty, in the vocabulary and shorter than the context."""
+    def check_prompt(self, prompt_ids: list[int], images: bool = False) -> None:
+        """Raise ValueError unless the prompt is non-empty, in the vocabulary and shorter than the context (with
+        `images`, a vision-language model's image placeholder is a token too)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty: expected at least one token")
         if len(prompt_ids) >= self.max_seq_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens: expected fewer than the context length "
                              f"{self.max_seq_len}")
-        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        image = self.image_token_id if images else None
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size and t != image]
+        if bad and bad[0] == self.image_token_id:
+            raise ValueError(f"prompt token id {bad[0]} is the image placeholder but the prompt comes with no images")
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is invalid: expected 0 to {self.config.vocab_size - 1}")
 
     def add(self, request: Request) -> Request:
         """Give the request a free slot; it is prefilled at the next step. Raises RuntimeError when all are taken."""
-        self.check_prompt(request.prompt_ids)
+        self.check_prompt(request.prompt_ids, images=request.pixel_values is not None)
+        if self.vision is not None or request.pixel_values is not None:
+            from ..vision.inference import request_image_embeds
+
+            request._image_embeds = request_image_embeds(self, request)
         request._generator = request.params.generator()
         if self.tokenizer is not None:
             request._stream = TextStream(self.tokenizer, request.params.stop)
@@ -236,8 +254,13 @@ class Engine:
         if not decoding:
             tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
             step = self.cache.step([r.slot for r in requests], n_new, width)
+            embeds = None
+            if any(r._image_embeds is not None for r in requests):
+                from ..vision.inference import prefill_embeds
+
+                embeds = prefill_embeds(self.model, self.image_token_id, tokens, requests)
             out = self.model(tokens, position_ids=step.positions, attn_mask=step.attn_mask,
-                             cache=self.cache.layers(step))
+                             cache=self.cache.layers(step), inputs_embeds=embeds)
             return out.logits, out.hidden_states
         batch = self.forwards.batch(len(requests))
         pad = (batch or len(requests)) - len(requests)
@@ -441,19 +464,23 @@ class Engine:
                 self.generate([prompt] * batch, params)
         return time.perf_counter() - start
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[Event]:
-        """Complete one prompt, yielding each step's event as it is produced."""
-        request = self.add(Request(list(prompt_ids), params or SamplingParams()))
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, pixel_values=None,
+               image_grid_thw=None) -> Iterator[Event]:
+        """Complete one prompt (with its images, for a vision-language model), yielding each step's event."""
+        request = self.add(Request(list(prompt_ids), params or SamplingParams(), pixel_values=pixel_values,
+                                   image_grid_thw=image_grid_thw))
         while not request.done:
             for event in self.step():
                 if event.request is request:
                     yield event
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, **kwargs) -> "Engine":
-        """An engine over the model and `tokenizer.json` of a model directory."""
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, mmap: bool | str = False,
+                        **kwargs) -> "Engine":
+        """An engine over the model and `tokenizer.json` of a model directory (`mmap`: see seekmoe.from_pretrained)."""
         from .. import from_pretrained
 
-        model = from_pretrained(path, dtype=dtype, device=device)
-        tokenizer = Tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)
+        model = from_pretrained(path, dtype=dtype, device=device, mmap=mmap)
+        text = getattr(model, "language_model", model).config  # a vision-language model's language model
+        tokenizer = Tokenizer(path, text.bos_token_id, text.eos_token_id)
         return cls(model, tokenizer, **kwargs)

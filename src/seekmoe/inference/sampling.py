@@ -109,7 +109,8 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams, context: list
     raw = logits.float()
     logits = raw.clone()
     if params.repetition_penalty != 1.0 and context:
-        seen = torch.tensor(sorted(set(context)), device=logits.device)
+        # An image placeholder may lie past the vocabulary: it has no logit to penalize.
+        seen = torch.tensor(sorted(t for t in set(context) if t < logits.numel()), device=logits.device)
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
     if (params.frequency_penalty or params.presence_penalty) and output:

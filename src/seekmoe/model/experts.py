@@ -213,17 +213,18 @@ class RoutedExperts(nn.Module):
         # in fp32); only the products enter the low-precision down projection.
         rows, weights = rows.to(compute), weights.float()
         w = self.weights()
-        gate_up_proj, down_proj = w.gate_up_proj.to(compute), w.down_proj.to(compute)
         name = backend.many_rows
-        if backend.few_rows != name and rows.shape[0] < gate_up_proj.shape[0]:  # a shape rule, fixed per shape
+        if backend.few_rows != name and rows.shape[0] < w.gate_up_proj.shape[0]:  # a shape rule, fixed per shape
             name = backend.few_rows
         with torch.autocast(device_type, enabled=False):
             if name == "gathered":
-                y = gathered_swiglu(rows, weights, gate_up_proj, down_proj, plan.expert, self.swiglu_limit)
+                # Converts only the gathered experts' weights: converting whole stacks would read (and, mapped from
+                # a file, page in) every expert at every decoding step.
+                y = gathered_swiglu(rows, weights, w.gate_up_proj, w.down_proj, plan.expert, self.swiglu_limit)
             else:
                 layout = "ragged" if name == "grouped_mm" else "padded"
-                y = grouped_swiglu(rows, weights, gate_up_proj, down_proj, plan.offsets, layout,
-                                   self.swiglu_limit)[0]
+                y = grouped_swiglu(rows, weights, w.gate_up_proj.to(compute), w.down_proj.to(compute), plan.offsets,
+                                   layout, self.swiglu_limit)[0]
         return y.to(dtype)
 
 

@@ -194,7 +194,8 @@ def gathered_swiglu(rows: torch.Tensor, weights: torch.Tensor, gate_up_proj: tor
                      expert: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     """grouped_swiglu's y with each row's expert weights gathered: rows [M, hidden], weights [M], expert [M]
     -> [M, hidden]. No ragged groups and no host synchronization, so its shapes depend on M alone."""
-    h = torch.bmm(gate_up_proj.index_select(0, expert), rows.unsqueeze(-1)).squeeze(-1)  # [M, 2I]
+    dtype = rows.dtype  # the weights may be stored narrower: only the gathered ones are converted
+    h = torch.bmm(gate_up_proj.index_select(0, expert).to(dtype), rows.unsqueeze(-1)).squeeze(-1)  # [M, 2I]
     gate, up = clamp_gate_up(*h.chunk(2, dim=-1), limit)
     a = F.silu(gate) * (up * weights.unsqueeze(-1))  # [M, I]
-    return torch.bmm(down_proj.index_select(0, expert), a.to(rows.dtype).unsqueeze(-1)).squeeze(-1)
+    return torch.bmm(down_proj.index_select(0, expert).to(dtype), a.to(dtype).unsqueeze(-1)).squeeze(-1)

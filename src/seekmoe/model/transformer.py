@@ -84,10 +84,11 @@ class CausalLM(nn.Module):
         """Every MoE layer, main blocks first, then MTP modules: the order of `expert_counts` rows."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 cache: list[CacheLayer] | None = None, mtp: bool | None = None,
-                balance_window: BalanceWindow | None = None, mtp_loss_weight: float | None = None) -> CausalLMOutput:
+                balance_window: BalanceWindow | None = None, mtp_loss_weight: float | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] (usually input_ids); position_ids [S] or [B, S]; attn_mask, if given,
         a boolean [B, 1, S, S] (True = may attend) replacing the causal mask.
 
@@ -97,15 +98,26 @@ class CausalLM(nn.Module):
         With labels, the MTP modules run (and `mtp_loss` is reported) when `mtp` says so, by default in training
         mode only: the validation loss needs no MTP. `balance_window` makes the expert- and device-level balance
         losses count over a whole optimizer step's micro-batches (see `BalanceWindow`). `mtp_loss_weight` is the
-        lambda of the MTP loss in `loss` (None = config.mtp_loss_weight); a trainer's schedule passes it here."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        B, S = input_ids.shape
+        lambda of the MTP loss in `loss` (None = config.mtp_loss_weight); a trainer's schedule passes it here.
+
+        `inputs_embeds` [B, S, hidden], if given, replaces the token embeddings (a vision-language model puts image
+        features at its placeholder tokens); input_ids, when given with it, still reach the routers (hash routing
+        reads them) and the MTP modules."""
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or (input_ids is not None and input_ids.shape != inputs_embeds.shape[:2]):
+                raise ValueError(f"inputs_embeds must be [batch, seq, hidden] matching input_ids, got shape "
+                                 f"{tuple(inputs_embeds.shape)}")
+            h = inputs_embeds
+        elif input_ids is None or input_ids.dim() != 2:
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"input_ids must be [batch, seq], got {shape}")
+        else:
+            h = self.model.embed_tokens(input_ids)
+        B, S = h.shape[:2]
         body = self.model
         if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device)
+            position_ids = torch.arange(S, device=h.device)
         cos, sin = body.rotary_emb(position_ids)
-        h = body.embed_tokens(input_ids)
         if body.hc_head is not None:
             h = expand_streams(h, self.config.hc_mult)
         stats: list[MoEStats] = []
@@ -126,8 +138,8 @@ class CausalLM(nn.Module):
         out.loss = out.lm_loss
         if mtp is None:
             mtp = self.training
-        if mtp and body.mtp and S > 1 + len(body.mtp):
-            out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats, attn_mask)
+        if mtp and body.mtp and input_ids is not None and S > 1 + len(body.mtp):
+            out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats, attn_mask, inputs_embeds)
             lam = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
             out.loss = out.loss + lam * out.mtp_loss
         if stats:
@@ -140,28 +152,33 @@ class CausalLM(nn.Module):
         return out
 
     def _mtp_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, h: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, stats: list[MoEStats], attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                  sin: torch.Tensor, stats: list[MoEStats], attn_mask: torch.Tensor | None = None,
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Mean over depths k = 1..D of the cross-entropy of predicting token i+k+1 at position i (under the main
-        forward's attn_mask, when it has one: packed examples stay apart in the MTP modules too)."""
+        forward's attn_mask, when it has one: packed examples stay apart in the MTP modules too). With
+        `inputs_embeds`, the MTP modules take the tokens ahead as the main forward embedded them (image features)."""
         S = input_ids.shape[1]
         losses = []
         for k in range(1, len(self.model.mtp) + 1):
             n = S - k  # positions i that have an input token t_{i+k}
             mask = None if attn_mask is None else attn_mask[..., :n, :n]
-            h, s = self.mtp_forward(k, h[:, :n], input_ids[:, k:], cos[..., :n, :, :], sin[..., :n, :, :], mask)
+            ahead = None if inputs_embeds is None else inputs_embeds[:, k:]
+            h, s = self.mtp_forward(k, h[:, :n], input_ids[:, k:], cos[..., :n, :, :], sin[..., :n, :, :], mask,
+                                    token_embeds=ahead)
             if s is not None:
                 stats.append(s)
             losses.append(_next_token_loss(self.mtp_logits(k, h), labels[:, k:]))
         return torch.stack(losses).mean()
 
     def mtp_forward(self, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                    cache: CacheLayer | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+                    sin: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: CacheLayer | None = None,
+                    token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         """MTP module `depth` (1-based) over h_prev [B, S, hidden] (the previous depth's states) and the tokens
         `depth` ahead [B, S]: (h [B, S, hidden], its MoE stats). The one MTP forward of training (`_mtp_loss`) and
         of drafting while decoding (inference/compiled.py, with `cache`)."""
         mtp = self.model.mtp[depth - 1]
-        return mtp(h_prev, self.model.embed_tokens(tokens), cos, sin, attn_mask, cache, tokens)
+        embeds = self.model.embed_tokens(tokens) if token_embeds is None else token_embeds
+        return mtp(h_prev, embeds, cos, sin, attn_mask, cache, tokens)
 
     def mtp_logits(self, depth: int, h: torch.Tensor) -> torch.Tensor:
         """MTP module `depth`'s predictions from its states h [..., hidden]: the shared LM head after its own norm."""

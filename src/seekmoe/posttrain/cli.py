@@ -20,13 +20,28 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
         "rendered with the model's chat template (as `seekmoe chat` prompts it); only the assistant's tokens and the\n"
         "end-of-text after each are trained. Examples are packed several a sequence (seq_len=), each attending only\n"
         f"to itself. Defaults that differ from `seekmoe train`: {SFT_DEFAULTS}.\n"
-        "Writes OUT/metrics.jsonl, OUT/checkpoints/ (resume with --resume), OUT/plots/ and OUT/final/ (a model folder).")
+        "Writes OUT/metrics.jsonl, OUT/checkpoints/ (resume with --resume), OUT/plots/ and OUT/final/ (a model folder).\n"
+        "images: with --vision-tower (or a vision-language --model), a user turn's content may be a list of parts\n"
+        '  [{"type": "text", "text": "..."},\n'
+        '   {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]\n'
+        "(PNG, JPEG or WebP; file:///... URLs only under --image-dir; http(s) never fetched). LLaVA's stages: first\n"
+        "--stage align (the projector alone), then --stage full on its final/ (projector and language model).")
     parser.add_argument("--model", required=True, metavar="DIR", help="the model folder to fine-tune (a final/)")
     parser.add_argument("--data", required=True, nargs="+", metavar="FILE", help="JSONL files of chats or "
                                                                                "prompt/completion pairs")
     parser.add_argument("--freeze-router-bias", action="store_true",
                         help="keep the routers' balancing biases as the model has them (no auxiliary-loss-free "
                              "bias updates); the balance losses of the model's config still apply")
+    parser.add_argument("--vision-tower", metavar="tiny|small|DIR",
+                        help="attach a fresh vision tower and projector to the (text) model: a preset, or a "
+                             "Kimi-K2.5 folder whose tower to copy; the final/ is then a kimi_k25 folder")
+    parser.add_argument("--stage", choices=["align", "full"], default="full",
+                        help="vision-language training stage: align = the projector alone (LLaVA stage 1), full = "
+                             "projector and language model (stage 2; default)")
+    parser.add_argument("--train-vision-tower", action="store_true",
+                        help="train the vision tower too (frozen by default)")
+    parser.add_argument("--image-dir", metavar="DIR",
+                        help="the folder file:// image URLs may point into (default: the first --data file's)")
     _add_run_arguments(parser, SFT_DEFAULTS["max_steps"], "seed of the held-out split and data order", quantize=True)
     parser.add_argument("overrides", nargs="*", metavar="field=value",
                         help="any TrainConfig field (lr=1e-4 seq_len=512 batch_size=16 ...), or a ModelConfig field "
@@ -43,7 +58,9 @@ def run_sft(args: argparse.Namespace) -> int:
     overrides = _run_overrides(args, [p for p in args.data if p not in data] + args.overrides)
     return exit_status("sft", lambda: sft(args.model, data, args.out, overrides, resume=resume_mode(args),
                                           stop_at=args.stop_at, progress=not args.no_progress,
-                                          freeze_router_bias=args.freeze_router_bias))
+                                          freeze_router_bias=args.freeze_router_bias,
+                                          vision_tower=args.vision_tower, stage=args.stage,
+                                          train_vision_tower=args.train_vision_tower, image_dir=args.image_dir))
 
 
 def add_rl_arguments(parser: argparse.ArgumentParser) -> None:

@@ -168,7 +168,8 @@ class SFTData:
     """
 
     def __init__(self, paths: list[str | Path], tokenizer: Tokenizer, config: TrainConfig, hf_tokenizer=None,
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, render=None):
+        """`render(record)` makes an SFTExample of a record (default: render_example through `tokenizer`)."""
         self.config = config
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.tokenizer = hf_tokenizer  # what the checkpoints and final/ save
@@ -177,7 +178,8 @@ class SFTData:
         if not records:
             raise ValueError(f"--data {' '.join(map(str, paths))}: no records: expected JSONL of chats or "
                              f"prompt/completion pairs")
-        examples = [render_example(r, tokenizer) for r in records]
+        render = render or (lambda record: render_example(record, tokenizer))
+        examples = [render(r) for r in records]
         kept = [e for e in examples if len(e.ids) <= config.seq_len]
         if not kept:
             longest = max(len(e.ids) for e in examples)
@@ -210,14 +212,17 @@ class SFTData:
         c = self.config
         ids = self.order.take(c.batch_size * c.grad_accum * self.dp_size)
         picks = [ids[(m * self.dp_size + self.dp_rank) * c.batch_size:][:c.batch_size] for m in range(c.grad_accum)]
-        return [collate([self.train[i] for i in pick], c.seq_len, self.pad_id) for pick in picks]
+        return [self.collate([self.train[i] for i in pick]) for pick in picks]
 
     def val_batches(self) -> list[tuple[PackedBatch, bool]]:
         """The held-out rows, a micro-batch at a time (at most eval_batches of them; every rank scores them all)."""
         c = self.config
         rows = self.val[:c.eval_batches * c.batch_size]
-        return [(collate(rows[s:s + c.batch_size], c.seq_len, self.pad_id), True)
-                for s in range(0, len(rows), c.batch_size)]
+        return [(self.collate(rows[s:s + c.batch_size]), True) for s in range(0, len(rows), c.batch_size)]
+
+    def collate(self, rows: list[list[SFTExample]]) -> PackedBatch:
+        """One micro-batch of packed rows (vision/sft.py's data adds the rows' images)."""
+        return collate(rows, self.config.seq_len, self.pad_id)
 
     def state_dict(self) -> dict:
         """The position in the data."""

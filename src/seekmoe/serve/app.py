@@ -22,6 +22,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from ..inference.engine import Engine
+from ..vision.images import ImageLimits
 from .chat import create_chat_completion
 from .completions import create_completion
 from .generation import Generation
@@ -47,6 +48,8 @@ class ServerState:
     max_requests: int | None = None  # requests handled at once (beyond: 503), /health and /metrics exempt
     in_flight: int = 0
     generations: set = field(default_factory=set)  # the Generations not yet finished (end_generations ends them)
+    allowed_image_dir: str | None = None  # file:// image URLs only under it (None: refused); http(s) never fetched
+    image_limits: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=MAX_BODY_BYTES))
 
     def __post_init__(self):
         if self.engine.tokenizer is None:

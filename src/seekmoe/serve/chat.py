@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
@@ -27,12 +28,18 @@ async def create_chat_completion(body: ChatCompletionRequest, http: HTTPRequest,
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
     engine = state.engine
-    ids = await tokenize(engine, format_chat([m.model_dump() for m in body.messages]), "messages")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    pixel_values = grid = None
+    if any(isinstance(m["content"], list) for m in messages):  # content parts: text, and images
+        ids, pixel_values, grid = await chat_prompt_with_parts(engine, messages, state)
+    else:
+        ids = await tokenize(engine, format_chat(messages), "messages")
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     request = Request(ids, sampling_params(body, max_new_tokens(engine, len(ids), requested, None, param),
-                                           body.stop_list() + CHAT_STOP, logprobs, None))
+                                           body.stop_list() + CHAT_STOP, logprobs, None),
+                      pixel_values=pixel_values, image_grid_thw=grid)
     generation = Generation(state.scheduler, [request], state.generations)
     generation.start()
     rid = new_id(chat=True)
@@ -46,6 +53,20 @@ async def create_chat_completion(body: ChatCompletionRequest, http: HTTPRequest,
                         logprobs=_logprobs(engine.tokenizer, request.logprobs) if body.logprobs else None)
     return JSONResponse(ChatCompletionResponse(id=rid, model=state.model_name, choices=[choice],
                                                usage=usage(len(ids), len(request.output_ids))).model_dump())
+
+
+async def chat_prompt_with_parts(engine, messages: list[dict], state: ServerState):
+    """(ids, pixel_values, image_grid_thw) of messages with content parts; images decoded and preprocessed off the
+    event loop. APIError(400) saying why for a hostile or unusable image, or images sent to a text model."""
+    from ..vision.inference import chat_prompt
+
+    try:
+        ids, pixel_values, grid = await run_in_threadpool(chat_prompt, engine, messages, state.allowed_image_dir,
+                                                          state.image_limits)
+    except ValueError as e:
+        raise APIError(400, f"messages: {e}", "messages") from None
+    ids = await tokenize(engine, ids, "messages", images=pixel_values is not None)  # image tokens count too
+    return ids, pixel_values, grid
 
 
 async def _stream(body: ChatCompletionRequest, rid: str, state: ServerState, generation: Generation):

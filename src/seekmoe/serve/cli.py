@@ -41,6 +41,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 5)")
     p.add_argument("--graceful-shutdown", type=int, default=30, metavar="S",
                    help="on SIGTERM or Ctrl-C, seconds in-flight requests get to finish (default 30)")
+    p.add_argument("--allowed-image-dir", default=None, metavar="DIR",
+                   help="a vision-language model's chat image parts may name file:///... URLs inside DIR (default: "
+                        "refused; data: URLs are always accepted, http(s) URLs never fetched)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -57,7 +60,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"compiled in {engine.warm_up():.1f}s", file=sys.stderr, flush=True)
     name = args.model_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.allowed_image_dir is not None and not Path(args.allowed_image_dir).is_dir():
+        raise ValueError(f"--allowed-image-dir {args.allowed_image_dir}: no such directory")
     server = make_server(engine, name, args.host, args.port, api_key, args.max_queue,
+                         allowed_image_dir=args.allowed_image_dir,
                          max_connections=args.max_connections, timeout_keep_alive=args.timeout_keep_alive,
                          graceful_shutdown_s=args.graceful_shutdown)
     print(f"serving {name!r} at {server.url}/v1 (Ctrl-C or SIGTERM stops, draining requests for up to "

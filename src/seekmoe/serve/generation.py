@@ -27,7 +27,7 @@ class ServerStopping(Exception):
     """The server's graceful-shutdown time ran out before the generation finished (`Generation.end`)."""
 
 
-async def tokenize(engine: Engine, prompt: str | list[int], param: str) -> list[int]:
+async def tokenize(engine: Engine, prompt: str | list[int], param: str, images: bool = False) -> list[int]:
     """Token ids of a text prompt (after begin-of-text) or the given ids; APIError(400) unless they fit the context.
 
     A text far too long for the context is refused before tokenizing it, and tokenizing runs off the event loop.
@@ -45,7 +45,7 @@ async def tokenize(engine: Engine, prompt: str | list[int], param: str) -> list[
     else:
         ids = list(prompt)
     try:
-        engine.check_prompt(ids)
+        engine.check_prompt(ids, images=images)
     except ValueError as e:
         code = "context_length_exceeded" if len(ids) >= engine.max_seq_len else None
         raise APIError(400, f"{param}: {e}", param, code) from None

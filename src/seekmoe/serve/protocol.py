@@ -20,6 +20,7 @@ MAX_STOP = 16  # stop strings a request may give: each is searched for at every 
 MAX_STOP_CHARS = 256
 MAX_PROMPTS = 64  # prompts in one batched /v1/completions request
 MAX_MESSAGES = 1024
+MAX_CONTENT_PARTS = 64  # parts of one message's content (text and images)
 
 
 class APIError(Exception):
@@ -100,9 +101,26 @@ class CompletionRequest(SamplingFields):
     echo: StrictBool = False
 
 
+class ImageURL(BaseModel):
+    url: StrictStr  # data:image/...;base64,... or file:///... under --allowed-image-dir; http(s) never fetched
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image is processed alike
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    # OpenAI's content parts: text, and images for a vision-language model (user turns).
+    content: Union[StrictStr, Annotated[list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]],
+                                        Field(min_length=1, max_length=MAX_CONTENT_PARTS)]]
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -188,7 +188,12 @@ class Server:
 
 
 def make_server(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None, max_queue: int = 64, **kwargs) -> Server:
+                api_key: str | None = None, max_queue: int = 64, allowed_image_dir: str | None = None,
+                image_limits=None, **kwargs) -> Server:
     """A server bound to host:port (port 0: a free one); run it with `serve_forever()`, stop it with `shutdown()`.
+    `allowed_image_dir`: the folder file:// image URLs may name (None: refused); `image_limits` an ImageLimits.
     kwargs: `max_connections`, `timeout_keep_alive`, `graceful_shutdown_s` (see `Server`)."""
-    return Server(ServerState(engine, model_name, api_key, max_queue), host, port, **kwargs)
+    state = ServerState(engine, model_name, api_key, max_queue, allowed_image_dir=allowed_image_dir)
+    if image_limits is not None:
+        state.image_limits = image_limits
+    return Server(state, host, port, **kwargs)

@@ -71,7 +71,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write a Hugging Face model folder DIR/hf/step-N/ every N steps (save_hf_every=)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
-                        help="set any ModelConfig or TrainConfig field, e.g. num_nextn_predict_layers=1 lr=1e-3")
+                        help="set any ModelConfig or TrainConfig field, e.g. num_nextn_predict_layers=1 lr=1e-3 "
+                             "optimizer=muon")
 
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,14 +136,39 @@ def dsa_stage_defaults(stage: str, init_from: str | None) -> dict:
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `export` command's options."""
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a training checkpoint folder (OUT/checkpoints/step-N), or a run's OUT folder for its "
-                             "newest intact checkpoint")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the new model folder to write")
+    parser.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                        help="hf (default): a training checkpoint into a Hugging Face model folder; gguf: a model "
+                             "folder into one GGUF file for llama.cpp, Ollama and LM Studio (needs `pip install gguf`)")
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help="(hf) a training checkpoint folder (OUT/checkpoints/step-N), or a run's OUT folder for "
+                             "its newest intact checkpoint")
+    parser.add_argument("--model", metavar="DIR", help="(gguf) a model folder: config.json, safetensors, tokenizer.json")
+    parser.add_argument("--outtype", default="bf16", metavar="TYPE",
+                        help="(gguf) weight type: f32, f16, bf16 (default) or q8_0; norms, biases and the router "
+                             "stay f32")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="the new model folder to write (hf), or the .gguf file (gguf)")
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Run `seekmoe export`; returns the exit status."""
+    if args.format == "gguf":
+        if args.model is None or args.checkpoint is not None:
+            raise ValueError("--format gguf: expected --model DIR (a model folder; `seekmoe export --checkpoint` "
+                             "turns a checkpoint into one first), not --checkpoint")
+        try:
+            import gguf  # noqa: F401
+        except ModuleNotFoundError:
+            raise ValueError("--format gguf needs the gguf package: pip install 'seekmoe[gguf]'") from None
+        from ..gguf_export import export_gguf
+
+        result = export_gguf(args.model, args.out, args.outtype)
+        for note in result.notes:
+            print(note)
+        print(f"exported {args.model} to {result.path} ({result.n_tensors} tensors, {args.outtype})")
+        return 0
+    if args.checkpoint is None or args.model is not None:
+        raise ValueError("--format hf: expected --checkpoint DIR (a training checkpoint), not --model")
     from .export import export_checkpoint
 
     source = export_checkpoint(args.checkpoint, args.out)

@@ -145,17 +145,20 @@ class Trainer:
     world_size)` returns the
     run's data in place of the text corpus (anything with TrainData's methods: next_micro_batches, val_batches,
     tokens_per_step, state_dict, load_state_dict, tokenizer; optionally `metrics()` added to each step's record and
-    `describe()` for the start-up line), and `forward` is TrainStep's objective for its micro-batches."""
+    `describe()` for the start-up line), and `forward` is TrainStep's objective for its micro-batches.
+    `make_model()`, when given, builds the (initialized or loaded) model in place of `model_config`'s CausalLM, in
+    one process (a vision-language model: the tower in front of the language model that `model_config` describes)."""
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, out: str | Path,
                  data: list[str] | None = None, resume: bool | str = False, stop_at: int | None = None,
                  progress: bool = True, init_from: str | Path | None = None,
                  make_data: Callable[[Tokenizer | None, int, int], TrainData] | None = None,
-                 forward: Forward | None = None):
+                 forward: Forward | None = None, make_model: Callable[[], torch.nn.Module] | None = None):
         if stop_at is not None and stop_at < 1:
             raise ValueError(f"--stop-at {stop_at} is invalid: expected a step >= 1")
         self.model_config, self.config, self.out = model_config, config, Path(out)
         self.progress, self.stop_at, self.init_from = progress, stop_at, init_from
+        self.make_model = make_model
         depth = model_config.num_nextn_predict_layers
         if depth and config.seq_len < depth + 2:
             raise ValueError(f"seq_len={config.seq_len} is too short for num_nextn_predict_layers={depth}: MTP "
@@ -243,6 +246,16 @@ class Trainer:
         (parallel/materialize.py), so no rank holds the whole model."""
         from ..parallel.materialize import added_modules, check_folder, materialize
 
+        if self.make_model is not None:
+            if self.processes.distributed:
+                raise ValueError("this stage trains in one process: run it without torchrun")
+            if self.config.compile or self.config.activation_checkpointing:
+                self.log("compile and activation_checkpointing are not applied to this stage's model")
+            model = self.make_model().to(self.device)
+            for moe in model.moe_layers():
+                device_groups_for(self.model_config, moe.device_groups)
+            model.train()
+            return model
         if self.lora is not None and self.lora.quantize == "nf4":
             # QLoRA (one process): the base read block by block into NF4, never whole in full precision; a resumed
             # run reads it too (its checkpoint holds the same NF4 weights) and then loads the checkpoint.
