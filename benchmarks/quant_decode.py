@@ -135,6 +135,8 @@ def gguf_files(base, shape: str, folder: Path, formats: list[str]) -> dict[str, 
     import json
 
     import llama_cpp
+    from llama_cpp import _logger as llama_logger
+    from llama_cpp._utils import suppress_stdout_stderr
 
     from seekmoe.data.tokenizer import train_tokenizer
     from seekmoe.gguf_export import GGUF_TYPES, export_gguf
@@ -153,9 +155,25 @@ def gguf_files(base, shape: str, folder: Path, formats: list[str]) -> dict[str, 
         else:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[fmt])
-            if llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(path).encode(), params) != 0:
-                raise RuntimeError(f"llama_model_quantize failed to write {path}")
+            # Silenced (its log through llama-cpp-python's logger, its printf lines by the file descriptors): a line
+            # per tensor; the fallbacks it reports are summed up by tensor_types below instead.
+            llama_logger.set_verbose(False)
+            with suppress_stdout_stderr(disable=False):
+                status = llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(path).encode(), params)
+            if status != 0:
+                raise RuntimeError(f"llama_model_quantize failed to write {path} (status {status})")
     return files
+
+
+def tensor_types(gguf_file: Path) -> dict[str, int]:
+    """How many of the file's weights (elements) are stored in each GGML type: where llama.cpp's Q4_K_M falls back
+    to Q5_0/F16 for rows not a multiple of 256 (most of `small`), the "4-bit" file is not 4-bit."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(gguf_file).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return counts
 
 
 def llama_cpp_rate(gguf: Path, prompt: list[int], tokens: int, threads: int) -> tuple[float, list[int]]:
@@ -299,6 +317,7 @@ def main() -> None:
         return
     if args.quick:
         args.models, args.modes, args.tokens = "small", "eager", EXACT_TOKENS
+        print("--quick: a check of the script (small, eager, 16 tokens), not a measurement")
     out_json = args.out or RESULTS / ("quant_decode_quick.json" if args.quick else "quant_decode.json")
     llama_cpp = None
     if not args.no_llama:
@@ -351,8 +370,12 @@ def main() -> None:
             llama = {}  # format -> {"rate", "tokens", "equal_seekmoe"}
             for fmt in GGUF_FORMATS[precision] if files else ():
                 rate, tokens = llama_cpp_rate(files[fmt], prompt, args.tokens, args.threads)
+                types = tensor_types(files[fmt])
                 llama[fmt] = {"rate": rate, "tokens": tokens, "equal_seekmoe": leading_equal(tokens, out),
-                              "file_bytes": files[fmt].stat().st_size}
+                              "file_bytes": files[fmt].stat().st_size, "tensor_types": types}
+                total = sum(types.values())
+                print(f"{files[fmt].name}: {files[fmt].stat().st_size / 1e6:.1f} MB, weights in "
+                      + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(types.items(), key=lambda kv: -kv[1])))
                 if fmt == "f32" and leading_equal(tokens, out) < min(EXACT_TOKENS, len(out)):
                     failures.append(f"{shape} F32: llama.cpp's greedy tokens leave seekmoe fp32's at token "
                                     f"{leading_equal(tokens, out)} (expected the first {EXACT_TOKENS} equal)")
