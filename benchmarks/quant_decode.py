@@ -372,6 +372,7 @@ def main() -> None:
                 rate, tokens = llama_cpp_rate(files[fmt], prompt, args.tokens, args.threads)
                 types = tensor_types(files[fmt])
                 llama[fmt] = {"rate": rate, "tokens": tokens, "equal_seekmoe": leading_equal(tokens, out),
+                              "equal_fp32": None if reference is None else leading_equal(tokens, reference),
                               "file_bytes": files[fmt].stat().st_size, "tensor_types": types}
                 total = sum(types.values())
                 print(f"{files[fmt].name}: {files[fmt].stat().st_size / 1e6:.1f} MB, weights in "
