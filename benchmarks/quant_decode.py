@@ -160,7 +160,8 @@ def gguf_files(base, shape: str, folder: Path, formats: list[str]) -> dict[str, 
     model_dir = folder / shape
     if not (model_dir / "tokenizer.json").is_file():
         base.save_pretrained(model_dir)
-        train_tokenizer([inspect.getsource(json)], min(512, base.config.vocab_size)).save(str(model_dir / "tokenizer.json"))
+        tokenizer = train_tokenizer([inspect.getsource(json)], min(512, base.config.vocab_size))
+        tokenizer.save(str(model_dir / "tokenizer.json"))
     files = {}
     for fmt in ["f32"] + formats:  # the quantizer reads the F32 file
         path = files[fmt] = folder / f"{shape}-{fmt}.gguf"
@@ -415,7 +416,8 @@ def main() -> None:
             print()
             del model
     write_json(out_json, {"threads": args.threads, "tokens": args.tokens, "prompt_len": args.prompt_len,
-                          "quick": args.quick, "read_bandwidth": bandwidth, "copy_bandwidth": copied, "llama_cpp": llama_info,
+                          "quick": args.quick, "read_bandwidth": bandwidth, "copy_bandwidth": copied,
+                          "llama_cpp": llama_info,
                           "rows": results, "failures": failures})
     if tmp is not None:
         tmp.cleanup()
