@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..data import discover_corpus
+from ..data.corpus import iter_jsonl
 
 
 @dataclass
@@ -93,20 +94,13 @@ def _is_token_stream(path: Path) -> bool:
 def _read_token_stream(path: Path, max_tokens: int, vocab_size: int) -> list[int]:
     """The `input_ids` of every record of `path`, concatenated, at most `max_tokens` of them."""
     ids: list[int] = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"{path}:{n} is not valid JSON: {str(e)[:200]}") from None
-            row = record.get("input_ids") if isinstance(record, dict) else None
-            if (not isinstance(row, list)
-                    or any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in row)):
-                raise ValueError(f"{path}:{n}: expected an object whose 'input_ids' is a list of token ids in "
-                                 f"[0, vocab_size={vocab_size})")
-            ids += row
-            if len(ids) >= max_tokens:
-                break
+    for n, record in iter_jsonl(path):
+        row = record.get("input_ids") if isinstance(record, dict) else None
+        if (not isinstance(row, list)
+                or any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in row)):
+            raise ValueError(f"{path}:{n}: expected an object whose 'input_ids' is a list of token ids in "
+                             f"[0, vocab_size={vocab_size})")
+        ids += row
+        if len(ids) >= max_tokens:
+            break
     return ids[:max_tokens]

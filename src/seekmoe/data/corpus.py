@@ -182,22 +182,27 @@ def _without_lone_surrogates(text: str) -> str:
     return text
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-empty line of a JSONL file; ValueError names a line that is not JSON."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}:{n} is not valid JSON: {str(e)[:200]}") from None
+
+
 def _read_documents(path: Path, piece_chars: int) -> Iterator[Iterable[str]]:
     """The documents in one file, by its suffix: each an iterable of text chunks (a text file's read a piece at a
     time, so a file with no line break is never held whole)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, RecursionError) as e:
-                    raise ValueError(f"{path}:{n} is not valid JSON: {str(e)[:200]}") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
-                yield (_without_lone_surrogates(record["text"]),)
+        for n, record in iter_jsonl(path):
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
+            yield (_without_lone_surrogates(record["text"]),)
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
