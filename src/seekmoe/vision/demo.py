@@ -114,6 +114,36 @@ def table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def plot_modality(analysis: dict, path: Path) -> Path | None:
+    """The routing-per-modality picture: for each MoE layer, every expert's share of the image tokens' and of the
+    text tokens' routed slots, from analysis.json's `modality` entry. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no picture (pip install 'seekmoe[plots]')")
+        return None
+    layers = analysis["modality"]["layers"]
+    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        E = len(layer["load"]["image"])
+        xs = range(E)
+        ax.bar([x - 0.2 for x in xs], layer["load"]["image"], 0.4, label="image tokens", color="#e4572e")
+        ax.bar([x + 0.2 for x in xs], layer["load"]["text"], 0.4, label="text tokens", color="#4c78a8")
+        ax.axhline(1 / E, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"MoE layer {layer['layer']}: JS divergence {layer['js_divergence']:.2f} bits", fontsize=10)
+        ax.set_xlabel("routed expert")
+        ax.set_xticks(list(xs))
+    axes[0][0].set_ylabel("share of the modality's slots")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Pictures -> text model -> align -> full; prints and saves the before/after table, then analyzes routing."""
     import argparse
@@ -178,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(
         {"rows": [{"model": name, **acc} for name, acc in rows], "held_out_questions": n, "seconds": seconds,
          "steps": {"text": args.text_steps, "align": args.align_steps, "full": args.full_steps}}, indent=2) + "\n")
-    import argparse as _argparse
-
-    analyze_parser = _argparse.ArgumentParser()
+    analyze_parser = argparse.ArgumentParser()
     add_analyze_arguments(analyze_parser)
     run_analyze(analyze_parser.parse_args(["--model", str(final), "--data", str(held_path), "--out",
-                                           str(out / "analysis"), "--probe-tokens", "0", "--no-progress",
-                                           "--image-dir", str(image_dir)]))
+                                           str(out / "analysis"), "--probe-tokens", "0", "--no-progress"]))
+    picture = plot_modality(json.loads((out / "analysis" / "analysis.json").read_text()), out / "modality.png")
+    if picture is not None:
+        print(f"wrote {picture} (per-expert load from image and from text tokens)")
     return 0
 
 
