@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", type=int, default=200, help="held-out pictures (3 questions each)")
     p.add_argument("--text-steps", type=int, default=200, help="text pretraining steps (questions and answers)")
     p.add_argument("--align-steps", type=int, default=100, help="LLaVA stage 1: the projector alone")
-    p.add_argument("--full-steps", type=int, default=400, help="LLaVA stage 2: projector, tower and language model")
+    p.add_argument("--full-steps", type=int, default=1500, help="LLaVA stage 2: projector, tower and language model")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the full stage")
     p.add_argument("--batch-size", type=int, default=8, help="packed rows of 128 tokens a step (~4 questions each)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("after align (projector)", accuracy(from_pretrained(out / "align" / "final", dtype=torch.float32),
                                                      text_model, held, image_dir)))
     print(f"LLaVA stage 2 (full): {args.full_steps} steps", flush=True)
-    sft(out / "align" / "final", [train_path], out / "full", {**common, "max_steps": args.full_steps, "lr": 2e-3,
+    sft(out / "align" / "final", [train_path], out / "full", {**common, "max_steps": args.full_steps, "lr": args.lr,
                                                                "save_every": args.full_steps},
         progress=False, stage="full", train_vision_tower=True, image_dir=image_dir)
     final = out / "full" / "final"
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
     (out / "results.json").write_text(json.dumps(
         {"rows": [{"model": name, **acc} for name, acc in rows], "held_out_questions": n, "seconds": seconds,
-         "steps": {"text": args.text_steps, "align": args.align_steps, "full": args.full_steps}}, indent=2) + "\n")
+         "steps": {"text": args.text_steps, "align": args.align_steps, "full": args.full_steps},
+         "full_lr": args.lr}, indent=2) + "\n")
     analyze_parser = argparse.ArgumentParser()
     add_analyze_arguments(analyze_parser)
     run_analyze(analyze_parser.parse_args(["--model", str(final), "--data", str(held_path), "--out",
