@@ -1,7 +1,7 @@
 """`make demo-vision`: a tiny text model learns to see, on CPU in minutes.
 
-1. Pictures the project draws itself (`seekmoe.vision_demo_data`: 1-4 coloured shapes on a 3 x 3 grid, 84 x 84
-   pixels, so each merged 28-pixel patch of the tower is one cell) and one-word questions about them: counts, the
+1. Pictures the project draws itself (`seekmoe.vision_demo_data`: 1-4 coloured shapes on a grid of 28-pixel cells,
+   so each merged 28-pixel patch of the tower, one image token, is one cell) and one-word questions about them: counts, the
    shape at a position, a shape's colour. Training and held-out pictures are drawn from different seeds.
 2. A tiny text model pretrained on the questions and answers alone (no pictures): it learns the language of the task
    and the answers' frequencies, the best it can do blind.
@@ -26,7 +26,7 @@ import torch
 from ..vision_demo_data import question_kind, write_chat_dataset
 
 KINDS = ("count", "position", "colour")
-PICTURE = 84  # 3 x 3 cells of 28 pixels: one merged 2 x 2 block of 14-pixel patches per cell
+CELL = 28  # pixels a grid cell: one merged 2 x 2 block of the tower's 14-pixel patches, one image token
 
 
 def text_records(records: Sequence[dict]) -> list[dict]:
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-steps", type=int, default=200, help="text pretraining steps (questions and answers)")
     p.add_argument("--align-steps", type=int, default=100, help="LLaVA stage 1: the projector alone")
     p.add_argument("--full-steps", type=int, default=1500, help="LLaVA stage 2: projector, tower and language model")
+    p.add_argument("--grid", type=int, default=3, help="cells a picture side (1 to grid*grid - 1 shapes)")
     p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the full stage")
     p.add_argument("--batch-size", type=int, default=8, help="packed rows of 128 tokens a step (~4 questions each)")
     p.add_argument("--seed", type=int, default=0)
@@ -170,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and loses much on a busy CPU
     started = time.perf_counter()
 
-    train_path = write_chat_dataset(out / "data" / "train", args.scenes, 3, seed=args.seed, size=PICTURE)
-    held_path = write_chat_dataset(out / "data" / "held-out", args.held_out, 3, seed=args.seed + 1000, size=PICTURE)
+    if not 2 <= args.grid <= 8:
+        p.error(f"--grid {args.grid}: expected 2 to 8 cells a side")
+    shapes = {"grid": args.grid, "max_objects": min(4, args.grid ** 2 - 1), "size": CELL * args.grid}
+    train_path = write_chat_dataset(out / "data" / "train", args.scenes, 3, seed=args.seed, **shapes)
+    held_path = write_chat_dataset(out / "data" / "held-out", args.held_out, 3, seed=args.seed + 1000, **shapes)
     image_dir = out / "data"
     train, held = read_records(train_path), read_records(held_path)
     text_path = out / "data" / "text.jsonl"
