@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--align-steps", type=int, default=100, help="LLaVA stage 1: the projector alone")
     p.add_argument("--full-steps", type=int, default=1500, help="LLaVA stage 2: projector, tower and language model")
     p.add_argument("--grid", type=int, default=3, help="cells a picture side (1 to grid*grid - 1 shapes)")
+    # Aligning at a pretraining-like lr blows the fresh projector's outputs up (norms x40 in 100 steps) into one
+    # constant vector that drowns what differs between cells, and the full stage then learns nothing from pictures.
+    p.add_argument("--align-lr", type=float, default=3e-4, help="learning rate of the align stage (small: see above)")
     p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the full stage")
     p.add_argument("--batch-size", type=int, default=8, help="packed rows of 128 tokens a step (~4 questions each)")
     p.add_argument("--seed", type=int, default=0)
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("text model + fresh tower (before)", accuracy(attach_vision_tower(text_model, "tiny"), text_model,
                                                             held, image_dir))]
     print(f"LLaVA stage 1 (align): {args.align_steps} steps", flush=True)
-    sft(text_model, [train_path], out / "align", {**common, "max_steps": args.align_steps, "lr": 3e-3,
+    sft(text_model, [train_path], out / "align", {**common, "max_steps": args.align_steps, "lr": args.align_lr,
                                                    "save_every": args.align_steps},
         progress=False, vision_tower="tiny", stage="align", image_dir=image_dir)
     rows.append(("after align (projector)", accuracy(from_pretrained(out / "align" / "final", dtype=torch.float32),
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(
         {"rows": [{"model": name, **acc} for name, acc in rows], "held_out_questions": n, "seconds": seconds,
          "steps": {"text": args.text_steps, "align": args.align_steps, "full": args.full_steps},
-         "full_lr": args.lr}, indent=2) + "\n")
+         "align_lr": args.align_lr, "full_lr": args.lr, "grid": args.grid}, indent=2) + "\n")
     analyze_parser = argparse.ArgumentParser()
     add_analyze_arguments(analyze_parser)
     run_analyze(analyze_parser.parse_args(["--model", str(final), "--data", str(held_path), "--out",
