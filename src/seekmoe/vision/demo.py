@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo-vision", help="where the data, the runs and the analysis go")
     p.add_argument("--scenes", type=int, default=1500, help="training pictures (3 questions each)")
     p.add_argument("--held-out", type=int, default=200, help="held-out pictures (3 questions each)")
-    p.add_argument("--text-steps", type=int, default=200, help="text pretraining steps (questions and answers)")
-    p.add_argument("--align-steps", type=int, default=100, help="LLaVA stage 1: the projector alone")
-    p.add_argument("--full-steps", type=int, default=1500, help="LLaVA stage 2: projector, tower and language model")
+    p.add_argument("--text-steps", type=int, default=100, help="text pretraining steps (questions and answers)")
+    p.add_argument("--align-steps", type=int, default=50, help="LLaVA stage 1: the projector alone")
+    p.add_argument("--full-steps", type=int, default=600, help="LLaVA stage 2: projector, tower and language model")
     p.add_argument("--grid", type=int, default=3, help="cells a picture side (1 to grid*grid - 1 shapes)")
     # Aligning at a pretraining-like lr blows the fresh projector's outputs up (norms x40 in 100 steps) into one
     # constant vector that drowns what differs between cells, and the full stage then learns nothing from pictures.
