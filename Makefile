@@ -34,7 +34,7 @@ demo-post: install
 	rm -rf $(DEMO_POST_OUT)
 	$(PY) -m seekmoe.posttrain.demo --out $(DEMO_POST_OUT)
 
-# A text model learns to see, on 2 CPU cores in minutes: pictures the project draws (shapes, colours, counts,
+# A tiny vision-language model grown from a text model, on 2 CPU cores in minutes: pictures the project draws (shapes, colours, counts,
 # positions), a tiny text model pretrained on their questions, `seekmoe sft --vision-tower tiny` (stage align, then
 # full); prints a before/after accuracy table and writes `seekmoe analyze`'s routing per modality and a picture of it
 # ($(DEMO_VISION_OUT)/{results.json,analysis/,modality.png}). Pillow and matplotlib come with the test extras.

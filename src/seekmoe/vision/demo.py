@@ -1,4 +1,4 @@
-"""`make demo-vision`: a tiny text model learns to see, on CPU in minutes.
+"""`make demo-vision`: a tiny vision-language model grown from a tiny text model, on CPU in minutes.
 
 1. Pictures the project draws itself (`seekmoe.vision_demo_data`: 1-4 coloured shapes on a grid of 28-pixel cells,
    so each merged 28-pixel patch of the tower, one image token, is one cell) and one-word questions about them: counts, the
