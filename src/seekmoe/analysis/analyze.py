@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import modality, probes, specialization, statistics
 from .capture import LayerRouting, RoutingCapture
-from .sources import Source, batches
+from .sources import ImageChats, Source, batches
 
 
 @dataclass
@@ -27,17 +27,19 @@ class RoutedText:
 
 
 @torch.no_grad()
-def route(model: nn.Module, sources: Sequence[Source], batch_size: int, progress: bool = False,
+def route(model: nn.Module, sources: Sequence[Source | ImageChats], batch_size: int, progress: bool = False,
           desc: str = "routing") -> RoutedText:
-    """Run every source through `model` batch_size sequences at a time, recording the routing."""
+    """Run every source through `model` batch_size sequences at a time, recording the routing (a vision-language
+    model's pictures, of ImageChats sources, through its embedding path)."""
     device = next(model.parameters()).device
     ids_seen, source_of, follows = [], [], []
     total, count = 0.0, 0
     with RoutingCapture(model) as capture:
-        for d, ids in tqdm(batches(sources, batch_size), desc=desc, unit="batch", disable=not progress,
-                           dynamic_ncols=True):
+        for d, ids, inputs in tqdm(batches(sources, batch_size), desc=desc, unit="batch", disable=not progress,
+                                   dynamic_ncols=True):
             B, S = ids.shape
-            out = model(ids.to(device), labels=ids.to(device))
+            # a vision-language model's pictures go through its embedding path, in its placeholders' place
+            out = model(ids.to(device), labels=ids.to(device), **{k: v.to(device) for k, v in inputs.items()})
             total += float(out.lm_loss) * B * (S - 1)
             count += B * (S - 1)
             ids_seen.append(ids.reshape(-1))
@@ -85,16 +87,17 @@ def analyze(model: nn.Module, tokenizer, sources: Sequence[Source], batch_size: 
             modality_token_id: int | None = None) -> dict:
     """Every statistic of the report, as a dict of plain numbers, lists and strings (the JSON file). Routing per
     modality (`modality`) is reported when `modality_token_id` is given, or when the data holds the model's image
-    placeholder token (config.media_placeholder_token_id)."""
-    config = model.config
+    placeholder token (config.media_placeholder_token_id; a vision-language model's image token)."""
+    # a vision-language model's routers are its language model's
+    config = getattr(model.config, "text_config", model.config)
     E, k = config.n_routed_experts, config.num_experts_per_tok
     routed = route(model, sources, batch_size, progress)
     results: dict = {
         "model": {"n_routed_experts": E, "num_experts_per_tok": k, "n_shared_experts": config.n_shared_experts,
                   "moe_layers": [layer.layer for layer in routed.layers], "topk_method": config.topk_method,
                   "scoring_func": config.scoring_func, "n_group": config.n_group, "topk_group": config.topk_group},
-        "sources": [{"name": s.name, "sequences": int(s.sequences.shape[0]), "seq_len": int(s.sequences.shape[1]),
-                     "tokens": s.tokens} for s in sources],
+        "sources": [{"name": s.name, "sequences": s.shape[0], "seq_len": s.shape[1], "tokens": s.tokens}
+                    for s in sources],
         "definitions": {**statistics.DEFINITIONS, **specialization.DEFINITIONS, **modality.DEFINITIONS,
                         **probes.DEFINITIONS},
         "loss": routed.loss,
@@ -105,7 +108,7 @@ def analyze(model: nn.Module, tokenizer, sources: Sequence[Source], batch_size: 
             layer, routed.token_ids, E, top_tokens, min_count)} for layer in routed.layers],
     }
     _token_texts(results["vocabulary"], tokenizer)
-    image_id = config.media_placeholder_token_id if modality_token_id is None else modality_token_id
+    image_id = model.config.media_placeholder_token_id if modality_token_id is None else modality_token_id
     if image_id is not None and (modality_token_id is not None or bool((routed.token_ids == image_id).any())):
         results["modality"] = modality.modality_report(
             routed.layers, routed.token_ids, image_id, E, config.modality_expert_groups,
@@ -114,9 +117,10 @@ def analyze(model: nn.Module, tokenizer, sources: Sequence[Source], batch_size: 
         results["prompt"] = prompt_view(model, tokenizer, prompt)
     if compare is not None:
         earlier = route(compare, sources, batch_size, progress, desc="routing (compared)")
-        if len(earlier.layers) != len(routed.layers) or compare.config.n_routed_experts != E:
+        compare_experts = getattr(compare.config, "text_config", compare.config).n_routed_experts
+        if len(earlier.layers) != len(routed.layers) or compare_experts != E:
             raise ValueError(f"--compare {compare_name}: {len(earlier.layers)} MoE layers of "
-                             f"{compare.config.n_routed_experts} experts, the model has {len(routed.layers)} of {E}: "
+                             f"{compare_experts} experts, the model has {len(routed.layers)} of {E}: "
                              f"expected an earlier checkpoint of the same run")
         per_layer = [statistics.saturation(a, b, E) for a, b in zip(earlier.layers, routed.layers)]
         results["saturation"] = {"checkpoint": compare_name, "loss": earlier.loss, "per_layer": per_layer,

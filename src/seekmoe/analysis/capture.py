@@ -40,8 +40,10 @@ class _Pending:
 
 
 def main_moe_layers(model: nn.Module) -> list[tuple[int, MoE]]:
-    """(decoder block index, MoE) for every MoE layer of the main stack (MTP modules left out)."""
-    return [(i, block.mlp) for i, block in enumerate(model.model.layers) if isinstance(block.mlp, MoE)]
+    """(decoder block index, MoE) for every MoE layer of the main stack (MTP modules left out); a vision-language
+    model's are its language model's."""
+    lm = getattr(model, "language_model", model)
+    return [(i, block.mlp) for i, block in enumerate(lm.model.layers) if isinstance(block.mlp, MoE)]
 
 
 def token_entropy(scores: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,12 @@ REPORT_NAME, JSON_NAME = "report.html", "analysis.json"
 
 def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", required=True,
-                   help="a model directory: config.json, safetensors weights and tokenizer.json")
+                   help="a model directory: config.json, safetensors weights and tokenizer.json (a vision-language "
+                        "model too: its routing per modality, image vs text tokens)")
     p.add_argument("--data", metavar="PATH", nargs="+", required=True,
                    help="held-out text, one source per path (file, folder, .jsonl or .parquet); several sources are "
-                        "compared for domain specialization")
+                        "compared for domain specialization; for a vision-language model, a .jsonl of chats whose "
+                        "user turns hold image parts (as `seekmoe sft` reads them; file:// pictures under its folder)")
     p.add_argument("--out", metavar="DIR", required=True, help=f"folder for {REPORT_NAME} and {JSON_NAME}")
     p.add_argument("--prompt", metavar="TEXT", help="show each token of TEXT with its experts per layer")
     p.add_argument("--compare", metavar="CHECKPOINT",
@@ -72,14 +74,17 @@ def run_analyze(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
     tokenizer = Tokenizer(args.model, model.config.bos_token_id, model.config.eos_token_id)
+    vision = getattr(model.config, "vision_config", None) is not None  # a vision-language model: chats with pictures
+    vocab_size = (model.config.text_config if vision else model.config).vocab_size
     seq_len = args.seq_len or min(256, model.config.max_position_embeddings)
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len}: longer than the model's context "
                          f"(max_position_embeddings={model.config.max_position_embeddings})")
-    if args.modality_token_id is not None and args.modality_token_id >= model.config.vocab_size:
+    if args.modality_token_id is not None and args.modality_token_id >= vocab_size:
         raise ValueError(f"--modality-token-id {args.modality_token_id}: expected a token id below the model's "
-                         f"vocab_size={model.config.vocab_size}")
-    sources = load_sources(args.data, tokenizer, seq_len, args.max_tokens, model.config.vocab_size, args.data_glob)
+                         f"vocab_size={vocab_size}")
+    sources = load_sources(args.data, tokenizer, seq_len, args.max_tokens, vocab_size, args.data_glob,
+                           vision_config=model.config if vision else None)
     compare = None
     if args.compare and is_training_checkpoint(args.compare):  # OUT/checkpoints/step-N of a run
         compare = checkpoint_model(args.compare).to(dtype=DTYPES[args.dtype], device=args.device).eval()

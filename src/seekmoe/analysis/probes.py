@@ -59,11 +59,11 @@ def evaluate_loss(model: nn.Module, sources: Sequence[Source], batch_size: int, 
     """Mean next-token cross-entropy over every predicted token of `sources`, batch_size sequences a forward."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for _, ids in tqdm(batches(sources, batch_size), desc=desc, unit="batch", disable=not progress,
-                       dynamic_ncols=True, leave=False):
+    for _, ids, inputs in tqdm(batches(sources, batch_size), desc=desc, unit="batch", disable=not progress,
+                               dynamic_ncols=True, leave=False):
         ids = ids.to(device)
         n = ids.shape[0] * (ids.shape[1] - 1)
-        total += float(model(ids, labels=ids).lm_loss) * n
+        total += float(model(ids, labels=ids, **{k: v.to(device) for k, v in inputs.items()}).lm_loss) * n
         count += n
     return total / max(count, 1)
 

@@ -42,8 +42,9 @@ def is_vision_folder(path: str | os.PathLike) -> bool:
 def attach_vision_tower(model_dir: str | os.PathLike, tower: str | None) -> VisionLanguageModel:
     """The vision-language model to train from the folder `model_dir`: a text model with a fresh `tower` ('tiny',
     'small', or a Kimi-K2.5 folder whose tower is copied) and a fresh projector in front; or, when `model_dir` is
-    already vision-language and `tower` is None, that model. The image token is one id past the text vocabulary:
-    no text token can be it, and it needs no embedding row."""
+    already vision-language and `tower` is None, that model. The image token is the text model's
+    media_placeholder_token_id where it has one, else one id past the text vocabulary: no text token can be it, and
+    it needs no embedding row."""
     from ..checkpoint import from_pretrained
 
     if is_vision_folder(model_dir):
@@ -63,8 +64,11 @@ def attach_vision_tower(model_dir: str | os.PathLike, tower: str | None) -> Visi
     else:
         raise ValueError(f"--vision-tower {tower}: expected {' or '.join(sorted(VISION_PRESETS))}, or a "
                          f"Kimi-K2.5 (kimi_k25) model folder whose tower to copy")
+    # A text model that keeps an id for the image placeholder (media_placeholder_token_id, as modality-aware
+    # routing reads it) keeps it; otherwise the image token is one id past its vocabulary.
+    image_token_id = text.config.media_placeholder_token_id
     config = VisionLanguageConfig(text_config=text.config, vision_config=vision,
-                                  image_token_id=text.config.vocab_size)
+                                  image_token_id=text.config.vocab_size if image_token_id is None else image_token_id)
     model = VisionLanguageModel(config, language_model=text)
     if donor is not None:
         model.vision_tower.load_state_dict(donor.vision_tower.state_dict())
