@@ -112,7 +112,8 @@ def run_train(args: argparse.Namespace) -> int:
     model_config, train_config = load_run_config(args.preset, args.config, overrides, init_from=args.init_from,
                                                  extend_context=args.extend_context)
     forward = None
-    if model_config.index_topk is not None:  # V3.2: the indexer learns beside the model (train/indexer_warmup.py)
+    # V3.2: the indexer learns beside the model (train/indexer_warmup.py); V4's CSA indexer trains with the model
+    if model_config.index_topk is not None and not model_config.is_v4:
         forward = indexer_objective(args.dsa_stage or "sparse")
     elif args.dsa_stage is not None:
         raise ValueError(f"--dsa-stage {args.dsa_stage} needs a model with sparse attention: "
