@@ -8,7 +8,8 @@ context length a prompt of that many random tokens is prefilled and --new-tokens
 decode tokens/s = (new_tokens - 1) / (time(prefill + new_tokens) - time(prefill + 1 token)): prefill cancels out.
 Cache bytes per token: seekmoe's engine cache (inference/cache.py, bytes_per_token); for V4 also seekmoe's eager
 decoding on the compact cache (model/v4_cache.py: window + compressed keys, measured, beside what `seekmoe info`
-computes for that context); transformers' past_key_values bytes over the tokens it holds. A cell that fails (a path a build lacks, memory) says so and the run goes on.
+computes for that context); transformers' past_key_values bytes over the tokens it holds. A cell that fails (a path
+a build lacks, memory) says so and the run goes on.
 
     python benchmarks/family_decode.py                                  # 1K 4K 16K 32K, fp32
     python benchmarks/family_decode.py --contexts 256 1024 --new-tokens 8 --repeats 1   # a quick look

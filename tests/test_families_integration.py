@@ -81,7 +81,7 @@ def test_training_resumes_to_the_uninterrupted_runs_weights(runs, family):
 
 
 def generate(model_dir: Path, capsys, *extra: str) -> str:
-    args = ["generate", "--model", str(model_dir), "--prompt", PROMPT, "--max-new-tokens", "10", "--temperature",
+    args = ["generate", "--model", str(model_dir), "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature",
             "0", *extra]
     capsys.readouterr()
     assert main(args) == 0
