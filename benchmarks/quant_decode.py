@@ -13,6 +13,7 @@ expert width 256, one shared expert: 289M parameters, 61M active), "small" the `
 
     python benchmarks/quant_decode.py                               # everything, 2 threads (minutes: 16 compiles)
     python benchmarks/quant_decode.py --models small --precisions fp32,int8 --modes eager --tokens 16   # a check
+    python benchmarks/quant_decode.py --kernels                     # the experts' kernels alone, 1 thread
 
 llama.cpp columns: with llama-cpp-python importable and --gguf DIR holding `{model}-{f32,f16,q8_0,q4_k_m}.gguf`
 (converted from the same folders, see benchmarks/README.md), the same prompt is timed through llama_cpp.Llama with
@@ -63,24 +64,24 @@ def build(shape: str, precision: str, base) -> torch.nn.Module:
 
 def bytes_per_token(model) -> int:
     """Bytes of weights one decoding step at batch 1 reads (see the module docstring)."""
-    total = 0
-    counted: set[int] = set()
-    for module in model.modules():
+    share: dict[str, float] = {}  # module name -> the fraction of its tensors' bytes a token reads
+    for name, module in model.named_modules():
         if isinstance(module, (RoutedExperts, QuantizedExperts)):
-            k = model.config.num_experts_per_tok
-            size = sum(t.nbytes for t in module.state_dict().values())
-            total += size * k // module.n_experts
-            counted.update(id(t) for t in module.state_dict().values())
-        elif isinstance(module, (torch.nn.Embedding, QuantizedEmbedding)):
-            tensors = list(module.state_dict().values())
-            total += sum(t.nbytes // t.shape[0] for t in tensors)  # one row
-            counted.update(id(t) for t in tensors)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) not in counted and not name.startswith("model.mtp") and "rotary" not in name:
-            total += t.nbytes
-    if model.config.tie_word_embeddings:
-        total += model.lm_head.weight.nbytes if isinstance(model.lm_head, torch.nn.Linear) else 0
-    return total
+            share[name] = model.config.num_experts_per_tok / module.n_experts
+        elif isinstance(module, torch.nn.Embedding):
+            share[name] = 1 / module.num_embeddings
+        elif isinstance(module, QuantizedEmbedding):
+            share[name] = 1 / module.weight.qweight.shape[0]
+    total = 0.0
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in tensors:  # named_* list a tied tensor once, under its first name (the embedding's)
+        if name.startswith("model.mtp") or "rotary" in name:
+            continue
+        owner = max((m for m in share if name.startswith(m + ".")), key=len, default=None)
+        total += t.nbytes * (share[owner] if owner is not None else 1)
+    if model.config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
+        total += model.lm_head.weight.nbytes  # the head reads the whole tied matrix
+    return int(total)
 
 
 def copy_bandwidth() -> float:
@@ -130,6 +131,82 @@ def llama_cpp_rate(gguf: Path, prompt: list[int], tokens: int, threads: int) -> 
     return (tokens - 1) / (time.perf_counter() - start)
 
 
+def expert_kernels(threads: int) -> list[list[str]]:
+    """The routed experts' decode step alone at the 289M shapes (6 rows, each through its own expert of 64, widths
+    1024 and 256): every way seekmoe or torch offers to multiply by quantized experts, timed in the thread's CPU
+    time (steadier than wall time on a shared machine), each call on another random set of experts so that the
+    weights come from memory, not cache."""
+    import torch.nn.functional as F
+
+    from seekmoe.model.grouped_swiglu import gathered_swiglu
+    from seekmoe.quant import quantize
+    from seekmoe.quant.kernels import gathered_quantized_swiglu
+
+    H, I, E, K = 1024, 256, 64, 6
+    gen = torch.Generator().manual_seed(0)
+    gate_up, down = torch.randn(E, 2 * I, H, generator=gen) * 0.02, torch.randn(E, H, I, generator=gen) * 0.02
+    x, w = torch.randn(K, H, generator=gen), torch.rand(K, generator=gen)
+    sets = [torch.randperm(E, generator=gen)[:K] for _ in range(64)]
+    calls = iter(range(10**9))
+
+    def experts():
+        return sets[next(calls) % len(sets)]
+
+    def timed(fn, n=30):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(n):
+            start = time.thread_time()
+            fn()
+            times.append(time.thread_time() - start)
+        return sorted(times)[n // 2] if threads == 1 else float("nan")
+
+    runs = {"fp32 gathered, eager": lambda: gathered_swiglu(x, w, gate_up, down, experts())}
+    compiled_fp32 = torch.compile(gathered_swiglu, dynamic=False)
+    runs["fp32 gathered, compiled"] = lambda: compiled_fp32(x, w, gate_up, down, experts())
+    quantized = {}
+    for scheme in ("int8", "int4"):
+        spec = QuantSpec(scheme)
+        q = quantized[scheme] = (quantize(gate_up, spec), quantize(down, spec))
+        runs[f"{scheme} seekmoe eager"] = (lambda q=q, s=scheme: gathered_quantized_swiglu(
+            x, w, *q, experts(), s, False, torch.float32))
+        fused = torch.compile(gathered_quantized_swiglu, dynamic=False)
+        runs[f"{scheme} seekmoe fused, compiled"] = (lambda q=q, s=scheme, f=fused: f(
+            x, w, *q, experts(), s, True, torch.float32))
+
+    # torch's int4 CPU kernel (torchao's Int4CPULayout calls it): asymmetric groups of 32 in its own packing, one
+    # call per row and projection.
+    def int4_native(m):
+        n, k = m.shape
+        g = m.view(n, k // 32, 32)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = (hi - lo).clamp(min=1e-8) / 15
+        codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+        return (torch._convert_weight_to_int4pack_for_cpu(codes, 1),
+                torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous())
+
+    packed = {e: (int4_native(gate_up[e]), int4_native(down[e])) for e in range(E)}
+
+    def native4():
+        out = []
+        for j, e in enumerate(experts().tolist()):
+            (pg, sg), (pd, sd) = packed[e]
+            h = torch._weight_int4pack_mm_for_cpu(x[j: j + 1], pg, 32, sg)
+            out.append(torch._weight_int4pack_mm_for_cpu(F.silu(h[:, :I]) * h[:, I:] * w[j], pd, 32, sd))
+        return torch.cat(out)
+
+    runs["int4 torch _weight_int4pack_mm_for_cpu per row, eager"] = native4
+    fp32_bytes = K * 3 * H * I * 4
+    rows = [["experts kernel (289M shapes, 1 thread)", "ms", "G weights/s", "GB/s read"]]
+    for name, fn in runs.items():
+        seconds = timed(fn)
+        per_weight = 4 if name.startswith("fp32") else 1 if name.startswith("int8") else 0.5625
+        rows.append([name, f"{seconds * 1e3:.2f}", f"{fp32_bytes / 4 / seconds / 1e9:.1f}",
+                     f"{fp32_bytes / 4 * per_weight / seconds / 1e9:.1f}"])
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {','.join(SHAPES)}")
@@ -139,8 +216,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded and timed (default 64)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--gguf", type=Path, default=None, help="folder of {model}-{f32,f16,q8_0,q4_k_m}.gguf files")
+    p.add_argument("--kernels", action="store_true",
+                   help="only the routed experts' kernels at one thread (which product is fastest), then exit")
     p.add_argument("--out", type=Path, default=RESULTS / "quant_decode.json")
     args = p.parse_args()
+    if args.kernels:
+        torch.set_num_threads(1)
+        print(header("routed experts' decode kernels"))
+        print(table(expert_kernels(1)))
+        return
     torch.set_num_threads(args.threads)
     print(header(f"decode tokens/s at batch 1, {args.threads} threads, {args.tokens} tokens after a "
                  f"{args.prompt_len}-token prompt"))

@@ -1,6 +1,6 @@
 """Run by tests/test_muon.py under torchrun (gloo, CPU): Muon under FSDP2 (and expert parallelism) equals one process.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/muon_worker.py EP
+    python -m torch.distributed.run --nproc-per-node 2 tests/muon_worker.py EP ATTENTION   (ATTENTION: mla | mha)
 
 Every rank builds the same tiny model twice: one kept whole (the reference, trained on the whole global batch) and
 one parallelized (each rank training on its slice, then handed the reference's gradients). After three steps of
@@ -22,10 +22,11 @@ from seekmoe.train.config import TrainConfig  # noqa: E402
 from seekmoe.train.optim import build_optimizer  # noqa: E402
 
 
-def main(ep: int) -> None:
+def main(ep: int, attention: str) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    config = ModelConfig.preset("tiny", num_nextn_predict_layers=0)
+    config = ModelConfig.preset("tiny", num_nextn_predict_layers=0, use_mla=attention == "mla",
+                                rope_interleave=attention == "mla")
     parallel = ParallelConfig(ep=ep)
     procs = init_processes(parallel, config)
     W, r = procs.world_size, procs.rank
@@ -55,10 +56,10 @@ def main(ep: int) -> None:
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         full = p.full_tensor() if isinstance(p, DTensor) else p
         err = ((full - q).abs().max() / q.abs().max()).item()
-        assert err < 1e-6, f"{name}: relative difference {err:.2e} after 3 steps of optimizer={train.optimizer} (ep={ep})"
+        assert err < 1e-6, f"{name}: relative difference {err:.2e} after 3 steps of {train.optimizer} (ep={ep})"
     if r == 0:
-        print(f"muon under FSDP (ep={ep}, {W} processes) equals one process")
+        print(f"muon under FSDP (ep={ep}, {attention}, {W} processes) equals one process")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), sys.argv[2])

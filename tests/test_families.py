@@ -33,7 +33,8 @@ def _ids(vocab: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "mlp_layer_types": ["dense", "dense", "sparse"],
-                                             "rope_parameters": dict(YARN)}], ids=["default", "no_q_lora_two_dense_yarn"])
+                                             "rope_parameters": dict(YARN)}],
+                         ids=["default", "no_q_lora_two_dense_yarn"])
 def test_glm4_moe_lite_folder_loads_with_transformers_logits_and_saves_back(overrides, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -139,7 +140,8 @@ DEEPSEEK_MOE_16B = {
 def test_deepseek_moe_16b_config_json_reads_as_the_preset_and_writes_back_its_model_type():
     config = ModelConfig.from_dict(DEEPSEEK_MOE_16B)
     assert not config.use_mla and not config.rope_interleave and config.model_type == "deepseek"
-    assert model_summary(config)["total_params"] == model_summary(ModelConfig.preset("deepseek-moe-16b"))["total_params"]
+    preset = ModelConfig.preset("deepseek-moe-16b")
+    assert model_summary(config)["total_params"] == model_summary(preset)["total_params"]
     written = config.to_dict()
     assert written["model_type"] == "deepseek" and written["auto_map"] == DEEPSEEK_MOE_16B["auto_map"]
     assert written["architectures"] == ["DeepseekForCausalLM"] and written["head_dim"] == 128

@@ -86,7 +86,17 @@ def test_literature_router_and_foreign_tokenizer_are_refused_before_writing(tmp_
     assert "--outtype 'q4'" in capsys.readouterr().err
 
 
-def test_llama_cpp_decodes_the_exported_model_as_seekmoe_does(tmp_path):
+_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1,
+         "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(q_lora_rank=None),  # V3 routing (sigmoid, bias, groups), no query compression
+    dict(),  # with query compression
+    dict(q_lora_rank=None, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+         norm_topk_prob=False, routed_scaling_factor=1.0, rope_scaling=_YARN),  # V2-Lite's routing and YaRN
+], ids=["v3-no-q-lora", "v3-q-lora", "v2-lite-yarn"])
+def test_llama_cpp_decodes_the_exported_model_as_seekmoe_does(tmp_path, overrides):
     try:
         import llama_cpp
     except ImportError as e:
@@ -96,16 +106,19 @@ def test_llama_cpp_decodes_the_exported_model_as_seekmoe_does(tmp_path):
 
     # Larger weights than the default init: peaked next-token distributions, so fp32 rounding differences between
     # the two engines cannot flip a near-tie.
-    folder = make_model_dir(tmp_path / "model", seed=5, q_lora_rank=None, initializer_range=0.15)
-    out = tmp_path / "m.gguf"
-    assert main(["export", "--format", "gguf", "--model", str(folder), "--out", str(out), "--outtype", "f32"]) == 0
+    folder = make_model_dir(tmp_path / "model", seed=5, initializer_range=0.15, **overrides)
+    for outtype in ("f32", "bf16"):
+        out = tmp_path / f"m-{outtype}.gguf"
+        assert main(["export", "--format", "gguf", "--model", str(folder), "--out", str(out), "--outtype", outtype]) == 0
     engine = Engine.from_pretrained(folder, dtype=torch.float32, max_batch_size=1, max_seq_len=64)
     prompt = engine.tokenizer.encode("def add(a, b):\n    return")
     want = engine.generate([prompt], SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True))[0].output_ids
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([prompt])).logits[0, -1].numpy()
 
     f32 = 0  # GGML_TYPE_F32: an F16 cache would round what seekmoe keeps in fp32
-    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False,
-                          type_k=f32, type_v=f32)
+    llm = llama_cpp.Llama(str(tmp_path / "m-f32.gguf"), n_ctx=64, n_threads=1, n_batch=64, logits_all=True,
+                          verbose=False, type_k=f32, type_v=f32)
     assert llm.tokenize("def add(a, b):\n    return".encode(), add_bos=True, special=False) == prompt
     got = []
     for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
@@ -113,7 +126,10 @@ def test_llama_cpp_decodes_the_exported_model_as_seekmoe_does(tmp_path):
         if len(got) == len(want):
             break
     assert got == list(want)
-    # The logits of the prompt's last position, against seekmoe's forward (fp32 both).
-    with torch.no_grad():
-        logits = engine.model(torch.tensor([prompt])).logits[0, -1].numpy()
-    np.testing.assert_allclose(np.asarray(llm.scores[len(prompt) - 1]), logits, rtol=1e-3, atol=1e-3)
+    # The logits of the prompt's last position against seekmoe's forward, fp32 both (~3e-6 apart when written).
+    np.testing.assert_allclose(np.asarray(llm.scores[len(prompt) - 1]), logits, rtol=0, atol=1e-4)
+    # The bf16 file: the same model, its weights rounded (~0.05 apart at logits of magnitude ~4).
+    llm = llama_cpp.Llama(str(tmp_path / "m-bf16.gguf"), n_ctx=64, n_threads=1, n_batch=64, logits_all=True,
+                          verbose=False, type_k=f32, type_v=f32)
+    llm.eval(prompt)
+    assert np.abs(np.asarray(llm.scores[len(prompt) - 1]) - logits).max() < 0.03 * np.abs(logits).max()

@@ -105,6 +105,12 @@ def test_multi_head_config_checks_name_the_field():
         ModelConfig.preset("tiny", use_mla=False, num_attention_heads=5)
     with pytest.raises(ValueError, match="attention_bias"):
         ModelConfig.preset("tiny", attention_bias=True)
+    with pytest.raises(ValueError, match="use_mla"):
+        ModelConfig.preset("tiny", use_mla="no")
+    with pytest.raises(ValueError, match="family"):
+        ModelConfig.preset("tiny", family="llama")
+    with pytest.raises(ValueError, match="use_mla"):
+        ModelConfig.preset("tiny", family="deepseek")  # DeepSeekMoE's remote code is multi-head attention
     with pytest.raises(ValueError, match="num_key_value_heads"):
         ModelConfig.from_dict({**hf_text_config().to_dict(), "num_key_value_heads": 2})
     with pytest.raises(ValueError, match="mlp_layer_types"):
@@ -145,3 +151,37 @@ def test_greedy_decoding_through_our_cache_equals_transformers_generate(variant)
         with torch.no_grad():
             want = theirs.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False)[0, len(prompt):]
         assert result.output_ids == want.tolist()
+
+
+def test_compiled_speculative_decoding_of_a_multi_head_model_gives_eager_tokens(monkeypatch):
+    """The multi-head cache's update compiles in one graph (aot_eager: inductor's graphs, captured fast), the MTP
+    module's attention included."""
+    from torch._dynamo.utils import counters
+
+    from seekmoe.inference import Engine, SamplingParams, compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = seekmoe.build_model(ModelConfig.preset("tiny", use_mla=False, rope_interleave=False)).eval()
+    prompts, params = [[0, 5, 6, 7, 8, 9, 10], [0, 40]], SamplingParams(max_new_tokens=12, temperature=0,
+                                                                        ignore_eos=True)
+    want = [r.output_ids for r in Engine(model, max_batch_size=2, compile=False).generate(prompts, params)]
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, max_batch_size=2, speculative="mtp", compile=True)
+    assert [r.output_ids for r in engine.generate(prompts, params)] == want
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_info_counts_the_multi_head_cache_and_a_decode_cache_holds_exactly_that():
+    from seekmoe.inference import DecodeCache
+    from seekmoe.info import format_summary, model_summary
+
+    s = model_summary(ModelConfig.preset("deepseek-moe-16b"))
+    assert s["attention"] == "mha" and s["kv_cache_bytes_per_token"] == 2 * 16 * 128 * 28 * 2  # keys + values, bf16
+    assert "multi-head attention" in format_summary("deepseek-moe-16b", s)
+    config = ModelConfig.preset("tiny", use_mla=False, rope_interleave=False)
+    model = seekmoe.build_model(config)
+    assert model.model.layers[0].self_attn.cache_widths() == {"k": 64, "v": 64}
+    cache = DecodeCache.for_model(model, 1, 8, torch.bfloat16)
+    assert cache.bytes_per_token() == model_summary(config)["kv_cache_bytes_per_token"]

@@ -134,8 +134,32 @@ def test_auto_maps_a_model_that_does_not_fit_and_says_so(tmp_path, monkeypatch):
 
     folder = _save(tmp_path / "m", torch.bfloat16)
     assert not hasattr(from_pretrained(folder, mmap="auto"), "mapping")  # fits: copied as before
-    monkeypatch.setattr(checkpoint, "_fits", lambda *args: False)
+    monkeypatch.setattr(checkpoint, "available_memory", lambda device: (1000, "a test"))
     with pytest.warns(checkpoint.MappedLoadNote, match="do not fit in memory"):
         assert from_pretrained(folder, mmap="auto").mapping.copied_bytes == 0
     with pytest.raises(ValueError, match="--mmap --dtype bfloat16"):
         from_pretrained(folder, dtype=torch.float32, mmap="auto")
+
+
+def test_fp8_weights_are_dequantized_into_memory_and_the_rest_stays_mapped(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from seekmoe.checkpoint import quantize_fp8
+
+    block = (16, 16)
+    folder = _save(tmp_path / "m", torch.bfloat16)
+    state = load_file(folder / "model.safetensors")
+    for key in [k for k, w in state.items() if k.endswith("self_attn.o_proj.weight")]:
+        state[key], state[key + "_scale_inv"] = quantize_fp8(state[key], block)
+    save_file(state, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="copied into memory"):
+        mapped = from_pretrained(folder, mmap=True)
+    assert "model.layers.0.self_attn.o_proj.weight" in mapped.mapping.copied and mapped.mapping.mapped_bytes > 0
+    x = torch.randint(0, 512, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(x).logits, from_pretrained(folder)(x).logits, rtol=0, atol=0)

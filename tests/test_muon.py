@@ -115,9 +115,10 @@ def test_optimizer_config_checks_name_the_field():
         TrainConfig(muon_momentum=1.0)
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_muon_under_fsdp_with_two_processes_equals_one_process(ep):
-    torchrun(2, str(Path(__file__).parent / "muon_worker.py"), str(ep))
+@pytest.mark.parametrize("ep,attention", [(1, "mla"), (2, "mha")])
+def test_muon_under_fsdp_with_two_processes_equals_one_process(ep, attention):
+    """FSDP over 2 processes (ep=1), and expert parallelism with a multi-head attention model (ep=2)."""
+    torchrun(2, str(Path(__file__).parent / "muon_worker.py"), str(ep), attention)
 
 
 def test_muon_training_of_a_multi_head_model_resumes_exactly(corpus, cache, tmp_path):
@@ -126,12 +127,20 @@ def test_muon_training_of_a_multi_head_model_resumes_exactly(corpus, cache, tmp_
     from seekmoe.train.metrics import read_metrics
 
     model_cfg, cfg = load_run_config("tiny", overrides={
-        "seq_len": 32, "batch_size": 4, "warmup_steps": 2, "eval_every": 4, "save_every": 3, "eval_batches": 1,
-        "cache_dir": cache, "precision": "fp32", "max_steps": 6, "optimizer": "muon", "use_mla": False,
+        "seq_len": 32, "batch_size": 4, "warmup_steps": 1, "eval_every": 4, "save_every": 2, "eval_batches": 1,
+        "cache_dir": cache, "precision": "fp32", "max_steps": 4, "optimizer": "muon", "use_mla": False,
         "rope_interleave": False, "num_nextn_predict_layers": 0})
     train(model_cfg, cfg, tmp_path / "whole", data=[str(corpus)], progress=False)
-    train(model_cfg, cfg, tmp_path / "split", data=[str(corpus)], stop_at=3, progress=False)
+    train(model_cfg, cfg, tmp_path / "split", data=[str(corpus)], stop_at=2, progress=False)
     train(model_cfg, cfg, tmp_path / "split", data=[str(corpus)], resume=True, progress=False)
     whole, split = ([r["loss"] for r in read_metrics(tmp_path / d)] for d in ("whole", "split"))
     assert whole == split and whole[-1] < whole[0]
     assert json.loads((tmp_path / "whole" / "final" / "config.json").read_text())["use_mla"] is False
+
+
+def test_v4_position_biases_stay_on_adamw_and_its_projections_go_to_muon():
+    from seekmoe.train.optim import muon_parameters
+
+    names = set(muon_parameters(seekmoe.build_model(ModelConfig.preset("tiny-v4"))))
+    assert not any("position_bias" in n for n in names)
+    assert any(n.endswith("attn_hc.fn") for n in names)

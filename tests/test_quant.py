@@ -99,6 +99,15 @@ def test_formats_round_trip_within_half_a_step(spec):
     assert q.shape[-1] == (64 if spec.scheme == "int8" else 32) and bytes_per_weight(spec) < 1.01
 
 
+def test_casting_a_quantized_model_leaves_codes_and_scales_alone():
+    model = quantize_model(seekmoe.build_model(ModelConfig.preset("tiny")), QuantSpec("int4"))
+    scale = model.model.layers[1].mlp.experts.gate_up_proj.scale.clone()
+    model.to(torch.bfloat16)
+    experts = model.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.qweight.dtype == torch.uint8 and torch.equal(experts.gate_up_proj.scale, scale)
+    assert model.model.norm.weight.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_quantized_experts_and_linears_equal_float64_on_their_dequantized_weights(scheme, fused):

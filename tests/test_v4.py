@@ -323,3 +323,82 @@ def test_greedy_decoding_on_v4_caches_equals_transformers_generate(v4_folder):
             tokens.append(logits[:, -1].argmax(-1))
     assert torch.equal(torch.cat([prompt, torch.stack(tokens, 1)], 1), ref)
     assert caches[2].compressor.keys.shape[1] == 32 // 8 and caches[1].indexer.keys.shape[1] == 32 // 4
+    # `seekmoe info`'s arithmetic is what these caches hold (fp32, one sequence, 32 tokens)
+    from seekmoe.info import v4_cache_bytes
+
+    assert sum(c.nbytes() for c in caches) == v4_cache_bytes(ours.config, 32, 4)
+
+
+def test_the_engine_decodes_v4_equal_to_transformers_generate(v4_folder):
+    """seekmoe's Engine (continuous batching: 3 prompts of 6-21 tokens in 2 slots, each at its own position) on
+    V4's per-token cache widths: every greedy continuation equals transformers' generate."""
+    from seekmoe.inference import Engine, SamplingParams
+
+    path, hf = v4_folder
+    hf.generation_config.eos_token_id = None
+    prompts = [torch.randint(0, 80, (1, n), generator=torch.Generator().manual_seed(n)) for n in (13, 6, 21)]
+    refs = [hf.generate(p, max_new_tokens=14, do_sample=False)[0, p.shape[1]:].tolist() for p in prompts]
+    engine = Engine(from_pretrained(path), max_batch_size=2, compile=False)
+    done = engine.generate([p[0].tolist() for p in prompts],
+                           SamplingParams(max_new_tokens=14, temperature=0, ignore_eos=True))
+    assert [r.output_ids for r in done] == refs
+
+
+def test_fp8_weights_with_e8m0_block_scales_load_as_the_release_ships_them(v4_folder, tmp_path):
+    """V4's release: attention matrices in float8_e4m3fn with a power-of-two (E8M0) scale per 128x128 block under
+    `.scale`; loaded as the dequantized product."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from seekmoe.checkpoint import quantize_fp8
+
+    path, _ = v4_folder
+    tensors = {}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    key = "model.layers.1.attn.wq_b.weight"
+    q, scale_inv = quantize_fp8(tensors[key])
+    scale = torch.exp2(torch.ceil(torch.log2(scale_inv)))  # E8M0 holds powers of two only
+    tensors[key] = (tensors[key] / scale).to(torch.float8_e4m3fn)
+    tensors[key.removesuffix("weight") + "scale"] = scale.to(torch.float8_e8m0fnu)
+    (tmp_path / "fp8").mkdir()
+    save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
+    (tmp_path / "fp8" / "config.json").write_text((path / "config.json").read_text())
+    ours = from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    want = tensors[key].float() * scale.float()
+    assert torch.equal(ours.model.layers[1].self_attn.q_b_proj.weight, want)
+
+
+def test_seekmoe_train_runs_the_tiny_v4_preset_and_transformers_loads_the_result(tmp_path):
+    import inspect
+
+    from transformers import DeepseekV4ForCausalLM
+
+    from seekmoe.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, module in enumerate((json.decoder, json.encoder, inspect)):  # a few small real documents
+        (data / f"{i}.py").write_text(inspect.getsource(module)[:6000])
+    args = ["train", "--preset", "tiny-v4", "--out", str(tmp_path / "run"), "--data", str(data), "--max-steps",
+            "3", "seq_len=48", "batch_size=2", "warmup_steps=1", "eval_every=3", "save_every=3", "eval_batches=1",
+            f"cache_dir={tmp_path / 'cache'}", "precision=fp32"]
+    assert main(args) == 0
+    ours = from_pretrained(tmp_path / "run" / "final")
+    hf = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
+    ids = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        assert rel_error(ours(ids).logits, hf(ids).logits) < 2e-4
+
+
+def test_packed_examples_are_refused_with_one_clear_error():
+    model = CausalLM(ModelConfig.preset("tiny-v4")).eval()
+    ids = torch.randint(0, 512, (1, 8))
+    causal = torch.ones(8, 8, dtype=torch.bool).tril().view(1, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(ids, attn_mask=causal).logits, model(ids).logits)
+        packed = causal.clone()
+        packed[..., 4:, :4] = False  # two examples of 4 tokens
+        with pytest.raises(ValueError, match="one sequence per row"):
+            model(ids, attn_mask=packed)

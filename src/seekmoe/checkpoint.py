@@ -24,7 +24,8 @@ from .model import CausalLM
 from .checkpoint_v4 import v4_disk_key, v4_model_key
 from .model.experts import fold_weight_providers
 from .model.routing import HashTableRouter
-from .model_folder import check_fits_memory, config_from_dict, read_config_json
+from .model_folder import (available_memory, check_config_bounds, check_fits_memory, config_from_dict,
+                           read_config_json)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -278,7 +279,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if mmap not in (True, False, "auto"):
         raise ValueError(f"mmap={mmap!r}: expected True, False or 'auto'")
     if mmap == "auto":
-        mmap = device.type == "cpu" and not _fits(config, dtype, device, path)
+        mmap = device.type == "cpu" and _files_exceed_memory(path, files, device)
         if mmap and dtype != stored:
             name = str(stored).removeprefix("torch.")
             raise ValueError(f"{path} does not fit in memory as {str(dtype).removeprefix('torch.')} weights: map its "
@@ -292,9 +293,11 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
             raise ValueError(f"mmap: the weights stay in the files as they are ({str(stored).removeprefix('torch.')}"
                              f", CPU); got dtype {str(dtype).removeprefix('torch.')} on {device.type}: a conversion "
                              f"would copy every weight into memory")
+        check_config_bounds(config, str(path))  # before the meta-device model is built
+        block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
         with torch.device("meta"):
-            _Loader(CausalLM(config).to(dtype), path, files, (128, 128)).check()
-        return map_pretrained(path, config, files, dtype)
+            _Loader(CausalLM(config).to(dtype), path, files, block).check()
+        return map_pretrained(path, config, files, dtype, block)
     # Counted from the config alone (one block of each kind), before even the meta-device model is built.
     check_fits_memory(config, dtype.itemsize, f"{str(dtype).removeprefix('torch.')} weights", device,
                       source=str(path))
@@ -322,12 +325,11 @@ class MappedLoadNote(UserWarning):
     """from_pretrained(mmap="auto") maps the weights from their files because they do not fit in memory."""
 
 
-def _fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, path: Path) -> bool:
-    try:
-        check_fits_memory(config, dtype.itemsize, "weights", device, source=str(path))
-        return True
-    except ValueError:
-        return False
+def _files_exceed_memory(path: Path, files: dict[str, str], device: torch.device) -> bool:
+    """Whether the safetensors files themselves (not the config's arithmetic, which a hostile config.json can
+    inflate) hold more bytes than `device` has available."""
+    size = sum((path / name).stat().st_size for name in set(files.values()))
+    return size > available_memory(device)[0]
 
 
 class MissingMTPWarning(UserWarning):

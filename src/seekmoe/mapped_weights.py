@@ -97,13 +97,16 @@ class _MappedFile:
         begin, end = self.header[key]["data_offsets"]
         return self.start + begin, self.start + end
 
-    def dtype(self, key: str) -> torch.dtype:
-        return DTYPES[self.header[key]["dtype"]]
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The tensor's dtype; None for one torch cannot view (FP4 pairs: they are dequantized, copied)."""
+        return DTYPES.get(self.header[key]["dtype"])
 
     def view(self, key: str, begin: int | None = None, end: int | None = None, shape=None) -> torch.Tensor | None:
         """The tensor `key` (or the bytes begin:end read as its dtype in `shape`), or None where the bytes are not
         aligned to its element size (then it is read by copying)."""
         dtype = self.dtype(key)
+        if dtype is None:
+            return None
         if begin is None:
             begin, end = self.span(key)
             shape = self.header[key]["shape"]
@@ -121,12 +124,14 @@ class MappingReport:
     copied: tuple[str, ...] = ()
 
 
-def map_state(model, path: Path, files: dict[str, str], dtype: torch.dtype) -> tuple[dict, MappingReport]:
+def map_state(model, path: Path, files: dict[str, str], dtype: torch.dtype,
+              block: tuple[int, int] = (128, 128)) -> tuple[dict, MappingReport]:
     """Our state-dict entries for `model` (on the meta device, already checked against the files) as views of the
-    mapped safetensors: a stacked expert tensor is one view where the file holds it contiguously, else a copy."""
+    mapped safetensors: a stacked expert tensor is one view where the file holds it contiguously, else a copy
+    (also of quantized weights, dequantized as the ordinary load does; `block` is their FP8 tile)."""
     from .checkpoint import _Loader
 
-    loader = _Loader(model, path, files, (128, 128))
+    loader = _Loader(model, path, files, block)
     mapped = {name: _MappedFile(path / name) for name in sorted(set(files.values()))}
     report = MappingReport()
     copied: list[str] = []
@@ -142,7 +147,7 @@ def map_state(model, path: Path, files: dict[str, str], dtype: torch.dtype) -> t
         t = f.view(key)
         target = targets[name]
         if t is None or t.dtype != target.dtype:
-            t = _read(f, key).to(target.dtype)
+            t = loader._get(key).to(target.dtype)
             report.copied_bytes += t.numel() * t.element_size()
             copied.append(key)
         else:
@@ -158,7 +163,7 @@ def map_state(model, path: Path, files: dict[str, str], dtype: torch.dtype) -> t
             t = torch.empty(shape, dtype=dtype)
             for (e, p), key in ((i, parts[i]) for i in order):
                 dest = t[e, :I] if p == "gate_proj" else t[e, I:] if p == "up_proj" else t[e]
-                dest.copy_(_read(mapped[files[key]], key))
+                dest.copy_(loader._get(key))
             report.copied_bytes += t.numel() * t.element_size()
             copied.append(name)
         else:
@@ -166,11 +171,6 @@ def map_state(model, path: Path, files: dict[str, str], dtype: torch.dtype) -> t
         state[name] = t
     report.copied = tuple(copied)
     return state, report
-
-
-def _read(f: _MappedFile, key: str) -> torch.Tensor:
-    begin, end = f.span(key)
-    return f.bytes[begin:end].clone().view(f.dtype(key)).view(f.header[key]["shape"])
 
 
 def _contiguous_stack(keys: list[str], files: dict[str, str], mapped: dict[str, _MappedFile], shape,
@@ -190,7 +190,8 @@ def _contiguous_stack(keys: list[str], files: dict[str, str], mapped: dict[str, 
     return f.view(keys[0], begin, end, shape)
 
 
-def map_pretrained(path: Path, config, files: dict[str, str], dtype: torch.dtype):
+def map_pretrained(path: Path, config, files: dict[str, str], dtype: torch.dtype,
+                   block: tuple[int, int] = (128, 128)):
     """The CausalLM of the model folder `path` with its weights left in the (mapped) files; see the module
     docstring. `dtype` must be the checkpoint's: a conversion would copy every weight."""
     from .model import CausalLM
@@ -199,7 +200,7 @@ def map_pretrained(path: Path, config, files: dict[str, str], dtype: torch.dtype
     with torch.device("meta"):
         model = CausalLM(config)
     model = model.to(dtype)
-    state, report = map_state(model, path, files, dtype)
+    state, report = map_state(model, path, files, dtype, block)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

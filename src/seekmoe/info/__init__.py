@@ -20,7 +20,8 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
       (mla_cache_bytes_per_token), plus, with V3.2's sparse attention, the indexer's key of index_head_dim per layer
       (indexer_cache_bytes_per_token), against the full keys and values a standard multi-head attention with the
       same heads would cache. With sparse attention a query attends to at most index_topk keys, and the indexer
-      scores all of them.
+      scores all of them. With `use_mla: false` (`attention`: "mha") the cache is the multi-head one, every head's
+      key and value, 2 x heads x head_dim per layer.
     """
     from ..model import CausalLM
 
@@ -45,6 +46,8 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
         indexer_flops = 2 * L * config.index_n_heads * (config.index_head_dim + 1) * attended
         attended = _mean_attended(context, config.index_topk)
     attention_flops = 2 * L * heads * (config.qk_head_dim + config.v_head_dim) * attended + indexer_flops
+    if config.is_v4:
+        attention_flops = v4_attention_flops(config, context)
     per_dtype = DTYPE_BYTES[cache_dtype]
     mla_values = (config.kv_lora_rank + config.qk_rope_head_dim) * L
     indexer_values = 0 if config.index_topk is None else config.index_head_dim * L  # one indexer key per layer
@@ -66,6 +69,11 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
         "n_routed_experts": config.n_routed_experts,
         "num_experts_per_tok": config.num_experts_per_tok,
     }
+    if not config.use_mla:  # multi-head attention caches every head's key and value: it is "the MHA" itself
+        mha_bytes = 2 * heads * config.mha_head_dim * L * per_dtype
+        summary.update(attention="mha", kv_cache_bytes_per_token=mha_bytes, mla_cache_bytes_per_token=0,
+                       mha_kv_cache_bytes_per_token=mha_bytes,
+                       flops_per_token=int(2 * (active - embedding) + 4 * L * heads * config.mha_head_dim * attended))
     if config.is_v4:  # no latent: its window, compressed keys and indexer keys, against V3's MLA
         at = {n: v4_cache_bytes(config, n, per_dtype) / n for n in V4_CONTEXTS}
         summary.update(kv_cache_bytes_per_token=round(at[V4_CONTEXTS[0]]), indexer_cache_bytes_per_token=0,
@@ -73,6 +81,22 @@ def model_summary(config: ModelConfig, context: int = 4096, cache_dtype: str = "
                        mla_v3_kv_cache_bytes_per_token=(512 + 64) * 61 * per_dtype,
                        mha_kv_cache_bytes_per_token=heads * 2 * config.head_dim * L * per_dtype)
     return summary
+
+
+def v4_attention_flops(config: ModelConfig, context: int) -> float:
+    """DeepSeek-V4's attention FLOPs per token averaged over a causal context: each head scores and mixes (keys are
+    values: 2 x head_dim a key) the window's keys and the compressed ones it sees (every complete window for HCA, at
+    most index_topk for CSA); CSA's indexer scores every complete window with its own heads."""
+    W, D = config.sliding_window, config.head_dim
+    keys = index = 0.0
+    for kind in config.layer_types:
+        keys += min(W, (context + 1) / 2)
+        if kind != "sliding_attention":
+            windows = context / config.compress_rates[kind] / 2  # complete windows, on average over the context
+            keys += windows if kind == "heavily_compressed_attention" else min(config.index_topk, windows)
+            if kind == "compressed_sparse_attention":
+                index += windows * config.index_n_heads * config.index_head_dim
+    return 2 * config.num_attention_heads * 2 * D * keys + 2 * index
 
 
 V4_CONTEXTS = (128 * 1024, 1024 * 1024)  # the contexts `seekmoe info` gives DeepSeek-V4's cache at
@@ -169,7 +193,10 @@ def format_summary(name: str, s: dict) -> str:
         ("forward FLOPs per token", f"{_human(s['flops_per_token'], 'FLOP')} at context {s['context_for_flops']}"),
         (f"KV cache per token, MLA ({s['kv_cache_dtype']})", f"{s['mla_cache_bytes_per_token']:,} bytes"),
     ]
-    if "v4_cache_bytes_per_token" in s:  # DeepSeek-V4: its own caches at long contexts, V3's MLA beside them
+    if s.get("attention") == "mha":  # no latent cache: one row, keys and values of every head
+        rows[-1:] = [(f"KV cache per token, multi-head attention ({s['kv_cache_dtype']})",
+                      f"{s['kv_cache_bytes_per_token']:,} bytes (keys and values of every head)")]
+    elif "v4_cache_bytes_per_token" in s:  # DeepSeek-V4: its own caches at long contexts, V3's MLA beside them
         mla = s["mla_v3_kv_cache_bytes_per_token"]
         rows[-1:] = [(f"V4 cache per token at {int(n) // 1024}K ({s['kv_cache_dtype']})",
                       f"{b:,} bytes ({mla / b:.1f}x less than DeepSeek-V3's MLA, {mla:,})")

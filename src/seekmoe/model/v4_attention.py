@@ -9,6 +9,12 @@ through `o_groups` low-rank groups (o_a_proj) mixed by o_b_proj.
 
 Sliding-window layers rotate with the main rope, compressed ones (and their compressors) with the compress rope
 (v4_rope.py). Without a cache the windows start at position 0 of the sequence.
+
+Decoding runs on either of two caches. `V4LayerCache` (v4_cache.py) is the compact one V4 is built for, the last
+window and the compressed keys (what `seekmoe info` counts); it is eager and keeps a batch's sequences at the same
+positions. The engine's `DecodeCache` (inference/cache.py) holds what `cache_widths` names per token (the key and
+the compressors' projections) and pools the complete windows again each step (`forward_slots`), so that continuous
+batching's slots may each be at their own position: simpler, compilable shapes, more bytes per token.
 """
 
 from __future__ import annotations
@@ -67,6 +73,19 @@ class V4Attention(nn.Module):
             self.compressor = Compressor(H, D, config.compress_rates[self.layer_type], overlap=False, eps=eps)
         self.softmax_scale = D ** -0.5
 
+    def cache_widths(self) -> dict[str, int]:
+        """What the engine's per-token cache (inference/cache.py) keeps: the key, and each compressor's kv and gate
+        projections (its windows are pooled again from them every step, so that every slot of a batch may be at
+        its own position). model/v4_cache.py is the compact cache (compressed keys only) of eager decoding."""
+        widths = {"kv": self.head_dim}
+        if self.compressor is not None:
+            width = self.compressor.kv_proj.out_features
+            widths.update(c_kv=width, c_gate=width)
+            if isinstance(self.compressor, SparseCompressor):
+                width = self.compressor.indexer.kv_proj.out_features
+                widths.update(i_kv=width, i_gate=width)
+        return widths
+
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         """Zero sinks (transformers' initialization; the linears and norms are initialized as every other one)."""
@@ -88,12 +107,14 @@ class V4Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 cache=None) -> torch.Tensor:
         """x [B, S, hidden] with cos/sin [2, ..., S, 1, rope_dim / 2] (main, compress: V4RotaryEmbedding) -> the
-        attention output [B, S, hidden]. `attn_mask` [B, 1, S, S] (True = may attend), if given, is intersected
-        with the sliding window (the compressed keys do not see it: they cover whole windows from position 0)."""
+        attention output [B, S, hidden]. `attn_mask` [B, 1, S, S] (True = may attend), if given, must be causal:
+        the compressed keys cover whole windows from position 0, across any packed examples (ValueError)."""
         B, S, _ = x.shape
         cos_l, sin_l = cos[self.rope_index], sin[self.rope_index]
         q, q_latent = self.query(x, cos_l, sin_l)
         kv = self.key(x, cos_l, sin_l)  # [B, S, D]
+        if cache is not None and hasattr(cache, "update"):
+            return self.forward_slots(x, q, q_latent, kv, cos_l, sin_l, cache)
         first = key_first = 0  # positions of the first query and of the first key
         if cache is not None:  # V4LayerCache (v4_cache.py): x holds the new tokens only
             first = cache.seen
@@ -103,8 +124,10 @@ class V4Attention(nn.Module):
         i = positions.unsqueeze(-1)
         j = torch.arange(key_first, key_first + kv.shape[1], device=x.device).view(1, 1, -1)
         visible = (j <= i) & (j > i - self.sliding_window)  # [B, S, keys]
-        if attn_mask is not None:
-            visible = visible & attn_mask[:, 0]
+        if attn_mask is not None and not bool((attn_mask[:, 0] | (j > i)).all()):
+            # Packed examples (SFT): the compressed windows would span several examples.
+            raise ValueError("DeepSeek-V4 attention takes one sequence per row: attn_mask hides causal pairs "
+                             "(packed examples), which its compressed keys cannot respect; pack one example a row")
         keys = kv
         if self.compressor is not None:
             inv_freq = self.rotary.inv_freq[1]
@@ -123,6 +146,35 @@ class V4Attention(nn.Module):
             visible = torch.cat([visible, seen], dim=-1)
         out = self.attend(q, keys, visible)
         return self.output(out, cos_l, sin_l)
+
+    def forward_slots(self, x: torch.Tensor, q: torch.Tensor, q_latent: torch.Tensor, kv: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+        """One step of the engine's cache (a CacheLayer: every slot at its own `positions` [B, S], `attn_mask`
+        [B, 1, S, T] over its cached tokens): the window from the cached keys, the compressed keys pooled again from
+        the cached projections (a window counts for a query once complete, so stale columns never do)."""
+        new = {"kv": kv}
+        if self.compressor is not None:
+            new["c_kv"], new["c_gate"] = self.compressor.project(x)
+            if isinstance(self.compressor, SparseCompressor):
+                new["i_kv"], new["i_gate"] = self.compressor.indexer.project(x)
+        got = cache.update(**new)
+        keys, positions = got["kv"], cache.positions
+        T = keys.shape[1]
+        j = torch.arange(T, device=x.device).view(1, 1, -1)
+        visible = cache.attn_mask[:, 0] & (j > positions.unsqueeze(-1) - self.sliding_window)
+        if self.compressor is not None:
+            inv_freq, m = self.rotary.inv_freq[1], self.compressor.rate
+            usable = T // m * m
+            compressed = self.compressor.pool(got["c_kv"][:, :usable], got["c_gate"][:, :usable], 0, inv_freq)
+            seen = visible_windows(positions, compressed.shape[1], m)
+            if isinstance(self.compressor, SparseCompressor):
+                indexer = self.compressor.indexer
+                index_keys = indexer.pool(got["i_kv"][:, :usable], got["i_gate"][:, :usable], 0, inv_freq)
+                top = indexer.select(x, q_latent, index_keys, positions, cos, sin)
+                seen = seen & topk_mask(top, compressed.shape[1])
+            keys = torch.cat([keys, compressed.to(keys.dtype)], dim=1)
+            visible = torch.cat([visible, seen], dim=-1)
+        return self.output(self.attend(q, keys, visible), cos, sin)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Softmax attention of q [B, S, heads, D] over keys = values [B, T, D] where `visible` [B, S, T], each

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .attention_choice import build_attention
 from .hyper_connections import HyperConnection
 from .moe import MoE, MoEStats
 from .norm import RMSNorm
-from .v4_attention import V4Attention
 from .v4_rope import V4RotaryEmbedding
 
 
@@ -25,7 +25,7 @@ class V4DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, rotary: V4RotaryEmbedding):
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = V4Attention(config, layer_idx, rotary)
+        self.self_attn = build_attention(config, layer_idx, rotary)
         self.mlp = MoE(config, layer_idx)
         self.input_layernorm = RMSNorm(H, eps)
         self.post_attention_layernorm = RMSNorm(H, eps)

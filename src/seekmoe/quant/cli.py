@@ -19,8 +19,9 @@ def add_quantize_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=SCHEMES, default=None,
                    help="quantize the weights on load: routed experts (per expert), shared experts, dense MLPs and "
                         "attention projections to int8 (per output channel) or int4 (per group of --group-size "
-                        "inputs); norms, routers and MLA's kv_b_proj keep --dtype (default: off; a folder written "
-                        "by `seekmoe quantize` is quantized already)")
+                        "inputs); norms, routers and MLA's kv_b_proj keep --dtype. Faster decoding needs --compile "
+                        "on (fused products reading the quantized bytes); eager, it saves memory but not time "
+                        "(default: off; a folder written by `seekmoe quantize` is quantized already)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, metavar="G",
                    help=f"int4: inputs sharing one scale; must divide every quantized width (default "
                         f"{DEFAULT_GROUP_SIZE}, 4.5 bits a weight)")

@@ -6,12 +6,14 @@ of 1- and 0.5-byte weights is to read only those bytes. Two ways to get there, c
 - fused (compiled decoding, few rows): the product is written as elementwise multiply-and-sum with the dequantization
   inside it (`(codes - 8) * scale * x`, summed over the inputs), so that inductor fuses the gather of the experts'
   codes, their conversion and the reduction into one loop that reads each code byte once and never materializes a
-  float weight. Measured at the 289M model's expert shapes (benchmarks/quant_decode.py), this runs 2.5-3x faster
-  than the compiled fp32 gathered product, where torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, what
-  torchao's Int4CPULayout calls) would need one call per (row, expert) and a torch-build-specific packing.
+  float weight. Measured at the 289M model's expert shapes (`benchmarks/quant_decode.py --kernels`), this runs 3.1x
+  (int8) and 1.7x (int4) faster than the compiled fp32 gathered product, and 9-10x faster than torch's weight-only
+  CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`: what torchao's CPU layouts call), which take
+  one call per (row, expert) and projection (and, for int4, a torch-build-specific packing).
 - otherwise (eager, or many rows: prefill): the weights are dequantized to the activations' dtype and multiplied by
-  torch's dense kernels — except int8 linears, which torch's weight-only kernel `_weight_int8pack_mm` (also
-  torchao's int8 CPU path) multiplies reading the int8 bytes only.
+  torch's dense kernels — except int8 on a CPU, which torch's weight-only kernel `_weight_int8pack_mm` (also
+  torchao's int8 CPU path) multiplies reading the int8 bytes only: linears whole, and eager decoding's experts
+  one row at a time.
 
 Accumulation is fp32 throughout; results come back in the activations' dtype.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import dequantize, unpack_int4
+from .formats import dequantize
 
 
 def fused_rows_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -32,9 +34,12 @@ def fused_rows_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     if scheme == "int8":
         return (qweight.float() * x.unsqueeze(1)).sum(-1) * scale.float()
     M, out, G = scale.shape
-    codes = unpack_int4(qweight).float().sub(8).view(M, out, G, -1)  # [M, out, G, g]
-    partial = (codes * x.view(M, 1, G, -1)).sum(-1)  # [M, out, G]: each group's sum, before its scale
-    return (partial * scale.float()).sum(-1)
+    # Byte j holds columns 2j (low nibble) and 2j+1 (high): multiplying each nibble by the even or odd inputs needs
+    # no interleaving copy, so the whole product stays one elementwise-and-reduce loop over the bytes.
+    packed = qweight.view(M, out, G, -1)  # [M, out, G, g/2]
+    x_even, x_odd = x[:, 0::2].reshape(M, 1, G, -1), x[:, 1::2].reshape(M, 1, G, -1)
+    low, high = (packed & 15).float() - 8, (packed >> 4).float() - 8
+    return ((low * x_even + high * x_odd) * scale.float().unsqueeze(-1)).sum((-2, -1))
 
 
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, scheme: str,
@@ -59,6 +64,8 @@ def gathered_quantized_swiglu(rows: torch.Tensor, weights: torch.Tensor, gate_up
     [M, hidden], weights [M] fp32, gate_up = (qweight, scale) of [E, 2I, hidden], down = of [E, hidden, I],
     expert [M] -> [M, hidden] in `compute`. Only the M rows' experts are read (index_select of their codes)."""
     (gu_q, gu_s), (dn_q, dn_s) = gate_up, down
+    if not fused and scheme == "int8" and rows.device.type == "cpu":
+        return _int8_rows_swiglu(rows.to(compute), weights, gate_up, down, expert)
     if fused:
         h = fused_rows_matmul(rows, gu_q.index_select(0, expert), gu_s.index_select(0, expert), scheme)
     else:
@@ -70,3 +77,17 @@ def gathered_quantized_swiglu(rows: torch.Tensor, weights: torch.Tensor, gate_up
         return fused_rows_matmul(a, dn_q.index_select(0, expert), dn_s.index_select(0, expert), scheme).to(compute)
     w = dequantize(dn_q.index_select(0, expert), dn_s.index_select(0, expert), scheme, compute)
     return torch.bmm(w, a.to(compute).unsqueeze(-1)).squeeze(-1)
+
+
+def _int8_rows_swiglu(rows, weights, gate_up, down, expert) -> torch.Tensor:
+    """gathered_quantized_swiglu for int8 in eager mode on a CPU: torch's weight-only int8 kernel per row, reading
+    each row's expert's int8 bytes in place (no gathered copy, no float weights; one host read of the expert ids)."""
+    (gu_q, gu_s), (dn_q, dn_s) = gate_up, down
+    dtype = rows.dtype
+    out = []
+    for j, e in enumerate(expert.tolist()):
+        h = torch._weight_int8pack_mm(rows[j: j + 1], gu_q[e], gu_s[e].to(dtype)).float()
+        gate, up = h.chunk(2, dim=-1)
+        a = (F.silu(gate) * (up * weights[j])).to(dtype)
+        out.append(torch._weight_int8pack_mm(a, dn_q[e], dn_s[e].to(dtype)))
+    return torch.cat(out) if out else rows.new_zeros(0, dn_q.shape[1])

@@ -14,8 +14,9 @@ stacks are not dense weights and must never be dequantized whole per token, so q
 their own, like the linears: no class swap, and the model classes are untouched.
 
 Every width is checked against the scheme before anything is replaced, so an int4 group size that does not divide
-a width fails with nothing changed. Quantize after the model has its final dtype and device: a later `.to(dtype)`
-would cast the fp16 int4 scales too.
+a width fails with nothing changed. Quantize after the model has its final dtype: a later `.to(dtype)` casts the
+float parts only (codes and scales keep their types), but the dequantized embedding's dtype and the experts'
+backend were chosen for the dtype at quantization.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class QuantizedTensor(nn.Module):
         for name in ("qweight", "scale"):
             t = getattr(self, name)
             moved = fn(t)
-            setattr(self, name, moved if moved.dtype == t.dtype else moved.to(t.dtype))
+            setattr(self, name, moved if moved.dtype == t.dtype else t.to(moved.device))
         return self
 
 

@@ -71,7 +71,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write a Hugging Face model folder DIR/hf/step-N/ every N steps (save_hf_every=)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="field=value",
-                        help="set any ModelConfig or TrainConfig field, e.g. num_nextn_predict_layers=1 lr=1e-3")
+                        help="set any ModelConfig or TrainConfig field, e.g. num_nextn_predict_layers=1 lr=1e-3 "
+                             "optimizer=muon")
 
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:

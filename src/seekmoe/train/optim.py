@@ -1,4 +1,5 @@
-"""AdamW with DeepSeek-style parameter groups, and the learning-rate schedules (warmup + cosine, warmup-stable-decay)."""
+"""AdamW (or Muon, muon.py) with DeepSeek-style parameter groups, and the learning-rate schedules (warmup + cosine,
+warmup-stable-decay)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 def muon_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
     """The trainable parameters Muon updates (by name): the hidden weight matrices (attention and MLP projections,
-    expert stacks [E, out, in] as E matrices, MTP's eh_proj), not the embedding, output head, norms, biases or
-    routers (Moonlight's split; a router's few rows are AdamW's, like a bias)."""
+    expert stacks [E, out, in] as E matrices, MTP's eh_proj, V4's hyper-connection projections), not the
+    embedding, output head, norms, biases or routers (Moonlight's split; a router's few rows are AdamW's, like a bias)."""
     from ..model.routing import Router
 
     excluded: set[int] = set()
@@ -41,8 +42,9 @@ def muon_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None:
         excluded.add(id(lm_head.weight))
+    # a 2-D bias (V4's compressors' position_bias, added per window position) maps nothing: AdamW's, like a bias
     return {name: p for name, p in model.named_parameters()
-            if p.requires_grad and p.ndim >= 2 and id(p) not in excluded}
+            if p.requires_grad and p.ndim >= 2 and id(p) not in excluded and "bias" not in name.rsplit(".", 1)[-1]}
 
 
 def _build_muon(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
