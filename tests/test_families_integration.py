@@ -22,7 +22,6 @@ import seekmoe
 from seekmoe.cli import main
 from seekmoe.inference import Engine, SamplingParams
 from seekmoe.inference import compiled
-from seekmoe.model.v4_attention import V4Attention
 
 # CLI overrides of each family's training; the MHA model routes as DeepSeek-V2 (softmax, greedy, unnormalized
 # top-k) and half-split RoPE: what transformers' DeepseekOcr2TextModel has, so its folder loads there.
@@ -32,16 +31,8 @@ FAMILIES = {
     "mha": ["--preset", "tiny", "use_mla=false", "scoring_func=softmax", "topk_method=greedy", "n_group=1",
             "topk_group=1", "norm_topk_prob=false", "rope_interleave=false"],
 }
-# The engine's decoding cache (inference/cache.py) needs each attention's cache_widths(); V4's arrives with wip-v4.
-V4_ENGINE = pytest.mark.xfail(not hasattr(V4Attention, "cache_widths"), strict=True, raises=AttributeError,
-                              reason="V4Attention has no cache_widths(): the engine cannot build V4's decoding cache")
 PROMPT = "def parse(text, *, strict=False):\n    for line in text.splitlines():\n        if line.strip():"
 STEPS = 3
-
-
-def family_params(*marked: str):
-    """The three families, V4 marked xfail where its engine path is missing (for the engine's tests)."""
-    return [pytest.param(f, marks=V4_ENGINE) if f in marked else f for f in FAMILIES]
 
 
 def train_args(family: str, corpus, cache, out: Path, *flags: str, fields: tuple[str, ...] = ()) -> list[str]:
@@ -88,7 +79,7 @@ def generate(model_dir: Path, capsys, *extra: str) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", family_params("v4"))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_generate_eager_and_compiled_give_the_same_greedy_text(runs, family, capsys, monkeypatch):
     """A prompt longer than the indexer's top-k and V4's window and compression rates; the compiled decode step
     captured by aot_eager (the graphs inductor would compile, in a fraction of the time)."""
@@ -100,7 +91,7 @@ def test_generate_eager_and_compiled_give_the_same_greedy_text(runs, family, cap
     assert eager.strip()
 
 
-@pytest.mark.parametrize("family", family_params("v4"))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_serve_answers_a_completion_as_the_engine_decodes(runs, family):
     import http.client
 
