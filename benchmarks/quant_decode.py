@@ -1,10 +1,12 @@
 """Decode tokens/s at batch 1 in fp32, bf16, int8 and int4 weights, eager and compiled, next to the memory-bandwidth
-limit: the bytes of weights one token reads, divided by this machine's measured copy bandwidth (issue 24).
+limit: the bytes of weights one token reads, divided by this machine's measured read bandwidth (issue 24).
 
 A decoding step at batch 1 reads every weight it uses once, so its speed limit is bandwidth / bytes per token: all
 attention, dense and shared-expert weights and the output head, num_experts_per_tok of each MoE layer's routed
 experts, and one embedding row; int8/int4 modules count their codes and scales (seekmoe.quant). The bandwidth is
-`dst.copy_(src)` of a 512 MiB buffer with the same threads (bytes copied per second, best of 5). "of limit" is the
+`src.sum()` over a 512 MiB buffer with the same threads (bytes read per second, best of 5): a decode step only
+reads its weights, and a copy, which also writes each byte, measured 1.7-2.5x less (llama.cpp then ran above 100%
+of a copy-based limit); the copy's rate is printed and kept in the JSON too. "of limit" is the
 measured rate over that limit; "same tokens" compares the greedy tokens with fp32's (random weights, so bf16 and
 int4 rounding may change some).
 
@@ -15,9 +17,19 @@ expert width 256, one shared expert: 289M parameters, 61M active), "small" the `
     python benchmarks/quant_decode.py --models small --precisions fp32,int8 --modes eager --tokens 16   # a check
     python benchmarks/quant_decode.py --kernels                     # the experts' kernels alone, 1 thread
 
-llama.cpp columns: with llama-cpp-python importable and --gguf DIR holding `{model}-{f32,f16,q8_0,q4_k_m}.gguf`
-(converted from the same folders, see benchmarks/README.md), the same prompt is timed through llama_cpp.Llama with
-the same threads; otherwise the columns say "-".
+llama.cpp columns (with llama-cpp-python importable; --no-llama skips them): the same fp32 weights are saved as a
+folder and exported with seekmoe's own GGUF writer (`seekmoe export --format gguf`) to F32, BF16, F16 and Q8_0;
+Q4_K_M and Q4_0 are made from the F32 file by llama.cpp's own quantizer (llama_model_quantize, its default
+parameters). Each file decodes the same prompt greedily with n_threads = the torch threads; only the one-token
+eval calls after the prompt are timed (the prompt's eval is not). Rows pair precisions with formats: fp32-F32,
+bf16-BF16 and F16, int8-Q8_0, int4-Q4_K_M and Q4_0. "llama = seekmoe" counts the leading greedy tokens llama.cpp
+shares with seekmoe at the same precision; F32 must match fp32 over the first 16 tokens (the script exits 1
+otherwise, after writing its JSON; the F32 file runs with an F32 KV cache for that, the others with llama.cpp's
+default F16 cache); in the other formats rounding may flip a near-tie, which is reported, not asserted.
+"% of limit" uses seekmoe's bytes per token for both engines (Q4_K_M keeps a few tensors in 6 bits, so its own
+limit is a little lower).
+
+    python benchmarks/quant_decode.py --quick --threads 1                 # small only, eager, 16 tokens: < 1 min
 """
 
 from __future__ import annotations
@@ -49,7 +61,11 @@ SHAPES = {
     "small": dict(num_nextn_predict_layers=0),
 }
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
-GGUF_NAMES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_k_m"}
+# The llama.cpp file types compared with each seekmoe precision: written by seekmoe's exporter, or (None) made by
+# llama.cpp's quantizer from the F32 file with the named LLAMA_FTYPE_MOSTLY_* type.
+GGUF_FORMATS = {"fp32": ("f32",), "bf16": ("bf16", "f16"), "int8": ("q8_0",), "int4": ("q4_k_m", "q4_0")}
+LLAMA_QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+EXACT_TOKENS = 16  # F32 llama.cpp must give fp32 seekmoe's first 16 greedy tokens
 
 
 def build(shape: str, precision: str, base) -> torch.nn.Module:
@@ -84,8 +100,22 @@ def bytes_per_token(model) -> int:
     return int(total)
 
 
+def read_bandwidth() -> float:
+    """Bytes a second that src.sum() reads over a 512 MiB buffer (best of 5): the rate a decode step's weight reads
+    can reach (a sum does one add a float, far below what a core computes, so memory sets its speed)."""
+    src = torch.ones(128 * 2**20)
+    src.sum()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - start)
+    return src.nbytes / best
+
+
 def copy_bandwidth() -> float:
-    """Bytes a second that dst.copy_(src) moves over a 512 MiB buffer (best of 5)."""
+    """Bytes a second that dst.copy_(src) moves over a 512 MiB buffer (best of 5): each byte read once and written
+    once, so about half what reading alone reaches."""
     src = torch.ones(128 * 2**20)
     dst = torch.empty_like(src)
     best = float("inf")
@@ -113,22 +143,94 @@ def decode_rate(model, prompt: list[int], tokens: int, compile: bool) -> tuple[f
     return (len(request.output_ids) - 1) / seconds, request.output_ids, engine.forwards.compile_seconds
 
 
-def llama_cpp_rate(gguf: Path, prompt: list[int], tokens: int, threads: int) -> float | None:
-    """llama.cpp's decode tokens/s on the same prompt (None without llama-cpp-python or the file)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    if not gguf.is_file():
-        return None
+def gguf_files(base, shape: str, folder: Path, formats: list[str]) -> dict[str, Path]:
+    """`{shape}-{format}.gguf` in `folder` for each format, from the fp32 model `base`: saved as a model folder with a
+    byte-level tokenizer (llama.cpp needs one; the benchmark feeds token ids), exported by seekmoe's GGUF writer,
+    the Q4 types quantized from the F32 file by llama.cpp. Files already there are reused."""
+    import inspect
+    import json
+
+    import llama_cpp
+    from llama_cpp import _logger as llama_logger
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    from seekmoe.data.tokenizer import train_tokenizer
+    from seekmoe.gguf_export import GGUF_TYPES, export_gguf
+
+    model_dir = folder / shape
+    if not (model_dir / "tokenizer.json").is_file():
+        base.save_pretrained(model_dir)
+        tokenizer = train_tokenizer([inspect.getsource(json)], min(512, base.config.vocab_size))
+        tokenizer.save(str(model_dir / "tokenizer.json"))
+    files = {}
+    for fmt in ["f32"] + formats:  # the quantizer reads the F32 file
+        path = files[fmt] = folder / f"{shape}-{fmt}.gguf"
+        if path.is_file():
+            continue
+        if fmt in GGUF_TYPES:
+            export_gguf(model_dir, path, fmt)
+        else:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[fmt])
+            # Silenced (its log through llama-cpp-python's logger, its printf lines by the file descriptors): a line
+            # per tensor; the fallbacks it reports are summed up by tensor_types below instead.
+            llama_logger.set_verbose(False)
+            with suppress_stdout_stderr(disable=False):
+                status = llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(path).encode(), params)
+            if status != 0:
+                raise RuntimeError(f"llama_model_quantize failed to write {path} (status {status})")
+    return files
+
+
+def tensor_types(gguf_file: Path) -> dict[str, int]:
+    """How many of the file's weights (elements) are stored in each GGML type: where llama.cpp's Q4_K_M falls back
+    to Q5_0/F16 for rows not a multiple of 256 (most of `small`), the "4-bit" file is not 4-bit."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(gguf_file).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return counts
+
+
+def llama_cpp_rate(gguf: Path, prompt: list[int], tokens: int, threads: int) -> tuple[float, list[int]]:
+    """(llama.cpp's decode tokens/s at batch 1 on the same prompt, its greedy tokens): the prompt in one batch, then
+    `tokens` - 1 one-token evals, only those timed, after a warmup decode of 4 tokens."""
+    import numpy as np
+
+    import llama_cpp
+
+    f32_cache = {"type_k": 0, "type_v": 0} if gguf.name.endswith("-f32.gguf") else {}  # 0 = GGML_TYPE_F32
     llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + tokens + 8,
-                          verbose=False)
-    llm.eval(prompt)
-    start = time.perf_counter()
-    for _ in range(tokens - 1):
-        token = llm.sample(temp=0.0)
-        llm.eval([token])
-    return (tokens - 1) / (time.perf_counter() - start)
+                          n_batch=max(len(prompt), 8), verbose=False, **f32_cache)
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:  # the last eval's logits (one row: only its last token asked for them)
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
+
+    def run(n: int) -> tuple[float, list[int]]:
+        llm.reset()
+        llm.eval(prompt)
+        out, seconds = [greedy()], 0.0
+        while len(out) < n:
+            start = time.perf_counter()
+            llm.eval([out[-1]])
+            seconds += time.perf_counter() - start
+            out.append(greedy())
+        return seconds, out
+
+    run(4)
+    seconds, out = run(tokens)
+    llm.close()
+    return (tokens - 1) / seconds, out
+
+
+def leading_equal(a: list[int], b: list[int]) -> int:
+    """How many tokens a and b share from the start."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def expert_kernels(threads: int) -> list[list[str]]:
@@ -215,32 +317,62 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded and timed (default 64)")
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--gguf", type=Path, default=None, help="folder of {model}-{f32,f16,q8_0,q4_k_m}.gguf files")
+    p.add_argument("--quick", action="store_true",
+                   help="a check of the script, not a measurement: small only, eager only, 16 tokens (under a minute)")
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="folder for the GGUF files (kept and reused; default a temporary folder)")
+    p.add_argument("--no-llama", action="store_true", help="skip the llama.cpp columns")
     p.add_argument("--kernels", action="store_true",
                    help="only the routed experts' kernels at one thread (which product is fastest), then exit")
-    p.add_argument("--out", type=Path, default=RESULTS / "quant_decode.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results (default results/quant_decode.json, quant_decode_quick.json with --quick)")
     args = p.parse_args()
     if args.kernels:
         torch.set_num_threads(1)
         print(header("routed experts' decode kernels"))
         print(table(expert_kernels(1)))
         return
+    if args.quick:
+        args.models, args.modes, args.tokens = "small", "eager", EXACT_TOKENS
+        print("--quick: a check of the script (small, eager, 16 tokens), not a measurement")
+    out_json = args.out or RESULTS / ("quant_decode_quick.json" if args.quick else "quant_decode.json")
+    llama_cpp = None
+    if not args.no_llama:
+        try:
+            import llama_cpp
+        except ImportError as e:
+            print(f"llama.cpp columns skipped: llama-cpp-python is not importable ({e})")
     torch.set_num_threads(args.threads)
     print(header(f"decode tokens/s at batch 1, {args.threads} threads, {args.tokens} tokens after a "
                  f"{args.prompt_len}-token prompt"))
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
-    rows = [["model", "precision", "MB/token", "limit tok/s", "eager tok/s", "compiled tok/s", "of limit",
-             "llama.cpp tok/s", "same tokens", "compile s"]]
+    llama_info = None
+    if llama_cpp is not None:
+        llama_info = f"llama-cpp-python {llama_cpp.__version__}: {llama_cpp.llama_print_system_info().decode().strip()}"
+        print(llama_info)
+    bandwidth, copied = read_bandwidth(), copy_bandwidth()
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (the limit's), copy {copied / 1e9:.1f} GB/s\n")
+    rows = [["model", "precision", "MB/token", "seekmoe compiled", "seekmoe eager", "llama.cpp", "limit tok/s",
+             "seekmoe % of limit", "llama.cpp % of limit", "same as fp32", "llama = seekmoe", "compile s"]]
     results = []
+    tmp = None
+    if llama_cpp is not None and args.gguf is None:
+        import tempfile
+        tmp = tempfile.TemporaryDirectory(prefix="quant_decode_gguf_")
+    gguf_dir = args.gguf or (Path(tmp.name) if tmp else None)
+    precisions = args.precisions.split(",")
+    failures = []
     for shape in args.models.split(","):
         torch.manual_seed(0)
         config = ModelConfig.preset("small", **SHAPES[shape])
         base = seekmoe.build_model(config).eval()
         prompt = torch.randint(2, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
         prompt = prompt.tolist()
+        files = {}
+        if llama_cpp is not None:
+            gguf_dir.mkdir(parents=True, exist_ok=True)
+            files = gguf_files(base, shape, gguf_dir, [f for p_ in precisions for f in GGUF_FORMATS[p_]])
         reference = None
-        for precision in args.precisions.split(","):
+        for precision in precisions:
             model = build(shape, precision, base)
             per_token = bytes_per_token(model)
             limit = bandwidth / per_token
@@ -249,27 +381,50 @@ def main() -> None:
                 torch._dynamo.reset()
                 rate, out, seconds = decode_rate(model, prompt, args.tokens, mode == "compiled")
                 rates[mode], outputs[mode], compile_s = rate, out, compile_s + seconds
-            out = next(iter(outputs.values()))
+            out = list(next(iter(outputs.values())))
             reference = out if precision == "fp32" else reference
             best = max(rates.values())
-            gguf = args.gguf / f"{shape}-{GGUF_NAMES[precision]}.gguf" if args.gguf else Path("-")
-            llama = llama_cpp_rate(gguf, prompt, args.tokens, args.threads)
+            llama = {}  # format -> {"rate", "tokens", "equal_seekmoe"}
+            for fmt in GGUF_FORMATS[precision] if files else ():
+                rate, tokens = llama_cpp_rate(files[fmt], prompt, args.tokens, args.threads)
+                types = tensor_types(files[fmt])
+                llama[fmt] = {"rate": rate, "tokens": tokens, "equal_seekmoe": leading_equal(tokens, out),
+                              "equal_fp32": None if reference is None else leading_equal(tokens, reference),
+                              "file_bytes": files[fmt].stat().st_size, "tensor_types": types}
+                total = sum(types.values())
+                print(f"{files[fmt].name}: {files[fmt].stat().st_size / 1e6:.1f} MB, weights in "
+                      + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(types.items(), key=lambda kv: -kv[1])))
+                if fmt == "f32" and leading_equal(tokens, out) < min(EXACT_TOKENS, len(out)):
+                    failures.append(f"{shape} F32: llama.cpp's greedy tokens leave seekmoe fp32's at token "
+                                    f"{leading_equal(tokens, out)} (expected the first {EXACT_TOKENS} equal)")
+            llama_best = max((v["rate"] for v in llama.values()), default=None)
             row = {"model": shape, "precision": precision, "bytes_per_token": per_token, "limit": limit,
                    "eager": rates.get("eager"), "compiled": rates.get("compiled"), "of_limit": best / limit,
-                   "llama_cpp": llama, "same_tokens": None if reference is None else out == reference,
-                   "compile_s": compile_s}
+                   "llama_cpp": llama, "llama_cpp_of_limit": None if llama_best is None else llama_best / limit,
+                   "same_tokens": None if reference is None else out == reference, "compile_s": compile_s}
             results.append(row)
-            rows.append([shape, precision, f"{per_token / 1e6:.1f}", f"{limit:.0f}",
+            rows.append([shape, precision, f"{per_token / 1e6:.1f}",
+                         f"{rates['compiled']:.1f}" if "compiled" in rates else "-",
                          f"{rates['eager']:.1f}" if "eager" in rates else "-",
-                         f"{rates['compiled']:.1f}" if "compiled" in rates else "-", f"{best / limit:.0%}",
-                         f"{llama:.1f}" if llama else "-",
+                         " / ".join(f"{f.upper()} {v['rate']:.1f}" for f, v in llama.items()) or "-",
+                         f"{limit:.0f}", f"{best / limit:.0%}",
+                         "-" if llama_best is None else f"{llama_best / limit:.0%}",
                          "-" if row["same_tokens"] is None else ("yes" if row["same_tokens"] else "no"),
+                         " / ".join(f"{v['equal_seekmoe']}/{len(out)}" for v in llama.values()) or "-",
                          f"{compile_s:.0f}"])
             print(table(rows), flush=True)
             print()
             del model
-    write_json(args.out, {"threads": args.threads, "tokens": args.tokens, "copy_bandwidth": bandwidth,
-                          "rows": results})
+    write_json(out_json, {"threads": args.threads, "tokens": args.tokens, "prompt_len": args.prompt_len,
+                          "quick": args.quick, "read_bandwidth": bandwidth, "copy_bandwidth": copied,
+                          "llama_cpp": llama_info,
+                          "rows": results, "failures": failures})
+    if tmp is not None:
+        tmp.cleanup()
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """DeepSeek-V3.2 (model_type deepseek_v32): the lightning indexer and sparse MLA against transformers, its decoding
 cache, its training stages, presets and hostile configs."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from seekmoe import ModelConfig
 from hf_oracle import hf_model, rel_error
 
 TOPK = 5  # shorter than every test sequence: attention is sparse
+# (8 indexer heads: a token all of whose heads' ReLUs are zero, scoring exactly 0, is rare; exact ties are where
+# transformers' torch.topk and seekmoe's stable choice of the earlier token may differ)
 
 
 def hf_v32_config(**overrides):
@@ -22,7 +25,7 @@ def hf_v32_config(**overrides):
                     num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
                     n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
                     q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
-                    index_topk=TOPK, index_head_dim=16, index_n_heads=3, initializer_range=0.1,
+                    index_topk=TOPK, index_head_dim=16, index_n_heads=8, initializer_range=0.1,
                     max_position_embeddings=128, tie_word_embeddings=False)
     settings.update(overrides)
     return DeepseekV32Config(**settings)
@@ -62,6 +65,18 @@ def test_a_transformers_v32_folder_loads_with_its_logits_on_sequences_longer_tha
         assert rel_error(ours(ids).logits, logits) > 1e-2
 
 
+def test_a_yarn_scaled_v32_folder_loads_with_its_logits(tmp_path):
+    """YaRN's frequencies and cos/sin scale reach the indexer's rotation as they reach MLA's."""
+    from hf_oracle import YARN
+
+    reference = hf_v32_model(seed=3, rope_parameters=dict(YARN), num_hidden_layers=2)
+    reference.save_pretrained(tmp_path)
+    ours = seekmoe.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert ours.config.rope_scaling["factor"] == YARN["factor"]
+    ids = torch.randint(0, 97, (1, 6 * TOPK), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert rel_error(ours(ids).logits, reference(ids).logits) < 2e-4
+
 def test_save_then_transformers_reloads_the_same_logits(v32_folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -86,11 +101,14 @@ def test_greedy_decoding_through_seekmoes_caches_equals_transformers_generate(v3
                     max_seq_len=64, max_prefill_tokens=prefill)
     # in one batch: a prompt longer than index_topk, and one that outgrows it while decoding
     prompts = [[0, 5, 9, 13, 2, 7, 30, 31, 8, 60, 61], [0, 40, 41]]
-    greedy = SamplingParams(max_new_tokens=14, temperature=0, ignore_eos=True)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     ours = engine.generate(prompts, greedy)
+    assert [r.output_ids for r in engine.generate(prompts[1:], greedy)] == [ours[1].output_ids]  # batch or alone
+    reference = copy.deepcopy(reference)
+    reference.generation_config.eos_token_id = None  # no stop, as ignore_eos
     for prompt, request in zip(prompts, ours):
-        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=14, min_new_tokens=14, do_sample=False,
-                                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        theirs = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    max_new_tokens=12, do_sample=False)
         assert request.output_ids == theirs[0, len(prompt):].tolist()
 
 def test_v3_configs_keep_no_indexer_keys():
@@ -246,3 +264,82 @@ def test_info_counts_deepseek_v32_as_v3_plus_its_indexers_and_their_key_cache():
     assert v32["kv_cache_bytes_per_token"] == v3["kv_cache_bytes_per_token"] + 61 * 128 * 2
     # attention over 2048 keys costs far less than over all of them, the indexer's scan included
     assert v32["flops_per_token"] < 0.5 * v3["flops_per_token"]
+
+
+@pytest.mark.slow  # a minute of graph capture on 2 busy cores
+def test_compiled_decoding_with_mtp_drafts_gives_the_eager_tokens(monkeypatch):
+    """Graph capture (aot_eager) of the decode, verify and draft forwards, with the CUDA path's static shapes (a
+    padded batch, full-length cache reads whose mask hides the empty columns): the top-k is tensor-only."""
+    from torch._dynamo.utils import counters
+
+    from seekmoe.inference import Engine, SamplingParams, compiled
+
+    model = tiny_v32(num_nextn_predict_layers=1).eval()
+    prompts = [[0, 5, 6, 7, 8, 9, 10, 11, 12, 13], [0, 40]]  # longer and shorter than index_topk=8
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    want = [r.output_ids for r in Engine(model, max_batch_size=3, speculative="mtp", compile=False,
+                                         max_seq_len=64).generate(prompts, greedy)]
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, max_batch_size=3, speculative="mtp", compile=True, max_seq_len=64)
+    engine.forwards.static = True
+    assert [r.output_ids for r in engine.generate(prompts, greedy)] == want
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.slow  # a torchrun launch
+def test_tiny_v32_trains_under_expert_parallelism_with_the_losses_of_one_process(tmp_path, corpus, cache):
+    from test_distributed import WORKER, assert_same_losses, torchrun
+
+    one = _cli_train(["--preset", "tiny-v32", "--out", str(tmp_path / "one"), "--max-steps", "3"], corpus, cache)
+    job = ["train", "--preset", "tiny-v32", "--out", str(tmp_path / "ep2"), "--max-steps", "3", f"cache_dir={cache}",
+           "seq_len=32", "batch_size=2", "eval_every=100", "precision=fp32", "num_threads=1", "parallel.ep=2",
+           "--data", str(corpus), "--no-progress"]  # the same global batch of 4 sequences
+    torchrun(2, WORKER, "matrix", json.dumps([job]), timeout=600)
+    lines = (tmp_path / "ep2" / "metrics.jsonl").read_text().splitlines()
+    ep2 = [r for r in map(json.loads, lines) if "lm_loss" in r]
+    assert_same_losses([r["loss"] for r in ep2], [r["loss"] for r in one])
+    assert_same_losses([r["indexer_kl"] for r in ep2], [r["indexer_kl"] for r in one])
+
+
+@torch.no_grad()
+def test_decoding_attends_to_the_gathered_top_k_as_the_masked_attention_does():
+    from seekmoe.model.indexer import select_top_k, top_k_tokens
+
+    attention = tiny_v32().model.layers[1].self_attn
+    B, S, T, h, k = 3, 2, 30, 4, attention.index_topk
+    q_nope, q_pe = torch.randn(B, S, h, 16), torch.randn(B, S, h, 8)
+    c_kv, k_pe = torch.randn(B, T, 32), torch.randn(B, T, 8)
+    scores = torch.randn(B, S, T).relu()  # many exact zeros: ties
+    allowed = torch.arange(T) <= torch.tensor([[[[4], [5]]], [[[20], [21]]], [[[28], [29]]]])  # [B, 1, S, T]
+    chosen = top_k_tokens(scores, allowed, k)
+    gathered = attention.attend_selected(q_nope, q_pe, c_kv, k_pe, chosen, allowed)
+    masked = attention.attend_latent(q_nope, q_pe, c_kv, k_pe, select_top_k(scores, allowed, k))
+    assert rel_error(gathered, masked) < 1e-5
+    # ties go to the earlier token, whatever the row's length
+    assert torch.equal(top_k_tokens(scores[..., :22], allowed[..., :22], k)[1], chosen[1])
+
+
+def test_the_decoding_cache_holds_what_info_counts_the_indexer_key_beside_the_latent():
+    from seekmoe.inference import DecodeCache
+    from seekmoe.info import model_summary
+
+    model = tiny_v32()
+    cache = DecodeCache.for_model(model, 2, 16, torch.float32)
+    assert set(cache.tensors[0]) == {"c_kv", "k_pe", "index_k"} and cache.tensors[0]["index_k"].shape == (2, 17, 16)
+    summary = model_summary(model.config, cache_dtype="float32")
+    assert cache.bytes_per_token() == summary["kv_cache_bytes_per_token"] == (32 + 8 + 16) * 2 * 4
+
+
+@torch.no_grad()
+def test_the_indexer_scores_long_sequences_a_few_queries_at_a_time_with_the_same_result(monkeypatch):
+    from seekmoe.model import indexer as indexer_module
+
+    model = tiny_v32()
+    indexer = model.model.layers[0].self_attn.indexer
+    x, q_latent, keys = torch.randn(2, 40, 64), torch.randn(2, 40, 32), torch.randn(2, 40, 16)
+    cos, sin = model.model.rotary_emb(torch.arange(40))
+    whole = indexer(x, q_latent, keys, cos, sin)
+    monkeypatch.setattr(indexer_module, "SCORE_CHUNK_BYTES", 4 * 2 * 2 * 40 * 7)  # 7 queries a chunk
+    assert torch.allclose(indexer(x, q_latent, keys, cos, sin), whole, rtol=1e-6, atol=1e-7)

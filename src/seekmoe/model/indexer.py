@@ -16,6 +16,9 @@ from torch import nn
 from ..config import ModelConfig
 from .rope import apply_rope
 
+# The most bytes of per-head scores the indexer holds at once (see LightningIndexer.forward).
+SCORE_CHUNK_BYTES = 1 << 28
+
 
 class LightningIndexer(nn.Module):
     """I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s] / sqrt(index_head_dim)) for query t and past token s.
@@ -52,22 +55,38 @@ class LightningIndexer(nn.Module):
         normalized query latent) against keys [B, T, index_head_dim] (`key` of every token they may see)."""
         B, S, _ = x.shape
         q = self._rotate(self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim), cos, sin)
-        # fp32 even under autocast: the top-k choice turns on small score differences (transformers keeps
-        # weights_proj in fp32 for the same reason).
+        weights = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, heads]
+        keys_t = keys.float().transpose(-1, -2).unsqueeze(1)  # [B, 1, index_head_dim, T]
+        # Each head's ReLU comes before the weighted sum, so [B, S, heads, T] is made whole: a few queries at a time,
+        # within SCORE_CHUNK_BYTES (a 4K-token sequence of V3.2's 64 heads would need 4 GB at once).
+        step = max(1, SCORE_CHUNK_BYTES // (4 * B * self.n_heads * keys.shape[1]))
+        out = []
+        # The scores in fp32 even under autocast: the top-k choice turns on small score differences.
         with torch.autocast(x.device.type, enabled=False):
-            scores = F.relu(torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))
-                            * self.softmax_scale)  # [B, S, heads, T]
-            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # [B, S, heads]
-            return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, T]
+            for i in range(0, S, step):
+                scores = F.relu(torch.matmul(q[:, i:i + step].float(), keys_t) * self.softmax_scale)  # [B, s, h, T]
+                out.append(torch.matmul(weights[:, i:i + step].unsqueeze(-2), scores).squeeze(-2))  # [B, s, T]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def top_k_tokens(index_scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The `top_k` tokens [B, S, top_k] with the highest index_scores [B, S, T] (the earlier of equal ones) among
+    those `allowed` [B or 1, 1, S, T] lets each query see; where fewer are allowed, disallowed ones fill the rest
+    (attention masks them out)."""
+    masked = index_scores.masked_fill(~allowed[:, 0], float("-inf"))
+    # Exact ties are common (a token every head's ReLU zeroes scores 0): a stable sort gives them to the earlier
+    # token, so a query picks the same tokens whatever the row it is scored in (a prefill, a decoding step, a batch
+    # with longer neighbours). torch.topk breaks ties by an order that changes with the row's length (transformers
+    # uses it: the two agree wherever no tie straddles the k-th place).
+    return masked.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
 
 
 def select_top_k(index_scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Tensor:
     """The attention mask [B, 1, S, T] (True = attend) keeping, of the tokens `allowed` [B or 1, 1, S, T] lets each
-    query see, the `top_k` with the highest index_scores [B, S, T]: all of them where there are no more."""
+    query see, the `top_k` of `top_k_tokens`: all of them where there are no more."""
     B, S, T = index_scores.shape
     if T <= top_k:
         return allowed.expand(B, 1, S, T)
-    masked = index_scores.masked_fill(~allowed[:, 0], float("-inf"))
-    chosen = masked.topk(top_k, dim=-1).indices  # [B, S, top_k]; disallowed tokens only where fewer are allowed
-    keep = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, chosen, True)
+    chosen = top_k_tokens(index_scores, allowed, top_k)
+    keep = torch.zeros_like(index_scores, dtype=torch.bool).scatter_(-1, chosen, True)
     return (keep & allowed[:, 0]).unsqueeze(1)

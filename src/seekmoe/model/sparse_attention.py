@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import ABSORB_MAX_QUERIES, CacheLayer, MultiHeadLatentAttention
-from .indexer import LightningIndexer, select_top_k
+from .indexer import LightningIndexer, select_top_k, top_k_tokens
 
 # How the indexer takes part in a forward (`SparseLatentAttention.indexer_stage`, set once per run by a training
 # stage, train/indexer_warmup.py): None, inference and ordinary training, sparse attention and no indexer loss;
@@ -63,6 +63,9 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             fused_causal = attn_mask is None or getattr(cache, "causal", False)
         else:
             index_scores = self.indexer(x_index, q_index, index_k, cos, sin)  # [B, S, T]
+            if cache is not None and S <= ABSORB_MAX_QUERIES and not dense and not learn:  # decoding
+                chosen = top_k_tokens(index_scores, allowed, self.index_topk)
+                return self.attend_selected(q_nope, q_pe, c_kv, k_pe, chosen, allowed)
             mask = allowed if dense else select_top_k(index_scores, allowed, self.index_topk)
             fused_causal = dense and attn_mask is None
             if learn:
@@ -70,6 +73,20 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         if cache is not None and S <= ABSORB_MAX_QUERIES:
             return self.attend_latent(q_nope, q_pe, c_kv, k_pe, mask)
         return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, None if fused_causal else mask)
+
+    def attend_selected(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                        chosen: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Absorbed attention (`attend_latent`) of each query over only its chosen tokens [B, S, k], gathered from
+        the cached c_kv [B, T, kv_lora_rank] and k_pe [B, T, rope_dim]: a decoding step's attention costs index_topk
+        tokens, whatever the context. Each query is its own row; `allowed` [B or 1, 1, S, T] masks chosen tokens
+        it may not see (where it sees fewer than k)."""
+        B, S, h, _ = q_nope.shape
+        rows = torch.arange(B, device=chosen.device)[:, None, None]
+        c_sel, pe_sel = c_kv[rows, chosen].flatten(0, 1), k_pe[rows, chosen].flatten(0, 1)  # [B * S, k, ...]
+        valid = allowed[:, 0].expand(B, S, -1).gather(-1, chosen).view(B * S, 1, 1, -1)
+        out = self.attend_latent(q_nope.reshape(B * S, 1, h, -1), q_pe.reshape(B * S, 1, h, -1), c_sel, pe_sel,
+                                 valid)
+        return out.view(B, S, -1)
 
     def _indexer_kl(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                     index_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,9 @@ from ..model.grouped_swiglu import grouped_swiglu
 from .formats import QuantSpec, dequantize, quantize
 from .kernels import gathered_quantized_swiglu, quantized_linear
 
-UNQUANTIZED_LINEARS = ("kv_b_proj",)  # read as a matrix by the absorbed MLA decoding path
+# kv_b_proj is read as a matrix by the absorbed MLA decoding path; the lightning indexer's projections (V3.2, V4)
+# pick which tokens attention sees, and int8 rounding there changes the picks (tiny-v32: logits 0.10 off, not 0.006).
+UNQUANTIZED_LINEARS = ("kv_b_proj", "wq_b", "wk", "weights_proj")
 
 
 class QuantizedTensor(nn.Module):
