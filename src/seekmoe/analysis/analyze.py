@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import modality, probes, specialization, statistics
-from .capture import LayerRouting, RoutingCapture
+from .capture import LayerRouting, RoutingCapture, main_moe_layers
 from .sources import ImageChats, Source, batches
 
 
@@ -92,16 +92,20 @@ def analyze(model: nn.Module, tokenizer, sources: Sequence[Source], batch_size: 
     config = getattr(model.config, "text_config", model.config)
     E, k = config.n_routed_experts, config.num_experts_per_tok
     routed = route(model, sources, batch_size, progress)
+    # "hash": the layer's experts come from a fixed token table (DeepSeek-V4's hash_moe layers), "learned": a router
+    kinds = {i: "learned" if moe.gate.ranks_experts else "hash" for i, moe in main_moe_layers(model)}
     results: dict = {
         "model": {"n_routed_experts": E, "num_experts_per_tok": k, "n_shared_experts": config.n_shared_experts,
                   "moe_layers": [layer.layer for layer in routed.layers], "topk_method": config.topk_method,
-                  "scoring_func": config.scoring_func, "n_group": config.n_group, "topk_group": config.topk_group},
+                  "scoring_func": config.scoring_func, "n_group": config.n_group, "topk_group": config.topk_group,
+                  "routing": [kinds[layer.layer] for layer in routed.layers]},
         "sources": [{"name": s.name, "sequences": s.shape[0], "seq_len": s.shape[1], "tokens": s.tokens}
                     for s in sources],
         "definitions": {**statistics.DEFINITIONS, **specialization.DEFINITIONS, **modality.DEFINITIONS,
                         **probes.DEFINITIONS},
         "loss": routed.loss,
-        "layers": [statistics.layer_statistics(layer, routed.next_in_sequence, E) for layer in routed.layers],
+        "layers": [{**statistics.layer_statistics(layer, routed.next_in_sequence, E), "routing": kinds[layer.layer]}
+                   for layer in routed.layers],
         "domain": [{"layer": layer.layer, **specialization.domain_specialization(layer, routed.source, len(sources), E)}
                    for layer in routed.layers],
         "vocabulary": [{"layer": layer.layer, **specialization.vocabulary_specialization(

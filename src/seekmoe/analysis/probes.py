@@ -34,12 +34,13 @@ DEFINITIONS = {
 def routing_override(model: nn.Module, top_k: int | None = None, skip_top: int = 0,
                      shared: bool = True) -> Iterator[None]:
     """Within the block, every main MoE layer routes to `top_k` experts (None: as trained) after masking each
-    token's `skip_top` best ones, and its shared experts are off unless `shared`."""
+    token's `skip_top` best ones, and its shared experts are off unless `shared`. Layers whose router does not rank
+    experts (hash routing) keep routing by their table."""
     handles, hooked = [], []
     hook = RoutingHook(top_k=top_k, skip_top=skip_top) if top_k is not None or skip_top else None
     try:
         for _, moe in main_moe_layers(model):
-            if hook is not None:
+            if hook is not None and moe.gate.ranks_experts:  # hash-routed layers keep their token table
                 moe.gate.set_routing_hook(hook)  # ValueError naming the setting when the router cannot honour it
                 hooked.append(moe.gate)
             if not shared and moe.shared_experts is not None:
@@ -72,7 +73,9 @@ def ablation_probes(model: nn.Module, sources: Sequence[Source], batch_size: int
     """Validation loss as trained, with the top-r routed experts disabled (r = 1..k), without the shared experts
     (and with them off and k+1 routed), and with k = 1..min(2k, reachable) routed experts at inference."""
     moe = main_moe_layers(model)
-    router = moe[0][1].gate
+    # the routing probes change the layers that rank experts; hash-routed ones (DeepSeek-V4's first layers) stay
+    ranking = [m.gate for _, m in moe if m.gate.ranks_experts]
+    router = ranking[0] if ranking else moe[0][1].gate
     out: dict = {"baseline": evaluate_loss(model, sources, batch_size, progress, "probe: as trained")}
     has_shared = moe[0][1].shared_experts is not None
     if has_shared:
@@ -83,13 +86,17 @@ def ablation_probes(model: nn.Module, sources: Sequence[Source], batch_size: int
     if problem:  # a router that does not rank its experts (hash routing)
         out["note"] = f"routing probes skipped: {problem}"
         return out
+    if len(ranking) < len(moe):
+        hashed = [i for i, m in moe if not m.gate.ranks_experts]
+        out["note"] = (f"routing probes change the learned layers only: hash-routed layer(s) {hashed} keep their "
+                       f"token table")
     out["top_k_trained"], out["reachable_experts"] = k, reach
     out["skip_top"] = {}
     for r in range(1, k + 1):
         problem = router.hook_problem(RoutingHook(skip_top=r))
         if problem:
             if r == 1:
-                out["note"] = f"top-r probes skipped: {problem}"
+                out["note"] = "; ".join(filter(None, [out.get("note"), f"top-r probes skipped: {problem}"]))
             break
         with routing_override(model, skip_top=r):
             out["skip_top"][r] = evaluate_loss(model, sources, batch_size, progress, f"probe: top-{r} disabled")

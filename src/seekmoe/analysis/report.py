@@ -114,7 +114,9 @@ def _summary(results: dict) -> str:
             "<th>consecutive top-k overlap (random)</th><th>token concentration (random)</th></tr>"]
     for s, v in zip(results["layers"], results["vocabulary"]):
         c = s["consecutive"]
-        rows.append(f"<tr><td>{s['layer']}</td><td class=n>{s['tokens']}</td><td class=n>{_fmt(s['max_vio'])}</td>"
+        # a hash-routed layer (DeepSeek-V4's first layers) is marked: its experts follow a fixed token table
+        layer = f"{s['layer']} (hash)" if s.get("routing") == "hash" else str(s["layer"])
+        rows.append(f"<tr><td>{layer}</td><td class=n>{s['tokens']}</td><td class=n>{_fmt(s['max_vio'])}</td>"
                     f"<td class=n>{_fmt(s['routing_entropy'])} / ln E = {_fmt(s['routing_entropy_max'])}</td>"
                     f"<td class=n>{_fmt(s['load_entropy'])}</td><td class=n>{_pct(s['dropped_share'])}</td>"
                     f"<td class=n>{_pct(s['shared_norm_share'])}</td>"

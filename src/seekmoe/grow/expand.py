@@ -167,6 +167,9 @@ def _fill_layer(old: MoE, new: MoE, layout: ExpertLayout, init: str, noise: floa
     for param, values in ((experts.gate_up_proj, old_gate_up), (experts.down_proj, old_down),
                           (router.weight, old_router)):
         param.index_copy_(0, keep, values.to(param.dtype))
+    if hasattr(old.gate, "tid2eid"):  # a hash-routed layer (DeepSeek-V4): its token table names experts by new id
+        # (the table never picks the added experts: they learn only in the layers a router ranks)
+        new.gate.tid2eid.copy_(keep[old.gate.tid2eid])
     old_bias = old.gate.e_score_correction_bias
     if old_bias is not None:
         router.e_score_correction_bias.index_copy_(0, keep, old_bias)
