@@ -84,7 +84,7 @@ PRESETS["deepseek-v3.2"] = {**PRESETS["deepseek-v3"], "index_topk": 2048, "index
                             "index_head_dim": 128}
 # For tests and a CPU demo of sparse attention: `tiny` with an indexer whose top-k (8) is shorter than the
 # training sequences, so attention is sparse in every step.
-PRESETS["tiny-v32"] = {**PRESETS["tiny"], "index_topk": 8, "index_n_heads": 2, "index_head_dim": 16}
+PRESETS["tiny-v32"] = {**PRESETS["tiny"], "index_topk": 8, "index_n_heads": 8, "index_head_dim": 16}
 # DeepSeek-V4 (model_type deepseek_v4). Flash: transformers' default DeepseekV4Config (284.3B without MTP, 13B
 # active), the compressed branches' YaRN as the release's config.json gives it. Pro: the release's config.json.
 _V4_YARN = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}
