@@ -50,3 +50,50 @@ def test_sft_of_a_v4_model_takes_one_example_a_row_and_lowers_its_loss(tmp_path,
         got = sft_forward(model, batch, torch.device("cpu"), None).lm_loss
         want = model(torch.tensor([ex.ids]), labels=torch.tensor([ex.labels])).lm_loss
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_v4_decoding_gives_eager_greedy_tokens(monkeypatch):
+    """The Engine's compiled decode step (fullgraph: a graph break is an error) on V4's per-token caches, past a
+    CSA and an HCA window closing mid-decoding (aot_eager: the graphs inductor would compile, captured fast)."""
+    from torch._dynamo.utils import counters
+
+    from seekmoe import ModelConfig
+    from seekmoe.inference import Engine, SamplingParams, compiled
+    from seekmoe.model import CausalLM
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.preset("tiny-v4", num_hidden_layers=3)).eval()
+    prompt = [torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(3)).tolist()]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)  # to 21 tokens: the HCA window at 16
+    want = [r.output_ids for r in Engine(model, max_batch_size=1, compile=False).generate(prompt, greedy)]
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, max_batch_size=1, compile=True)
+    assert [r.output_ids for r in engine.generate(prompt, greedy)] == want
+    assert engine.forwards.compile_seconds > 0 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_expert_parallel_training_of_tiny_v4_reproduces_one_process(corpus, cache, tmp_path):
+    """torchrun with 2 processes, ep=2 (the hash-routed first layer's experts split too): the losses of 3 steps
+    within 1e-4 of one process's."""
+    from test_distributed import WORKER, torchrun
+
+    from seekmoe.train import load_run_config
+    from seekmoe.train.metrics import read_metrics
+    from seekmoe.train.trainer import Trainer
+
+    def run_settings(per_rank_batch: int, **extra) -> dict:
+        return {"seq_len": 32, "batch_size": per_rank_batch, "max_steps": 3, "warmup_steps": 1, "eval_every": 3,
+                "save_every": 3, "eval_batches": 1, "cache_dir": cache, "precision": "fp32", "lr": 3e-3,
+                "bias_update_speed": 0.01, **extra}
+
+    model_config, config = load_run_config("tiny-v4", overrides=run_settings(4))
+    Trainer(model_config, config, tmp_path / "one", data=[str(corpus)], progress=False).run()
+    torchrun(2, WORKER, "train", str(tmp_path / "two"), str(corpus),
+             json.dumps({**run_settings(2, parallel={"ep": 2}), "preset": "tiny-v4"}))
+    want = [r["loss"] for r in read_metrics(tmp_path / "one")]
+    got = [r["loss"] for r in read_metrics(tmp_path / "two")]
+    assert len(got) == len(want) == 3
+    for step, (a, b) in enumerate(zip(got, want), start=1):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs {b}"
