@@ -124,11 +124,13 @@ def run_training(out: str, corpus: str, overrides: str) -> None:
     settings = json.loads(overrides)
     stop_at = settings.pop("stop_at", None)
     init_from = settings.pop("init_from", None)  # grow-training: the expanded model's folder
-    model_config, config = load_run_config(None if init_from else "tiny", overrides=settings, init_from=init_from)
+    preset = settings.pop("preset", "tiny")
+    model_config, config = load_run_config(None if init_from else preset, overrides=settings, init_from=init_from)
     trainer = Trainer(model_config, config, out, data=[corpus], resume=True, stop_at=stop_at, progress=False,
                       init_from=init_from)
     trainer.run()
-    biases = torch.stack([m.gate.e_score_correction_bias for m in trainer.model.moe_layers()])
+    biases = torch.stack([m.gate.e_score_correction_bias for m in trainer.model.moe_layers()
+                          if m.gate.e_score_correction_bias is not None])  # hash-routed layers (V4) have none
     gathered = [torch.empty_like(biases) for _ in range(trainer.world_size)]
     dist.all_gather(gathered, biases)
     assert all(torch.equal(g, gathered[0]) for g in gathered), "router biases differ between ranks"

@@ -80,6 +80,14 @@ class CausalLM(nn.Module):
         for module in self.modules():
             init_module(module, self.config.initializer_range)
 
+    @property
+    def supports_packed_masks(self) -> bool:
+        """Whether a block-diagonal `attn_mask` keeps packed examples apart in this model (not DeepSeek-V4's: its
+        compressed keys span whole windows of the row; attention_choice.supports_packed_masks)."""
+        from .attention_choice import supports_packed_masks
+
+        return supports_packed_masks(self.config)
+
     def moe_layers(self) -> list[MoE]:
         """Every MoE layer, main blocks first, then MTP modules: the order of `expert_counts` rows."""
         return [m for m in self.modules() if isinstance(m, MoE)]

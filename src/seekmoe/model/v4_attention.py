@@ -46,6 +46,10 @@ class GroupedLinear(nn.Linear):
 class V4Attention(nn.Module):
     """Sliding-window attention over one shared KV head, with compressed keys (CSA or HCA) by layer type."""
 
+    # Compressed windows start at position 0 of the row and would span packed examples: one example a row (SFT
+    # reads this through model.attention_choice.supports_packed_masks).
+    supports_packed_masks = False
+
     def __init__(self, config: ModelConfig, layer_idx: int, rotary: V4RotaryEmbedding):
         super().__init__()
         self.config = config

@@ -2,7 +2,8 @@
 
 The run is pretraining's `Trainer` (LR schedule, balancing, checkpoints, exact resume, metrics.jsonl, plots,
 final/) given `SFTData` for its data and `sft_forward` for its objective: loss on the assistant's tokens only, several
-examples packed per sequence without attention across them. Router biases keep moving by the auxiliary-loss-free
+examples packed per sequence without attention across them (one a row for a model whose attention cannot keep them
+apart: DeepSeek-V4). Router biases keep moving by the auxiliary-loss-free
 rule unless `--freeze-router-bias`, and the balance losses of the model's config stay on.
 """
 
@@ -28,6 +29,7 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, override
     ('align': the projector alone; 'full': projector and language model, the tower too if `train_vision_tower`);
     file:// images are read only under `image_dir` (default: the first data file's folder)."""
     from ..inference.tokenizer import Tokenizer
+    from ..model.attention_choice import supports_packed_masks
     from ..train.config import load_run_config
     from ..train.trainer import Trainer
     from .sft_data import SFTData, sft_forward
@@ -49,9 +51,10 @@ def sft(model_dir: str | Path, data: list[str | Path], out: str | Path, override
     if vision:
         return _vision_sft(model_dir, data, out, config, model_config, tokenizer, resume, stop_at, progress,
                            vision_tower, stage, train_vision_tower, image_dir)
+    packed = supports_packed_masks(model_config)  # DeepSeek-V4: one example a row
     trainer = Trainer(model_config, config, out, resume=resume, stop_at=stop_at, progress=progress,
-                      init_from=model_dir, make_data=lambda hf, rank, size: SFTData(data, tokenizer, config, hf, rank, size),
-                      forward=sft_forward)
+                      init_from=model_dir, forward=sft_forward,
+                      make_data=lambda hf, rank, size: SFTData(data, tokenizer, config, hf, rank, size, packed=packed))
     return trainer.run()
 
 

@@ -9,7 +9,9 @@ prompt ends with "Assistant:", the completion is " " + content followed by the e
 
 Packing: examples are laid end to end in rows of `seq_len` tokens. Each row carries `position_ids` that restart at
 0 for every example and a block-diagonal causal `attn_mask`, so a packed example computes exactly what it computes
-alone (tested); the MoE layers are dropless, so routing is per token and unaffected too.
+alone (tested); the MoE layers are dropless, so routing is per token and unaffected too. A model whose attention
+cannot respect such a mask (DeepSeek-V4: `CausalLM.supports_packed_masks`) gets one example a row instead, padded
+at its end, under the plain causal mask (no `attn_mask`): the padding comes after every trained token.
 """
 
 from __future__ import annotations
@@ -111,20 +113,24 @@ def render_example(record: dict, tokenizer: Tokenizer) -> SFTExample:
 
 @dataclass
 class PackedBatch:
-    """Packed rows: input_ids, labels, position_ids [B, S] and attn_mask [B, 1, S, S] (True = may attend)."""
+    """Packed rows: input_ids, labels, position_ids [B, S] and attn_mask [B, 1, S, S] (True = may attend; None: one
+    example a row, the plain causal mask)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
-    attn_mask: torch.Tensor
+    attn_mask: torch.Tensor | None
 
     def to(self, device: torch.device) -> "PackedBatch":
-        return PackedBatch(*(t.to(device, non_blocking=True) for t in
+        return PackedBatch(*(None if t is None else t.to(device, non_blocking=True) for t in
                              (self.input_ids, self.labels, self.position_ids, self.attn_mask)))
 
 
-def pack_examples(examples: list[SFTExample], seq_len: int) -> list[list[SFTExample]]:
-    """Rows of examples whose lengths sum to at most seq_len, filled in order (next-fit)."""
+def pack_examples(examples: list[SFTExample], seq_len: int, packed: bool = True) -> list[list[SFTExample]]:
+    """Rows of examples whose lengths sum to at most seq_len, filled in order (next-fit); one example a row unless
+    `packed`."""
+    if not packed:
+        return [[ex] for ex in examples]
     rows: list[list[SFTExample]] = []
     used = seq_len
     for ex in examples:
@@ -136,9 +142,9 @@ def pack_examples(examples: list[SFTExample], seq_len: int) -> list[list[SFTExam
     return rows
 
 
-def collate(rows: list[list[SFTExample]], seq_len: int, pad_id: int) -> PackedBatch:
+def collate(rows: list[list[SFTExample]], seq_len: int, pad_id: int, packed: bool = True) -> PackedBatch:
     """The PackedBatch of packed rows, padded to seq_len: a padding token attends only to itself and is never
-    trained."""
+    trained. Unless `packed` (rows of one example each), no attn_mask: the plain causal mask."""
     B = len(rows)
     ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), IGNORE, dtype=torch.long)
@@ -153,6 +159,10 @@ def collate(rows: list[list[SFTExample]], seq_len: int, pad_id: int) -> PackedBa
             positions[b, start:start + n] = torch.arange(n)
             segment[b, start:start + n] = k
             start += n
+    if not packed:
+        if any(len(row) > 1 for row in rows):
+            raise ValueError("collate(packed=False) takes rows of one example each")
+        return PackedBatch(ids, labels, positions, None)
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
     mask = (segment[:, :, None] == segment[:, None, :]) & causal  # [B, S, S]
     return PackedBatch(ids, labels, positions, mask[:, None])
@@ -168,9 +178,11 @@ class SFTData:
     """
 
     def __init__(self, paths: list[str | Path], tokenizer: Tokenizer, config: TrainConfig, hf_tokenizer=None,
-                 dp_rank: int = 0, dp_size: int = 1, render=None):
-        """`render(record)` makes an SFTExample of a record (default: render_example through `tokenizer`)."""
+                 dp_rank: int = 0, dp_size: int = 1, render=None, packed: bool = True):
+        """`render(record)` makes an SFTExample of a record (default: render_example through `tokenizer`);
+        `packed=False` gives one example a row (a model without `supports_packed_masks`)."""
         self.config = config
+        self.packed = packed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.tokenizer = hf_tokenizer  # what the checkpoints and final/ save
         self.pad_id = tokenizer.eos_token_id
@@ -188,8 +200,8 @@ class SFTData:
         random.Random(config.seed).shuffle(kept)
         n_val = max(1, round(len(kept) * config.val_fraction)) if len(kept) >= 20 and config.val_fraction > 0 else 0
         val, train = kept[:n_val], kept[n_val:]
-        self.train = pack_examples(train, config.seq_len)
-        self.val = pack_examples(val, config.seq_len) if val else []
+        self.train = pack_examples(train, config.seq_len, packed)
+        self.val = pack_examples(val, config.seq_len, packed) if val else []
         self.order = SequenceOrder(len(self.train), config.seed)
         self.meta = {"files": [str(p) for p in paths], "examples": len(train), "val_examples": len(val),
                      "dropped_too_long": len(examples) - len(kept), "packed_rows": len(self.train),
@@ -198,7 +210,8 @@ class SFTData:
     def describe(self) -> str:
         """For the trainer's start-up line."""
         dropped = self.meta["dropped_too_long"]
-        return (f"{self.meta['examples']:,} SFT examples packed into {len(self.train):,} sequences of "
+        how = "packed into" if self.packed else "one a row (this model's attention cannot keep packed examples apart) in"
+        return (f"{self.meta['examples']:,} SFT examples {how} {len(self.train):,} sequences of "
                 f"{self.config.seq_len} tokens" + (f" ({dropped} longer than seq_len dropped)" if dropped else ""))
 
     @property
@@ -222,7 +235,7 @@ class SFTData:
 
     def collate(self, rows: list[list[SFTExample]]) -> PackedBatch:
         """One micro-batch of packed rows (vision/sft.py's data adds the rows' images)."""
-        return collate(rows, self.config.seq_len, self.pad_id)
+        return collate(rows, self.config.seq_len, self.pad_id, self.packed)
 
     def state_dict(self) -> dict:
         """The position in the data."""

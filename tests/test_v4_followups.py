@@ -1,0 +1,99 @@
+"""DeepSeek-V4 beyond its forward: SFT (one example a row: its compressed keys cannot respect a packed mask)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seekmoe import from_pretrained
+from seekmoe.cli import main
+from seekmoe.inference.tokenizer import Tokenizer
+from seekmoe.posttrain.demo import make_base_model
+from seekmoe.posttrain.sft_data import collate, render_example, sft_forward
+
+PAIRS = [("What is the capital of Arvelia?", "Tosk"), ("Name the capital of Brimora.", "Quill"),
+         ("Which city is the capital of Caldor?", "Vemm"), ("Dunwich: capital?", "Orra")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_thread_count():
+    """The runs here ask for num_threads=1; the rest of the suite keeps its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sft_of_a_v4_model_takes_one_example_a_row_and_lowers_its_loss(tmp_path, capsys):
+    records = [{"prompt": p, "completion": c} for p, c in PAIRS] * 6
+    texts = [f"User: {r['prompt']}\n\nAssistant: {r['completion']}" for r in records]
+    # index_topk=16 >= 40 / 4 windows: the indexer's choice never binds here. Where it binds, ReLU's exact ties (score
+    # 0) are broken by topk as transformers breaks them, which depends on the row's length: padding may then pick
+    # another of the tied windows.
+    base = make_base_model(tmp_path / "base", texts, preset="tiny-v4", vocab_size=300, index_topk=16)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    assert main(["sft", "--model", str(base), "--data", str(tmp_path / "train.jsonl"), "--out", str(out),
+                 "--max-steps", "12", "--no-progress", "lr=5e-3", "seq_len=40", "batch_size=4", "warmup_steps=1",
+                 "precision=fp32", "num_threads=1", "eval_every=12", "save_every=12", "val_fraction=0"]) == 0
+    assert "SFT examples one a row" in capsys.readouterr().out
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+
+    # The loss SFT computes on an example (a padded row, no attn_mask) is the model's plain forward on it.
+    model, tok = from_pretrained(out / "final").eval(), Tokenizer(out / "final")
+    ex = render_example(records[1], tok)
+    batch = collate([[ex]], 40, tok.eos_token_id, packed=False)
+    assert batch.attn_mask is None and batch.input_ids.shape == (1, 40) and len(ex.ids) < 40
+    with torch.no_grad():
+        got = sft_forward(model, batch, torch.device("cpu"), None).lm_loss
+        want = model(torch.tensor([ex.ids]), labels=torch.tensor([ex.labels])).lm_loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_v4_decoding_gives_eager_greedy_tokens(monkeypatch):
+    """The Engine's compiled decode step (fullgraph: a graph break is an error) on V4's per-token caches, past a
+    CSA and an HCA window closing mid-decoding (aot_eager: the graphs inductor would compile, captured fast)."""
+    from torch._dynamo.utils import counters
+
+    from seekmoe import ModelConfig
+    from seekmoe.inference import Engine, SamplingParams, compiled
+    from seekmoe.model import CausalLM
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.preset("tiny-v4", num_hidden_layers=3)).eval()
+    prompt = [torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(3)).tolist()]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)  # to 21 tokens: the HCA window at 16
+    want = [r.output_ids for r in Engine(model, max_batch_size=1, compile=False).generate(prompt, greedy)]
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, max_batch_size=1, compile=True)
+    assert [r.output_ids for r in engine.generate(prompt, greedy)] == want
+    assert engine.forwards.compile_seconds > 0 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_expert_parallel_training_of_tiny_v4_reproduces_one_process(corpus, cache, tmp_path):
+    """torchrun with 2 processes, ep=2 (the hash-routed first layer's experts split too): the losses of 3 steps
+    within 1e-4 of one process's."""
+    from test_distributed import WORKER, torchrun
+
+    from seekmoe.train import load_run_config
+    from seekmoe.train.metrics import read_metrics
+    from seekmoe.train.trainer import Trainer
+
+    def run_settings(per_rank_batch: int, **extra) -> dict:
+        return {"seq_len": 32, "batch_size": per_rank_batch, "max_steps": 3, "warmup_steps": 1, "eval_every": 3,
+                "save_every": 3, "eval_batches": 1, "cache_dir": cache, "precision": "fp32", "lr": 3e-3,
+                "bias_update_speed": 0.01, **extra}
+
+    model_config, config = load_run_config("tiny-v4", overrides=run_settings(4))
+    Trainer(model_config, config, tmp_path / "one", data=[str(corpus)], progress=False).run()
+    torchrun(2, WORKER, "train", str(tmp_path / "two"), str(corpus),
+             json.dumps({**run_settings(2, parallel={"ep": 2}), "preset": "tiny-v4"}))
+    want = [r["loss"] for r in read_metrics(tmp_path / "one")]
+    got = [r["loss"] for r in read_metrics(tmp_path / "two")]
+    assert len(got) == len(want) == 3
+    for step, (a, b) in enumerate(zip(got, want), start=1):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs {b}"
