@@ -417,9 +417,9 @@ def step_decode(check: Check, step: Step) -> None:
     if check.dry:
         compiled_forwards.BACKEND = "eager"  # the same graphs captured, without inductor's minutes on a CPU
     config, batches, prompt_len, new_tokens = decode_setup(check)
-    # The dry run decodes in fp32: compiled decoding of a bf16 model fails on the CPU under torch 2.13 (dynamo's
-    # guard on the shared DecoderBlock.forward raises KeyError 'gate_proj' on the MoE block); the GPU run decodes in
-    # bf16 and reports such a failure.
+    # The dry run decodes in fp32 (bf16 matrix products are emulated, slowly, on AVX2-only CPUs); the GPU run in
+    # bf16. (Compiled bf16 decoding once failed with KeyError 'gate_proj': a graph break under skipped module guards;
+    # decoding now compiles with fullgraph, tests/test_quant.py.)
     dtype = torch.float32 if check.dry else torch.bfloat16
     model_dir = check.tmp / "decode-model"
     torch.manual_seed(0)
