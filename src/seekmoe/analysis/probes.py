@@ -38,9 +38,13 @@ def routing_override(model: nn.Module, top_k: int | None = None, skip_top: int =
     experts (hash routing) keep routing by their table."""
     handles, hooked = [], []
     hook = RoutingHook(top_k=top_k, skip_top=skip_top) if top_k is not None or skip_top else None
+    layers = main_moe_layers(model)
+    # Hash-routed layers keep their token table; with no layer that ranks experts there is nothing to probe, and the
+    # router says so (set_routing_hook raises ValueError naming the setting).
+    refuse = hook is not None and layers and not any(m.gate.ranks_experts for _, m in layers)
     try:
-        for _, moe in main_moe_layers(model):
-            if hook is not None and moe.gate.ranks_experts:  # hash-routed layers keep their token table
+        for _, moe in layers:
+            if hook is not None and (moe.gate.ranks_experts or refuse):
                 moe.gate.set_routing_hook(hook)  # ValueError naming the setting when the router cannot honour it
                 hooked.append(moe.gate)
             if not shared and moe.shared_experts is not None:

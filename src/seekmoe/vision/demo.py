@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     # constant vector that drowns what differs between cells, and the full stage then learns nothing from pictures.
     p.add_argument("--align-lr", type=float, default=3e-4, help="learning rate of the align stage (small: see above)")
     p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the full stage")
+    p.add_argument("--train-tower", action="store_true",
+                   help="train the vision tower in the full stage too (default: frozen, as LLaVA does)")
     p.add_argument("--batch-size", type=int, default=8, help="packed rows of 128 tokens a step (~4 questions each)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LLaVA stage 2 (full): {args.full_steps} steps", flush=True)
     sft(out / "align" / "final", [train_path], out / "full", {**common, "max_steps": args.full_steps, "lr": args.lr,
                                                                "save_every": args.full_steps},
-        progress=False, stage="full", train_vision_tower=True, image_dir=image_dir)
+        progress=False, stage="full", train_vision_tower=args.train_tower, image_dir=image_dir)
     final = out / "full" / "final"
     rows.append(("after align + full", accuracy(from_pretrained(final, dtype=torch.float32), text_model, held,
                                                 image_dir)))
