@@ -54,6 +54,7 @@ def test_sft_of_a_v4_model_takes_one_example_a_row_and_lowers_its_loss(tmp_path,
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # test_families_integration compares compiled and eager V4 generation in the default suite
 def test_compiled_v4_decoding_gives_eager_greedy_tokens(monkeypatch):
     """The Engine's compiled decode step (fullgraph: a graph break is an error) on V4's per-token caches, past a
     CSA and an HCA window closing mid-decoding (aot_eager: the graphs inductor would compile, captured fast)."""
@@ -76,6 +77,7 @@ def test_compiled_v4_decoding_gives_eager_greedy_tokens(monkeypatch):
     assert engine.forwards.compile_seconds > 0 and not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow  # test_families_integration runs V4 under torchrun with ep=2 against one process by default
 def test_expert_parallel_training_of_tiny_v4_reproduces_one_process(corpus, cache, tmp_path):
     """torchrun with 2 processes, ep=2 (the hash-routed first layer's experts split too): the losses of 3 steps
     within 1e-4 of one process's."""
