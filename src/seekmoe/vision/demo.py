@@ -161,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", type=int, default=200, help="held-out pictures (3 questions each)")
     p.add_argument("--text-steps", type=int, default=100, help="text pretraining steps (questions and answers)")
     p.add_argument("--align-steps", type=int, default=50, help="LLaVA stage 1: the projector alone")
-    p.add_argument("--full-steps", type=int, default=600, help="LLaVA stage 2: projector, tower and language model")
+    p.add_argument("--full-steps", type=int, default=600, help="LLaVA stage 2: projector and language model (the tower too with --train-tower)")
     p.add_argument("--grid", type=int, default=3, help="cells a picture side (1 to grid*grid - 1 shapes)")
     # Aligning at a pretraining-like lr blows the fresh projector's outputs up (norms x40 in 100 steps) into one
     # constant vector that drowns what differs between cells, and the full stage then learns nothing from pictures.
     p.add_argument("--align-lr", type=float, default=3e-4, help="learning rate of the align stage (small: see above)")
-    p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the full stage")
+    # The same for the full stage: at 5e-3 the projected features grew to ~100x the text embeddings, nearly one vector,
+    # and the language model learned to ignore the image tokens (answers at the blind guess); at 1e-3 it reads them.
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the full stage")
     p.add_argument("--train-tower", action="store_true",
                    help="train the vision tower in the full stage too (default: frozen, as LLaVA does)")
     p.add_argument("--batch-size", type=int, default=8, help="packed rows of 128 tokens a step (~4 questions each)")
