@@ -38,6 +38,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # model_types whose checkpoints hold each layer's experts stacked (`mlp.experts.gate_up_proj` [E, 2I, H]), as
 # transformers writes a model it has no per-expert key conversion for; loading reads either form.
 STACKED_EXPERT_MODEL_TYPES = ("deepseek_ocr2_text",)
+VISION_MODEL_TYPES = ("kimi_k25", "deepseek_ocr2")  # folders vision/checkpoint.py loads
 
 
 # ----------------------------------------------------------------------------------------------------- saving
@@ -255,7 +256,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     raw = read_config_json(path / "config.json")
-    if raw.get("model_type") == "kimi_k25":  # a vision-language model: MoonViT + projector + this CausalLM
+    if raw.get("model_type") in VISION_MODEL_TYPES:  # vision-language: image encoders + projector + a CausalLM
         from .vision.checkpoint import load_vision_language
 
         return load_vision_language(path, raw, dtype=dtype, device=device)

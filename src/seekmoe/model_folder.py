@@ -119,6 +119,10 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         from .vision.config import text_config_dict
 
         raw = text_config_dict(raw, str(path))
+    elif raw.get("model_type") == "deepseek_ocr2":
+        from .vision.ocr2_config import ocr2_text_config_dict
+
+        raw = ocr2_text_config_dict(raw, str(path))
     return config_from_dict(raw, str(path))
 
 

@@ -53,7 +53,12 @@ def read_vision_language_config(raw: dict, source: str) -> VisionLanguageConfig:
 def load_vision_language(path: Path, raw: dict, dtype: torch.dtype | None = None,
                          device: str | torch.device | None = None) -> VisionLanguageModel:
     """A Kimi-K2.5 folder as a VisionLanguageModel. Shapes and completeness are checked on the meta device first,
-    as for a text model; then each tensor is copied into place once, in `dtype` (default: the checkpoint's)."""
+    as for a text model; then each tensor is copied into place once, in `dtype` (default: the checkpoint's).
+    A DeepSeek-OCR-2 folder (model_type `deepseek_ocr2`) loads as an Ocr2Model (vision/ocr2_checkpoint.py)."""
+    if raw.get("model_type") == "deepseek_ocr2":
+        from .ocr2_checkpoint import load_ocr2
+
+        return load_ocr2(path, raw, dtype=dtype, device=device)
     config = read_vision_language_config(raw, str(path / "config.json"))
     device = torch.device(device or "cpu")
     if device.type == "meta":
