@@ -5,6 +5,7 @@ preprocessing equals its image processor's."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,11 +55,12 @@ def hf_model(config=None, seed=0):
     return model
 
 
-def images(seed=1):
-    """Two images: the first with two local crops, the second with one."""
+def images(seed=1, side=GLOBAL, tile=TILE):
+    """Two images: the first with two local crops, the second with one (views of other sizes than the config's
+    resample SAM's position grid and relative positions)."""
     g = torch.Generator().manual_seed(seed)
-    return dict(pixel_values=torch.randn(2, 3, GLOBAL, GLOBAL, generator=g),
-                pixel_values_local=torch.randn(3, 3, TILE, TILE, generator=g),
+    return dict(pixel_values=torch.randn(2, 3, side, side, generator=g),
+                pixel_values_local=torch.randn(3, 3, tile, tile, generator=g),
                 num_local_patches=torch.tensor([2, 1]))
 
 
@@ -74,10 +76,11 @@ def prompt_ids(n_tokens_per_image, seed=2):
     return torch.stack(rows)
 
 
-def n_tokens(config):
-    from seekmoe.vision.ocr2_config import Ocr2Config  # noqa: F401  (the arithmetic under test below)
-
-    return [256 + 2 * 144 + 1, 256 + 144 + 1]
+# Placeholders of the two images: their crops' 144 features each, the global view's 256, one separator.
+N_TOKENS = [2 * 144 + 256 + 1, 144 + 256 + 1]
+# Smaller views for the slower tests: 96-pixel global views (24x24 grids: 144 queries), 64-pixel tiles.
+SMALL = dict(side=96, tile=64)
+N_SMALL = [3 * 144 + 1, 2 * 144 + 1]
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +96,125 @@ def test_transformers_folder_loads_with_equal_logits(hf_folder):
     ours = seekmoe.from_pretrained(path, dtype=torch.float32)
     assert type(ours).__name__ == "Ocr2Model" and not ours.config.text_config.use_mla
     counts = [ours.config.image_tokens(GLOBAL, TILE, n) for n in (2, 1)]
-    assert counts == n_tokens(None)
+    assert counts == N_TOKENS
     ids, pix = prompt_ids(counts), images()
     with torch.no_grad():
         want = ref(input_ids=ids, **pix).logits
         got = ours(ids, **pix).logits
+    at_images = want[ids == IMAGE_TOKEN]
+    assert (at_images - at_images.mean(0)).abs().max() > 0.1 * at_images.abs().max()  # features differ by token
     err = rel_error(got, want)
     print(f"largest relative logit error [transformers -> seekmoe, with images]: {err:.2e}")
     assert err < TOL
+
+
+def test_saved_model_reloads_in_transformers_with_equal_logits(hf_folder, tmp_path):
+    from transformers import DeepseekOcr2ForConditionalGeneration
+
+    ours = seekmoe.from_pretrained(hf_folder[0], dtype=torch.float32)
+    torch.manual_seed(3)
+    with torch.no_grad():  # weights of our own, so that nothing of transformers' folder is simply copied back
+        for p in ours.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ours.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "deepseek_ocr2" and saved["text_config"]["model_type"] == "deepseek_ocr2_text"
+    theirs = DeepseekOcr2ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager",
+                                                                  dtype=torch.float32).eval()
+    ids, pix = prompt_ids(N_SMALL, seed=4), images(seed=6, **SMALL)
+    with torch.no_grad():
+        want = ours(ids, **pix).logits
+        err = rel_error(theirs(input_ids=ids, **pix).logits, want)
+        back = rel_error(seekmoe.from_pretrained(tmp_path, dtype=torch.float32)(ids, **pix).logits, want)
+    print(f"largest relative logit error [seekmoe save -> transformers, with images]: {err:.2e}")
+    assert err < TOL and back == 0
+
+
+def test_greedy_decoding_with_an_image_equals_transformers_generate(hf_folder):
+    """The engine's path: the image packed into the request's two tensors, its features computed once at add,
+    scattered in the prefill; then decoding through our multi-head cache."""
+    from seekmoe.inference import Engine, Request, SamplingParams
+    from seekmoe.vision.ocr2_model import pack_views
+
+    path, ref = hf_folder
+    ours = seekmoe.from_pretrained(path, dtype=torch.float32)
+    pix = images(seed=7, **SMALL)
+    one = dict(pixel_values=pix["pixel_values"][:1], pixel_values_local=pix["pixel_values_local"][:2],
+               num_local_patches=torch.tensor([2]))
+    prompt = prompt_ids(N_SMALL, seed=8)[:1, :-2]
+    with torch.no_grad():
+        want = ref.generate(input_ids=prompt, **one, max_new_tokens=14, do_sample=False)[0, prompt.shape[1]:]
+    flat, layout = pack_views(one["pixel_values"], one["pixel_values_local"], one["num_local_patches"])
+    engine = Engine(ours, max_batch_size=1)
+    request = engine.add(Request(prompt[0].tolist(), SamplingParams(max_new_tokens=14, temperature=0,
+                                                                    ignore_eos=True),
+                                 pixel_values=flat, image_grid_thw=layout))
+    while not request.done:
+        engine.step()
+    assert request.output_ids == want.tolist()
+
+
+def test_preprocessing_equals_transformers_image_processor():
+    from PIL import Image
+    from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
+
+    from seekmoe.vision.ocr2_preprocess import Ocr2ImageProcessor
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+                ((40, 150), (97, 61), (30, 30), (130, 90))]
+    pictures.append(Image.fromarray(rng.integers(0, 256, (70, 50, 4), dtype=np.uint8), "RGBA"))
+    theirs = DeepseekOcr2ImageProcessorPil(size={"height": 80, "width": 80}, tile_size=48)
+    ours = Ocr2ImageProcessor(image_size=80, tile_size=48)
+    want, got = theirs(pictures, return_tensors="pt"), ours(pictures)
+    assert got["num_local_patches"].tolist() == want["num_local_patches"].tolist() == [4, 6, 0, 6, 6]
+    for key in ("pixel_values", "pixel_values_local"):
+        assert got[key].shape == want[key].shape
+        assert (got[key] - want[key]).abs().max() < 1e-5, key
+
+
+def test_default_config_builds_transformers_parameter_count():
+    """transformers' default DeepseekOcr2Config, both built on the meta device. Two defaults are filled in: its
+    mlp_layer_types (None: transformers cannot build the language model) and the encoder's width (4096, where SAM
+    hands it 896-channel tokens: transformers builds that but cannot run it; we refuse it, naming the field)."""
+    from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+
+    from seekmoe.vision.ocr2_checkpoint import read_ocr2_config
+    from seekmoe.vision.ocr2_model import Ocr2Model
+
+    config = DeepseekOcr2Config()
+    config.text_config.mlp_layer_types = ["dense"] + ["sparse"] * (config.text_config.num_hidden_layers - 1)
+    config.text_config.num_experts_per_tok = 6
+    with pytest.raises(ValueError, match=r"downsample_channels\[1\]=896: expected encoder_config.hidden_size=4096"):
+        read_ocr2_config(config.to_dict(), "default")
+    config.vision_config.encoder_config.hidden_size = 896
+    with torch.device("meta"):
+        theirs = DeepseekOcr2ForConditionalGeneration(config)
+        ours = Ocr2Model(read_ocr2_config(config.to_dict(), "default"))
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters())
+    vision = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("language_model."))
+    assert vision == sum(p.numel() for n, p in theirs.model.named_parameters() if not n.startswith("language_model"))
+
+
+def test_config_and_input_errors_name_the_value(hf_folder, tmp_path):
+    from seekmoe.vision.ocr2_checkpoint import read_ocr2_config
+
+    raw = json.loads((hf_folder[0] / "config.json").read_text())
+    for section, key, value, match in (("sam_config", "hidden_act", "relu", "hidden_act"),
+                                       ("sam_config", "downsample_channels", [20, 25], "downsample_channels"),
+                                       ("encoder_config", "num_key_value_heads", 3, "num_key_value_heads"),
+                                       ("encoder_config", "use_sliding_window", True, "use_sliding_window"),
+                                       ("sam_config", "hidden_size", 1 << 20, "hidden_size")):
+        bad = json.loads(json.dumps(raw))
+        bad["vision_config"][section][key] = value
+        with pytest.raises(ValueError, match=match):
+            read_ocr2_config(bad, "config.json")
+    ours = seekmoe.from_pretrained(hf_folder[0], dtype=torch.float32)
+    ids = prompt_ids(N_SMALL)
+    with pytest.raises(ValueError, match="placeholders"):
+        ours(torch.cat([ids, torch.full((2, 1), IMAGE_TOKEN)], 1), **images(**SMALL))
+    with pytest.raises(ValueError, match="num_local_patches"):
+        ours(ids, **{**images(**SMALL), "num_local_patches": torch.tensor([1, 1])})
+    with pytest.raises(ValueError, match="no pixel_values"):
+        ours(ids)

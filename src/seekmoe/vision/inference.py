@@ -54,7 +54,12 @@ IMAGE_TAG = "<image>"  # where `seekmoe generate --image` puts an image in a raw
 def image_prompt(text: str, images: list, tokenizer, config, add_bos: bool = True
                  ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
     """(token ids, pixel_values, image_grid_thw) of a prompt whose k-th vision.sft.IMAGE_MARK stands for images[k]
-    (Pillow images): each becomes its image-token placeholders, preprocessed as Kimi-K2.5 does."""
+    (Pillow images): each becomes its image-token placeholders, preprocessed as Kimi-K2.5 does (as DeepSeek-OCR-2
+    does for an Ocr2Config: vision/ocr2_preprocess.py)."""
+    if getattr(config, "model_type", None) == "deepseek_ocr2":
+        from .ocr2_preprocess import ocr2_image_prompt
+
+        return ocr2_image_prompt(text, images, tokenizer, config, add_bos)
     from .preprocess import ImageProcessor
     from .sft import IMAGE_MARK, encode_with_images
 
