@@ -14,7 +14,8 @@ from hf_oracle import rel_error
 
 pytest.importorskip("transformers")
 TOL = 2e-4
-IMAGE_TOKEN = 95
+VOCAB = 300  # room for a byte-level tokenizer (the generate test's)
+IMAGE_TOKEN = VOCAB - 1
 # patch 4 keeps the views small: a 208-pixel global view is a 52x52 SAM grid, 13x13 after the convolutions (> 144:
 # the 256 queries of a 1024-pixel view), a 128-pixel tile 8x8 (the 144 queries of a 768-pixel tile).
 GLOBAL, TILE = 208, 128
@@ -23,7 +24,7 @@ GLOBAL, TILE = 208, 128
 def hf_config(**text_overrides):
     from transformers import DeepseekOcr2Config
 
-    text = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=2,
+    text = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=2,
                 num_attention_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
                 mlp_layer_types=["dense", "sparse"], max_position_embeddings=2048, eos_token_id=None,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
@@ -218,3 +219,23 @@ def test_config_and_input_errors_name_the_value(hf_folder, tmp_path):
         ours(ids, **{**images(**SMALL), "num_local_patches": torch.tensor([1, 1])})
     with pytest.raises(ValueError, match="no pixel_values"):
         ours(ids)
+
+
+def test_generate_with_an_image_on_a_deepseek_ocr2_folder(hf_folder, tmp_path, capsys):
+    """`seekmoe generate --image`: the image preprocessed (a global view and two crops), its placeholders in the
+    prompt, decoded; a folder transformers wrote plus a tokenizer."""
+    import shutil
+
+    from PIL import Image
+
+    from seekmoe.cli import main
+    from seekmoe.data import train_tokenizer
+    from seekmoe.inference.tokenizer import write_tokenizer_files
+
+    folder = tmp_path / "ocr2"
+    shutil.copytree(hf_folder[0], folder)
+    write_tokenizer_files(train_tokenizer(["Read the page: 12 apples"] * 10, IMAGE_TOKEN), folder, 2048)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 300, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    args = ["generate", "--model", str(folder), "--max-new-tokens", "3", "--ignore-eos", "--temperature", "0"]
+    assert main(args + ["--prompt", "<image>Read the page:", "--image", str(tmp_path / "p.png")]) == 0
+    assert capsys.readouterr().out.strip()

@@ -244,7 +244,8 @@ def _check_safetensors(file: Path) -> None:
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None, mmap: bool | str = False) -> CausalLM:
-    """Load a DeepSeek-V2/V3 Hugging Face directory into a CausalLM (a Kimi-K2.5 one into a VisionLanguageModel).
+    """Load a DeepSeek-V2/V3 Hugging Face directory into a CausalLM (a Kimi-K2.5 one into a VisionLanguageModel,
+    a DeepSeek-OCR-2 one into a vision.ocr2_model.Ocr2Model).
 
     Tensors are streamed one at a time from memory-mapped shards straight into the model's parameters; FP8
     block-quantized weights are dequantized on the way. `device="meta"` builds the model's structure only.
