@@ -89,13 +89,7 @@ def load_vision_language(path: Path, raw: dict, dtype: torch.dtype | None = None
     model.language_model.model.rotary_emb.reset_parameters()  # non-persistent buffers: to_empty left them empty
     model.vision_tower.rope.reset_parameters()
     _LanguageLoader(model.language_model, path, lm_files, block, lm_disk).load()
-    params = dict(model.named_parameters())
-    handles = {}
-    with torch.no_grad():
-        for disk_key, (name, file) in targets.items():
-            if file not in handles:
-                handles[file] = safe_open(str(path / file), "pt")
-            params[name].copy_(handles[file].get_tensor(disk_key).to(dtype))
+    copy_vision_tensors(model, path, targets, dtype)
     if config.text_config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     model.eval()
@@ -132,7 +126,7 @@ class _LanguageLoader(_Loader):
         return self.handles[name]
 
 
-def _check_vision_memory(model: VisionLanguageModel, dtype: torch.dtype, device: torch.device, path: Path) -> None:
+def _check_vision_memory(model, dtype: torch.dtype, device: torch.device, path: Path) -> None:
     """Refuse, with the arithmetic, a tower and projector (counted on the meta device) that, with the language
     model, cannot fit `device` (check_fits_memory has counted the language model alone)."""
     from ..model_folder import available_memory
@@ -147,16 +141,18 @@ def _check_vision_memory(model: VisionLanguageModel, dtype: torch.dtype, device:
                          f"({origin})")
 
 
-def _vision_targets(model: VisionLanguageModel, path: Path, vision_files: dict[str, str]) -> dict:
-    """disk key -> (our parameter name, file) for the tower and projector, every shape checked against the (meta)
-    model and every parameter found. ValueError naming the first key that does not fit."""
+def _vision_targets(model, path: Path, vision_files: dict[str, str], rename=_vision_key,
+                    expected: str = "language_model.*, vision_tower.* or mm_projector.*", disk_name=str) -> dict:
+    """disk key -> (our parameter name, file) for the tower and projector (every parameter outside the language
+    model; `rename`: disk key -> our name, `disk_name` the inverse, for messages), every shape checked against the
+    (meta) model and every parameter found. ValueError naming the first key that does not fit."""
     params = {n: p for n, p in model.named_parameters() if not n.startswith(LANGUAGE_PREFIX)}
     targets, handles = {}, {}
     for disk_key, file in vision_files.items():
-        name = _vision_key(disk_key)
+        name = rename(disk_key)
         if name not in params:
             raise ValueError(f"checkpoint tensor {disk_key} in {path} has no place in this vision-language model "
-                             f"(expected language_model.*, vision_tower.* or mm_projector.*)")
+                             f"(expected {expected})")
         if file not in handles:
             handles[file] = safe_open(str(path / file), "pt")
         shape = tuple(handles[file].get_slice(disk_key).get_shape())
@@ -166,9 +162,20 @@ def _vision_targets(model: VisionLanguageModel, path: Path, vision_files: dict[s
         targets[disk_key] = (name, file)
     missing = sorted(set(params) - {name for name, _ in targets.values()})
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        shown = ", ".join(map(disk_name, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"checkpoint in {path} lacks tensors the vision config requires: {shown}")
     return targets
+
+
+def copy_vision_tensors(model, path: Path, targets: dict, dtype: torch.dtype) -> None:
+    """Copy each of `_vision_targets`'s tensors from its file into the (materialized) model's parameter."""
+    params = dict(model.named_parameters())
+    handles = {}
+    with torch.no_grad():
+        for disk_key, (name, file) in targets.items():
+            if file not in handles:
+                handles[file] = safe_open(str(path / file), "pt")
+            params[name].copy_(handles[file].get_tensor(disk_key).to(dtype))
 
 
 def vision_language_state_items(model: VisionLanguageModel) -> Iterator[tuple[str, torch.Tensor]]:

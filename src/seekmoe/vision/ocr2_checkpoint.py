@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..checkpoint import (_Loader, _checkpoint_dtype, _without_absent_mtp, checkpoint_files, hf_state_items,
                           save_pretrained)
 from ..model_folder import check_fits_memory, config_from_dict
+from .checkpoint import _check_vision_memory, _vision_targets, copy_vision_tensors
 from .ocr2_config import Ocr2Config, ocr2_text_config_dict
 from .ocr2_model import Ocr2Model
 
@@ -78,67 +78,20 @@ def load_ocr2(path: Path, raw: dict, dtype: torch.dtype | None = None,
                       source=str(path))
     with torch.device("meta"):
         model = Ocr2Model(config)
-    _check_memory(model, dtype, device, path)
+    _check_vision_memory(model, dtype, device, path)
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     _Loader(model.language_model, path, lm_files, block).check()
-    targets = _vision_targets(model, path, vision_files)
+    targets = _vision_targets(model, path, vision_files, rename=_our_vision_name, disk_name=vision_disk_key,
+                              expected="model.sam_model.*, model.qwen2_model.*, model.projector.* or "
+                                       "model.view_seperator, as config.json's vision_config shapes them")
     model = model.to(dtype).to_empty(device=device)
     model.language_model.model.rotary_emb.reset_parameters()  # non-persistent buffers: to_empty left them empty
     _Loader(model.language_model, path, lm_files, block).load()
-    params = dict(model.named_parameters())
-    handles = {}
-    with torch.no_grad():
-        for disk_key, (name, file) in targets.items():
-            if file not in handles:
-                handles[file] = safe_open(str(path / file), "pt")
-            params[name].copy_(handles[file].get_tensor(disk_key).to(dtype))
+    copy_vision_tensors(model, path, targets, dtype)
     if config.text_config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     model.eval()
     return model
-
-
-def _vision_params(model: Ocr2Model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if not n.startswith("language_model.")}
-
-
-def _check_memory(model: Ocr2Model, dtype: torch.dtype, device: torch.device, path: Path) -> None:
-    """Refuse, with the arithmetic, encoders that, with the language model, cannot fit `device`."""
-    from ..model_folder import available_memory
-
-    vision = sum(p.numel() for p in _vision_params(model).values())
-    text = sum(p.numel() for p in model.language_model.parameters())
-    need = (vision + text) * dtype.itemsize
-    have, origin = available_memory(device)
-    if need > have:
-        raise ValueError(f"{path} does not fit in memory: {vision:,} vision and {text:,} language parameters x "
-                         f"{dtype.itemsize} bytes = {need:,} bytes, but {device.type} has {have:,} available "
-                         f"({origin})")
-
-
-def _vision_targets(model: Ocr2Model, path: Path, vision_files: dict[str, str]) -> dict:
-    """disk key -> (our parameter name, file) for the encoders, projector and separator, every shape checked
-    against the (meta) model and every parameter found. ValueError naming the first key that does not fit."""
-    params = _vision_params(model)
-    targets, handles = {}, {}
-    for disk_key, file in vision_files.items():
-        name = _our_vision_name(disk_key)
-        if name not in params:
-            raise ValueError(f"checkpoint tensor {disk_key} in {path} has no place in this DeepSeek-OCR-2 model "
-                             f"(does config.json's vision_config match the weights?)")
-        if file not in handles:
-            handles[file] = safe_open(str(path / file), "pt")
-        shape = tuple(handles[file].get_slice(disk_key).get_shape())
-        if shape != tuple(params[name].shape):
-            raise ValueError(f"checkpoint tensor {disk_key} has shape {shape}, the model expects "
-                             f"{tuple(params[name].shape)} (does config.json's vision_config match the weights?)")
-        targets[disk_key] = (name, file)
-    missing = sorted(set(params) - {name for name, _ in targets.values()})
-    if missing:
-        shown = ", ".join(vision_disk_key(m) for m in missing[:8]) + (
-            f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ValueError(f"checkpoint in {path} lacks tensors the vision config requires: {shown}")
-    return targets
 
 
 def ocr2_state_items(model: Ocr2Model) -> Iterator[tuple[str, torch.Tensor]]:

@@ -18,13 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.norm import RMSNorm
+from ..model.rope import apply_rope
 from .ocr2_config import QUERIES_768, QUERIES_1024, EncoderConfig, SamConfig
 from .ocr2_sam import SamEncoder
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
 
 
 class EncoderAttention(nn.Module):
@@ -39,10 +35,10 @@ class EncoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.q_proj(x).view(B, S, self.heads, self.head_dim), cos, sin, interleave=False)
+        k = apply_rope(self.k_proj(x).view(B, S, self.kv_heads, self.head_dim), cos, sin, interleave=False)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, S, head_dim]
         v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         groups = self.heads // self.kv_heads
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -95,20 +91,19 @@ class Ocr2Encoder(nn.Module):
         self.query_768 = nn.Embedding(QUERIES_768, config.hidden_size)
         self.query_1024 = nn.Embedding(QUERIES_1024, config.hidden_size)
 
-    def rotary(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [length, head_dim] of positions 0..length-1, computed in fp32 (no buffers: nothing for a
-        meta-device build to lose)."""
+    def rotary(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [length, 1, head_dim / 2] of positions 0..length-1 in fp32, as model/rope.py's apply_rope
+        takes them (computed here, not held in buffers: nothing for a meta-device build to lose)."""
         d = self.config.head_dim
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float) / d))
-        freqs = torch.arange(length, device=device, dtype=torch.float)[:, None] * inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        angles = torch.arange(length, device=device, dtype=torch.float)[:, None, None] * inv_freq
+        return angles.cos(), angles.sin()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, P, _ = tokens.shape
         queries = (self.query_768 if P <= QUERIES_768 else self.query_1024).weight
         x = torch.cat([tokens, queries.to(tokens.dtype).expand(B, -1, -1)], dim=1)
-        cos, sin = self.rotary(x.shape[1], x.device, x.dtype)
+        cos, sin = self.rotary(x.shape[1], x.device)
         mask = query_mask(P, queries.shape[0], x.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)

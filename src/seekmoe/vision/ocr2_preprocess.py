@@ -98,8 +98,8 @@ class Ocr2ImageProcessor:
 def processor_for(config) -> Ocr2ImageProcessor:
     """The preprocessing of an Ocr2Config's model: global views of SAM's `image_size`, tiles 3/4 of it (the
     release's 1024 and 768; a config.json does not say the tile size)."""
-    size = config.sam_config.image_size
-    tile = max(config.sam_config.patch_size, size * 3 // 4 // config.sam_config.patch_size * config.sam_config.patch_size)
+    size, patch = config.sam_config.image_size, config.sam_config.patch_size
+    tile = max(patch, size * 3 // 4 // patch * patch)
     return Ocr2ImageProcessor(image_size=size, tile_size=tile)
 
 
