@@ -211,6 +211,14 @@ def test_config_and_input_errors_name_the_value(hf_folder, tmp_path):
         bad["vision_config"][section][key] = value
         with pytest.raises(ValueError, match=match):
             read_ocr2_config(bad, "config.json")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(hf_folder[0] / "model.safetensors")
+    del state["model.view_seperator"]
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((hf_folder[0] / "config.json").read_bytes())
+    with pytest.raises(ValueError, match="lacks tensors the vision config requires: model.view_seperator"):
+        seekmoe.from_pretrained(tmp_path)
     ours = seekmoe.from_pretrained(hf_folder[0], dtype=torch.float32)
     ids = prompt_ids(N_SMALL)
     with pytest.raises(ValueError, match="placeholders"):
