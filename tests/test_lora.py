@@ -401,6 +401,24 @@ def test_sft_with_lora_learns_and_writes_adapter_and_final(sft_base, tmp_path):
     assert not torch.equal(merged[gate.replace("weight", "e_score_correction_bias")],
                            base[gate.replace("weight", "e_score_correction_bias")])
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    # The MTP module was adapted and trained too: PEFT's file has none of it (transformers' model has no MTP, every
+    # key names a decoder layer it has), the file beside it does, and `seekmoe merge` rebuilds final/ with it.
+    assert final.config.num_nextn_predict_layers == 1
+    from safetensors.torch import load_file
+
+    peft_keys = load_file(str(out / "adapter" / "adapter_model.safetensors")).keys()
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in peft_keys}
+    assert layers == set(range(final.config.num_hidden_layers))
+    mtp_keys = load_file(str(out / "adapter" / "seekmoe_mtp.safetensors")).keys()
+    assert {"model.mtp.0.self_attn.o_proj.lora_B", "model.mtp.0.mlp.experts.providers.lora.down_B"} <= mtp_keys
+    mtp_weight = "model.mtp.0.self_attn.o_proj.weight"
+    assert rel_error(merged[mtp_weight], base[mtp_weight]) > 1e-4
+    assert main(["merge", "--model", str(sft_base / "base"), "--adapter", str(out / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    remerged = seekmoe.from_pretrained(tmp_path / "merged").state_dict()
+    assert remerged.keys() == merged.keys()
+    for key in merged:
+        assert rel_error(remerged[key], merged[key]) < 1e-6 or torch.equal(remerged[key], merged[key]), key
     # The run's last checkpoint exports to the same folder (the adapted modules rebuilt from its train_config).
     assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "exported")]) == 0
     exported = seekmoe.from_pretrained(tmp_path / "exported").state_dict()
