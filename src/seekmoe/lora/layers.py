@@ -116,8 +116,14 @@ class LoRAExperts(WeightProvider):
         where `materialize`. Another low-rank delta handed in is merged into the base first."""
         weights = weights.merged()
         first, n = weights.first_expert, weights.gate_up_proj.shape[0]
+        factors = self.factors(first, n)
+        if not self.materialize:
+            # Copies (rank-sized): under FSDP this provider is a unit of its own whose gathered parameters are freed
+            # once its forward returns, before the experts' operator reads (and saves) the factors; the copies'
+            # gradients reach the parameters after FSDP's pre-backward hook has gathered them again.
+            factors = LowRankFactors(*(t.clone() for t in factors.tensors()), factors.scaling)
         base = ExpertWeights(dequantize(weights.gate_up_proj), dequantize(weights.down_proj), first_expert=first,
-                             low_rank=self.factors(first, n))
+                             low_rank=factors)
         return base.merged() if self.materialize else base
 
     def fold_state(self, state: dict, prefix: str, own_prefix: str) -> None:
