@@ -324,7 +324,8 @@ def test_unmaterialized_expert_lora_needs_less_memory_than_merging_on_many_exper
         peaks[materialize] = counter.peak
     stacks = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 4
     assert peaks[True] > 2 * stacks  # the merged copy and its gradient
-    assert peaks[False] < stacks / 4, peaks
+    # The rank-wide path: the factors' copies and gradients (rank 4: 15% of the stacks each) and row-sized tensors.
+    assert peaks[False] < stacks / 2 and peaks[False] < peaks[True] / 4, peaks
 
 
 def test_unmaterialized_expert_lora_on_an_nf4_base_equals_merging_into_it():
@@ -344,6 +345,22 @@ def test_unmaterialized_expert_lora_on_an_nf4_base_equals_merging_into_it():
     assert experts.gate_up_proj.shape[0] == 0  # the stacks are NF4's, the experts' own are placeholders
     for a, b in zip(*outs):
         assert rel_error(a, b) < 1e-5  # float32 rounding (NF4 dequantizes to the stacks' float32)
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_grouped_swiglu_with_low_rank_factors_passes_torch_opcheck(layout):
+    """The operator with factors (rank 3: padded to grouped_mm's strides inside): its fake rule and autograd
+    registration agree with its computation, as compiled training needs."""
+    from seekmoe.model.grouped_swiglu import grouped_swiglu
+
+    torch.manual_seed(0)
+    offsets = torch.tensor([3, 0, 5, 2]).cumsum(0).to(torch.int32)
+    rows, weights = torch.randn(10, 16, requires_grad=True), torch.rand(10, requires_grad=True)
+    gate_up, down = torch.randn(4, 16, 16), torch.randn(4, 16, 8)
+    factors = [torch.randn(4, 3, 16), torch.randn(4, 16, 3), torch.randn(4, 3, 8), torch.randn(4, 16, 3)]
+    factors = [f.requires_grad_(True) for f in factors]
+    torch.library.opcheck(grouped_swiglu, (rows, weights, gate_up, down, offsets, layout, 0.8, *factors, 1.5),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @pytest.fixture(scope="module")
