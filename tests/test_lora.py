@@ -181,6 +181,188 @@ def test_expert_lora_gradients_through_the_grouped_path_equal_a_per_expert_loop(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _experts_with_lora(E, H, I, R, backend, dtype, g, limit=None, scaling=1.5):
+    """A frozen RoutedExperts of random weights with a LoRAExperts provider of random factors (B nonzero)."""
+    experts = RoutedExperts(E, H, I, backend=backend, swiglu_limit=limit).to(dtype)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(E, 2 * I, H, generator=g, dtype=dtype) / H**0.5)
+        experts.down_proj.copy_(torch.randn(E, H, I, generator=g, dtype=dtype) / I**0.5)
+    experts.requires_grad_(False)
+    lora = LoRAExperts(E, H, I, R, scaling=scaling).to(dtype)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.3)
+    experts.add_provider("lora", lora)
+    return experts, lora
+
+
+def _routed(E, T, H, top_k, dtype, g):
+    x = torch.randn(T, H, generator=g, dtype=dtype, requires_grad=True)
+    indices = torch.rand(T, E, generator=g).topk(top_k, dim=-1).indices
+    # fp32 values: the experts keep routing weights in fp32 (and give their gradient in fp32)
+    weights = (torch.rand(T, top_k, generator=g) + 0.1).to(dtype).requires_grad_(True)
+    return x, indices, weights
+
+
+def _moe_output(experts, x, indices, weights):
+    dispatcher = LocalDispatcher(experts.n_experts)
+    rows, row_weights, plan = dispatcher.dispatch(x, indices, weights)
+    return dispatcher.combine(experts(rows, row_weights, plan).to(x.dtype), plan)
+
+
+def _per_expert_loop(experts, lora, x, indices, weights, limit):
+    """The definition in float64, one expert at a time: each projection W x + s B(A x), DeepSeek-V4's clamp."""
+    from seekmoe.model.grouped_swiglu import clamp_gate_up
+
+    d = torch.float64
+    s = lora.scaling
+    ref = torch.zeros(x.shape, dtype=d)
+    for e in range(experts.n_experts):
+        token, slot = torch.where(indices == e)
+        xe = x[token].to(d)
+        h = xe @ experts.gate_up_proj[e].to(d).T + s * xe @ lora.gate_up_A[e].to(d).T @ lora.gate_up_B[e].to(d).T
+        gate, up = clamp_gate_up(*h.chunk(2, dim=-1), limit)
+        a = F.silu(gate) * up
+        y = a @ experts.down_proj[e].to(d).T + s * a @ lora.down_A[e].to(d).T @ lora.down_B[e].to(d).T
+        ref = ref.index_add(0, token, y * weights[token, slot].to(d).unsqueeze(-1))
+    return ref
+
+
+@pytest.mark.parametrize("limit", [None, 0.7], ids=["swiglu", "clamped swiglu"])
+@pytest.mark.parametrize("backend, dtype", [("padded_bmm", torch.float64), ("gathered", torch.float64),
+                                            ("grouped_mm", torch.float32)])
+def test_unmaterialized_expert_lora_equals_merging_and_a_per_expert_loop(backend, dtype, limit):
+    """The adapters on the rank-wide path (never forming W + BA) give the outputs and the gradients (all four factors,
+    the input rows, the routing weights) of the merged weights and of the per-expert definition; grouped_mm has no
+    float64 and is held to float32 rounding. The rank (3) is padded to grouped_mm's 16-byte strides inside."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{backend}{limit}".encode()))
+    experts, lora = _experts_with_lora(E, H, I, R, backend, dtype, g, limit)
+    x, indices, weights = _routed(E, T, H, TOP_K, dtype, g)
+    if limit is not None:  # some gate/up values beyond the clamp, some inside
+        assert 0.05 < (_per_expert_loop(experts, lora, x, indices, weights, None).abs() > limit).double().mean()
+    inputs = [*lora.parameters(), x, weights]
+    upstream = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def run(materialize):
+        lora.materialize = materialize
+        out = _moe_output(experts, x, indices, weights)
+        return out, torch.autograd.grad(out, inputs, upstream.to(out.dtype))
+
+    new, new_grads = run(False)
+    merged, merged_grads = run(True)
+    ref = _per_expert_loop(experts, lora, x, indices, weights, limit)
+    ref_grads = torch.autograd.grad(ref, inputs, upstream)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(new, merged, **tol)
+    torch.testing.assert_close(new.double(), ref, **tol)
+    for a, b, c in zip(new_grads[:-1], merged_grads[:-1], ref_grads[:-1]):
+        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a.double(), c.double(), **tol)
+    fp32 = dict(rtol=2e-5, atol=2e-5)  # the routing weights' gradient is computed in fp32
+    torch.testing.assert_close(new_grads[-1], merged_grads[-1], **fp32)
+    torch.testing.assert_close(new_grads[-1].double(), ref_grads[-1].double(), **fp32)
+    assert experts.gate_up_proj.grad is None and experts.down_proj.grad is None
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "padded_bmm"])
+def test_unmaterialized_expert_lora_with_a_trained_base_gives_its_gradients(backend):
+    """Where the base weights train too (no LoRA run does, but the operator allows it), their gradients are those of
+    the merged weights (d(W + BA)/dW = 1)."""
+    g = torch.Generator().manual_seed(5)
+    experts, lora = _experts_with_lora(E, H, I, 4, backend, torch.float32, g)
+    experts.requires_grad_(True)
+    x, indices, weights = _routed(E, T, H, TOP_K, torch.float32, g)
+    stacks = [experts.gate_up_proj, experts.down_proj]
+    grads = []
+    for materialize in (False, True):
+        lora.materialize = materialize
+        grads.append(torch.autograd.grad(_moe_output(experts, x, indices, weights).square().sum(), stacks))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+class _PeakBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The peak bytes of the tensors created while it is on and still alive (storages counted once, freed when
+    their last tensor goes): CPU memory as the operators see it, no allocator statistics needed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.storages = 0, 0, set()
+
+    def _free(self, key, nbytes):
+        self.storages.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in self.storages:
+                    self.storages.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def test_unmaterialized_expert_lora_needs_less_memory_than_merging_on_many_experts():
+    """64 experts and a few routed tokens: merging copies every expert's weights (and its gradient) at every step,
+    the rank-wide path holds rows x rank. Peak bytes of one forward and backward, counted per created tensor."""
+    g = torch.Generator().manual_seed(11)
+    n_experts = 64
+    experts, lora = _experts_with_lora(n_experts, 64, 32, 4, "grouped_mm", torch.float32, g)
+    x, indices, weights = _routed(n_experts, 16, 64, 4, torch.float32, g)
+    peaks = {}
+    for materialize in (False, True):
+        lora.materialize = materialize
+        with _PeakBytes() as counter:
+            _moe_output(experts, x, indices, weights).square().sum().backward()
+        peaks[materialize] = counter.peak
+    stacks = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 4
+    assert peaks[True] > 2 * stacks  # the merged copy and its gradient
+    # The rank-wide path: the factors' copies and gradients (rank 4: 15% of the stacks each) and row-sized tensors.
+    assert peaks[False] < stacks / 2 and peaks[False] < peaks[True] / 4, peaks
+
+
+def test_unmaterialized_expert_lora_on_an_nf4_base_equals_merging_into_it():
+    """QLoRA: the dequantized NF4 stacks with the factors beside them give what merging into them gives."""
+    pytest.importorskip("torchao")
+    from seekmoe.lora.nf4 import NF4Experts
+
+    g = torch.Generator().manual_seed(13)
+    experts, lora = _experts_with_lora(E, H, I, R, "grouped_mm", torch.float32, g)
+    experts.add_provider("nf4", NF4Experts(experts))
+    x, indices, weights = _routed(E, T, H, TOP_K, torch.float32, g)
+    outs = []
+    for materialize in (False, True):
+        lora.materialize = materialize
+        out = _moe_output(experts, x, indices, weights)
+        outs.append((out, *torch.autograd.grad(out.square().sum(), [*lora.parameters(), x])))
+    assert experts.gate_up_proj.shape[0] == 0  # the stacks are NF4's, the experts' own are placeholders
+    for a, b in zip(*outs):
+        assert rel_error(a, b) < 1e-5  # float32 rounding (NF4 dequantizes to the stacks' float32)
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_grouped_swiglu_with_low_rank_factors_passes_torch_opcheck(layout):
+    """The operator with factors (rank 3: padded to grouped_mm's strides inside): its fake rule and autograd
+    registration agree with its computation, as compiled training needs."""
+    from seekmoe.model.grouped_swiglu import grouped_swiglu
+
+    torch.manual_seed(0)
+    offsets = torch.tensor([3, 0, 5, 2]).cumsum(0).to(torch.int32)
+    rows, weights = torch.randn(10, 16, requires_grad=True), torch.rand(10, requires_grad=True)
+    gate_up, down = torch.randn(4, 16, 16), torch.randn(4, 16, 8)
+    factors = [torch.randn(4, 3, 16), torch.randn(4, 16, 3), torch.randn(4, 3, 8), torch.randn(4, 16, 3)]
+    factors = [f.requires_grad_(True) for f in factors]
+    torch.library.opcheck(grouped_swiglu, (rows, weights, gate_up, down, offsets, layout, 0.8, *factors, 1.5),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 @pytest.fixture(scope="module")
 def sft_base(tmp_path_factory):
     """A tiny base model folder with a tokenizer, and an SFT file of sums."""
@@ -236,6 +418,24 @@ def test_sft_with_lora_learns_and_writes_adapter_and_final(sft_base, tmp_path):
     assert not torch.equal(merged[gate.replace("weight", "e_score_correction_bias")],
                            base[gate.replace("weight", "e_score_correction_bias")])
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    # The MTP module was adapted and trained too: PEFT's file has none of it (transformers' model has no MTP, every
+    # key names a decoder layer it has), the file beside it does, and `seekmoe merge` rebuilds final/ with it.
+    assert final.config.num_nextn_predict_layers == 1
+    from safetensors.torch import load_file
+
+    peft_keys = load_file(str(out / "adapter" / "adapter_model.safetensors")).keys()
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in peft_keys}
+    assert layers == set(range(final.config.num_hidden_layers))
+    mtp_keys = load_file(str(out / "adapter" / "seekmoe_mtp.safetensors")).keys()
+    assert {"model.mtp.0.self_attn.o_proj.lora_B", "model.mtp.0.mlp.experts.providers.lora.down_B"} <= mtp_keys
+    mtp_weight = "model.mtp.0.self_attn.o_proj.weight"
+    assert rel_error(merged[mtp_weight], base[mtp_weight]) > 1e-4
+    assert main(["merge", "--model", str(sft_base / "base"), "--adapter", str(out / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    remerged = seekmoe.from_pretrained(tmp_path / "merged").state_dict()
+    assert remerged.keys() == merged.keys()
+    for key in merged:
+        assert rel_error(remerged[key], merged[key]) < 1e-6 or torch.equal(remerged[key], merged[key]), key
     # The run's last checkpoint exports to the same folder (the adapted modules rebuilt from its train_config).
     assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "exported")]) == 0
     exported = seekmoe.from_pretrained(tmp_path / "exported").state_dict()

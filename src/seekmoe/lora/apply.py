@@ -5,7 +5,10 @@ What stays as it is, and why:
 - The routers are frozen unless `router` is a target, and their selection biases (e_score_correction_bias) keep
   moving by the auxiliary-loss-free rule after every step: the bias is no gradient parameter, and the load it
   balances is that of the *adapted* experts, which drifts as the adapters learn.
-- The MTP modules are not adapted (transformers and PEFT do not load them); their weights are saved unchanged.
+- The MTP modules (`model.mtp.K`) are adapted like the main blocks (attention, shared experts, experts; their eh_proj
+  is frozen), so fine-tuning keeps them in step with the adapted model they draft for. transformers' DeepseekV3 has
+  no MTP, so PEFT's adapter_model.safetensors leaves their factors out (peft_format.py keeps them beside it, in a
+  file of seekmoe's own, which `seekmoe merge` applies): final/ holds them merged.
 - Embeddings, LM head and norms are frozen.
 """
 
@@ -23,6 +26,7 @@ from .layers import LoRAExperts, LoRALinear
 from .nf4 import NF4Experts, to_nf4
 
 PROVIDER = "lora"  # the experts' provider name: state-dict keys `...experts.providers.lora.gate_up_A`
+MTP_PREFIX = "model.mtp."  # the MTP modules' state-dict names (model.mtp.K...)
 NF4_PROVIDER = "nf4"
 
 
@@ -47,10 +51,12 @@ def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, c) for n, c in module.named_children() if isinstance(c, nn.Linear)]
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, layers: list[int] | None = None) -> AdaptedModel:
-    """Adapt the main decoder layers of `model` (a CausalLM) in place as `config` says and freeze the rest; returns
-    what was adapted. ValueError (before any change) when the rank exceeds a targeted width. `layers` adapts (and
-    freezes) only those decoder layers, for a model adapted block by block as it is read (load.py)."""
+def apply_lora(model: nn.Module, config: LoRAConfig, layers: list[int] | None = None,
+               mtp: bool | None = None) -> AdaptedModel:
+    """Adapt the decoder layers and MTP modules of `model` (a CausalLM) in place as `config` says and freeze the
+    rest; returns what was adapted. ValueError (before any change) when the rank exceeds a targeted width. `layers`
+    adapts (and freezes) only those decoder layers, for a model adapted block by block as it is read (load.py);
+    `mtp` whether the MTP modules are adapted (default: when `layers` is None)."""
     config.check_widths(model.config)
     targets, r, s = set(config.target_set), config.rank, config.scaling
     if config.quantize == "nf4":
@@ -69,8 +75,12 @@ def apply_lora(model: nn.Module, config: LoRAConfig, layers: list[int] | None = 
             setattr(parent, name, wrapped)
             linears[f"{path}.{name}"] = wrapped
 
-    for i in range(len(model.model.layers)) if layers is None else layers:
-        block, path = model.model.layers[i], f"model.layers.{i}"
+    blocks = [(f"model.layers.{i}", model.model.layers[i])
+              for i in (range(len(model.model.layers)) if layers is None else layers)]
+    adapt_mtp = layers is None if mtp is None else mtp
+    if adapt_mtp:
+        blocks += [(f"{MTP_PREFIX}{k}", module) for k, module in enumerate(getattr(model.model, "mtp", ()))]
+    for path, block in blocks:
         block.requires_grad_(False)
         first = len(linears)
         if "attention" in targets:
@@ -108,13 +118,14 @@ def quantize_base(linears: dict[str, LoRALinear]) -> None:
 
 
 def lora_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors of an adapted model by state-dict name: every adapter factor, and each MoE router's
-    weight and selection bias (the bias moves during training whatever the targets)."""
+    """The trained tensors of an adapted model by state-dict name: every adapter factor (the MTP modules' too), and
+    each decoder layer's MoE router's weight and selection bias (the bias moves during training whatever the
+    targets)."""
     out = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
         if name.endswith((".lora_A", ".lora_B")) or f".providers.{PROVIDER}." in name:
             out[name] = tensor
-        elif name.startswith("model.layers.") and (name.endswith(".mlp.gate.weight")
+        elif name.startswith(("model.layers.", MTP_PREFIX)) and (name.endswith(".mlp.gate.weight")
                                                    or name.endswith(".mlp.gate.e_score_correction_bias")):
             out[name] = tensor
     return out

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.experts import ExpertWeights, WeightProvider
+from ..model.grouped_swiglu import LowRankFactors
 from .nf4 import dequantize
 
 
@@ -77,8 +78,11 @@ class LoRALinear(nn.Module):
 
 class LoRAExperts(WeightProvider):
     """One LoRA adapter per routed expert, on both of its stacked weights: gate_up_A [E, r, hidden],
-    gate_up_B [E, 2I, r], down_A [E, r, I], down_B [E, hidden, r]. The forward hands on
-    W_e + scaling * B_e @ A_e for the experts it is given, so the grouped GEMMs run as they do for plain experts.
+    gate_up_B [E, 2I, r], down_A [E, r, I], down_B [E, hidden, r]. The forward hands on the base weights and the
+    factors of the experts it is given (`ExpertWeights.low_rank`): the experts' operator adds
+    scaling * B_e(A_e(input)) to each projection through the same grouped GEMMs, per routed row, and never forms
+    W_e + scaling * B_e @ A_e (which would copy every expert's weights at every step, routed or not).
+    `materialize=True` hands on the merged weights instead (the reference the tests and the benchmark compare with).
 
     The factors are every expert's, on every rank (as train/freeze.py's TrainableRows): under expert parallelism
     this provider comes after the shards (order 30 > 10) and adapts the local slice of experts, and the ranks without
@@ -87,30 +91,40 @@ class LoRAExperts(WeightProvider):
     order = 30
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int, rank: int, scaling: float,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, materialize: bool = False):
         super().__init__()
         self.scaling = scaling
+        self.materialize = materialize
         E, H, I = n_experts, hidden, intermediate
         self.gate_up_A = nn.Parameter(_kaiming(torch.empty(E, rank, H, device=device)))
         self.gate_up_B = nn.Parameter(torch.zeros(E, 2 * I, rank, device=device))
         self.down_A = nn.Parameter(_kaiming(torch.empty(E, rank, I, device=device)))
         self.down_B = nn.Parameter(torch.zeros(E, H, rank, device=device))
 
+    def factors(self, first: int = 0, n: int | None = None) -> LowRankFactors:
+        """The factors of experts first .. first + n - 1 (all by default)."""
+        every = LowRankFactors(self.gate_up_A, self.gate_up_B, self.down_A, self.down_B, self.scaling)
+        return every.select(first, self.gate_up_A.shape[0] if n is None else n)
+
     def delta(self, name: str, first: int = 0, n: int | None = None) -> torch.Tensor:
         """scaling * B_e @ A_e [n, out, in] of experts first .. first + n - 1 for `name` ('gate_up_proj' or
         'down_proj')."""
-        a, b = (self.gate_up_A, self.gate_up_B) if name == "gate_up_proj" else (self.down_A, self.down_B)
-        n = a.shape[0] if n is None else n
-        return torch.bmm(b[first:first + n], a[first:first + n]) * self.scaling
+        return self.factors(first, n).delta(name)
 
     def forward(self, weights: ExpertWeights) -> ExpertWeights:
-        """The weights with each local expert's adapter added (differentiable in the factors)."""
+        """The (dequantized) base weights of the local experts with their factors beside them; the merged weights
+        where `materialize`. Another low-rank delta handed in is merged into the base first."""
+        weights = weights.merged()
         first, n = weights.first_expert, weights.gate_up_proj.shape[0]
-        merged = []
-        for name in ("gate_up_proj", "down_proj"):
-            base = dequantize(getattr(weights, name))
-            merged.append(base + self.delta(name, first, n).to(base.dtype))
-        return ExpertWeights(*merged, first_expert=first)
+        factors = self.factors(first, n)
+        if not self.materialize:
+            # Copies (rank-sized): under FSDP this provider is a unit of its own whose gathered parameters are freed
+            # once its forward returns, before the experts' operator reads (and saves) the factors; the copies'
+            # gradients reach the parameters after FSDP's pre-backward hook has gathered them again.
+            factors = LowRankFactors(*(t.clone() for t in factors.tensors()), factors.scaling)
+        base = ExpertWeights(dequantize(weights.gate_up_proj), dequantize(weights.down_proj), first_expert=first,
+                             low_rank=factors)
+        return base.merged() if self.materialize else base
 
     def fold_state(self, state: dict, prefix: str, own_prefix: str) -> None:
         factors = {k: state.pop(own_prefix + k, None) for k in ("gate_up_A", "gate_up_B", "down_A", "down_B")}

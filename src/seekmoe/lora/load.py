@@ -63,6 +63,10 @@ def load_quantized(folder: str | Path, model_config, config: LoRAConfig, device:
         experts.update(adapted.experts)
         routers += adapted.routers
         loader.handles.clear()
+    adapted = apply_lora(model, config, layers=[], mtp=True)  # the MTP modules, read with the rest above
+    linears.update(adapted.linears)
+    experts.update(adapted.experts)
+    routers += adapted.routers
     loader._raise_if_missing()
     model.train()
     return model, AdaptedModel(linears, experts, routers, adapted.trainable_params, adapted.total_params)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .apply import AdaptedModel, apply_lora, lora_parameters
+from .apply import MTP_PREFIX, AdaptedModel, apply_lora, lora_parameters
 from .config import LoRAConfig
 from .peft_format import read_adapter
 
@@ -39,9 +39,10 @@ def config_of_adapter(peft: dict) -> LoRAConfig:
 @torch.no_grad()
 def attach_adapter(model: nn.Module, folder: str | Path) -> AdaptedModel:
     """Adapt `model` (a plain CausalLM) as the PEFT adapter in `folder` says and load its tensors (factors, routers'
-    weights and selection biases); ValueError when a tensor has no place or a shape differs."""
+    weights and selection biases; the MTP modules' where the folder has them: a PEFT adapter from elsewhere leaves
+    them as they are); ValueError when a tensor has no place or a shape differs."""
     peft, tensors = read_adapter(folder, model.config.n_routed_experts)
-    adapted = apply_lora(model, config_of_adapter(peft))
+    adapted = apply_lora(model, config_of_adapter(peft), mtp=any(k.startswith(MTP_PREFIX) for k in tensors))
     own = lora_parameters(model)
     state = model.state_dict(keep_vars=True)
     for name, tensor in tensors.items():

@@ -14,6 +14,10 @@ How each adapted weight is written (transformers v5 keeps the routed experts fus
   [out, r * E] (expert e's column k at k * E + e);
 - routers: `modules_to_save` ["gate"], the full weight and selection bias of every MoE layer's router: the bias moves
   during training (apply.py says why), so the adapter alone reproduces the fine-tuned model.
+
+The MTP modules' adapters (and routers) have no place in transformers' model, which has no MTP: they are written
+beside PEFT's file, under seekmoe's own names, to `seekmoe_mtp.safetensors` (peft ignores it), which `read_adapter`
+returns with the rest, so `seekmoe merge` gives the run's final/ whole.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .apply import PROVIDER
+from .apply import MTP_PREFIX, PROVIDER
 from .config import LoRAConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+MTP_WEIGHTS_NAME = "seekmoe_mtp.safetensors"  # the MTP modules' tensors, seekmoe's names (not PEFT's)
 PEFT_PREFIX = "base_model.model."
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 _EXPERTS = f".providers.{PROVIDER}."
@@ -113,7 +118,11 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], config: LoR
     folder = Path(folder)
     tmp = folder.parent / f".{folder.name}.saving-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
+    mtp = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(MTP_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(MTP_PREFIX)}
     save_file(to_peft(state, model_config.n_routed_experts), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    if mtp:
+        save_file(mtp, str(tmp / MTP_WEIGHTS_NAME), metadata={"format": "pt"})
     text = json.dumps(adapter_config(config, model_config, None if base is None else str(base),
                                      attention_leaves(state)), indent=2)
     (tmp / CONFIG_NAME).write_text(text + "\n")
@@ -122,8 +131,9 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], config: LoR
 
 
 def read_adapter(folder: str | Path, n_experts: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json's dict, the tensors under seekmoe's names) of an adapter folder; ValueError for an
-    adapter this reader cannot apply (not LoRA, per-module ranks, DoRA, ...)."""
+    """(adapter_config.json's dict, the tensors under seekmoe's names, the MTP modules' among them where the folder
+    has them) of an adapter folder; ValueError for an adapter this reader cannot apply (not LoRA, per-module ranks,
+    DoRA, ...)."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
@@ -142,4 +152,7 @@ def read_adapter(folder: str | Path, n_experts: int) -> tuple[dict, dict[str, to
     for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
         if peft.get(key):
             raise ValueError(f"--adapter {folder}: {key}=true is not supported")
-    return peft, from_peft(load_file(str(weights_path)), n_experts)
+    tensors = from_peft(load_file(str(weights_path)), n_experts)
+    if (folder / MTP_WEIGHTS_NAME).is_file():
+        tensors.update(load_file(str(folder / MTP_WEIGHTS_NAME)))
+    return peft, tensors

@@ -30,11 +30,14 @@ without bf16 matrix instructions bf16 activations are multiplied in fp32 (`gemm_
 
 Where the weights come from is a chain of weight providers (`WeightProvider`), each wrapping what the ones before it
 give: the stacked parameters; the local shards of expert parallelism (parallel/expert_parallel.py); partly
-trainable experts (train/freeze.py). LoRA adapters and quantized weights (issue 25) are one more provider each:
+trainable experts (train/freeze.py). LoRA adapters and quantized weights (issue 25) are one more provider each.
+A provider may hand on low-rank deltas beside the weights (`ExpertWeights.low_rank`) instead of adding them in: the
+operator runs them on the rank-wide path, so an adapted step costs the routed rows times the rank, not a new copy of
+every expert's weights:
 
-    class LoRAExperts(WeightProvider):                       # order 30: after freezing
+    class LoRAExperts(WeightProvider):                       # order 30: after the shards and freezing
         def forward(self, w):                                # w: ExpertWeights of the providers before it
-            return replace(w, gate_up_proj=w.gate_up_proj + self.B @ self.A)
+            return replace(w, low_rank=LowRankFactors(self.gate_up_A, self.gate_up_B, self.down_A, self.down_B, s))
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch
 from torch import nn
 
 from .dispatch import DispatchPlan
-from .grouped_swiglu import gathered_swiglu, grouped_mm_supported, grouped_swiglu
+from .grouped_swiglu import LowRankFactors, gathered_swiglu, grouped_mm_supported, grouped_swiglu
 
 BACKENDS = ("grouped_mm", "padded_bmm", "gathered")
 
@@ -110,6 +113,17 @@ class ExpertWeights:
     gate_up_proj: torch.Tensor  # [E_local, 2I, hidden]
     down_proj: torch.Tensor  # [E_local, hidden, I]
     first_expert: int = 0  # global id of local expert 0 (expert parallelism holds a slice of the experts)
+    # Deltas the operator adds on the rank-wide path, for the same local experts. A provider that builds new weights
+    # carries it over (dataclasses.replace) or merges it first (`merged`).
+    low_rank: LowRankFactors | None = None
+
+    def merged(self) -> "ExpertWeights":
+        """The same weights with `low_rank` added into the stacks (W + scaling * B @ A, differentiable)."""
+        if self.low_rank is None:
+            return self
+        stacks = [w + self.low_rank.delta(n).to(w.dtype) for n, w in (("gate_up_proj", self.gate_up_proj),
+                                                                      ("down_proj", self.down_proj))]
+        return ExpertWeights(*stacks, first_expert=self.first_expert)
 
 
 class WeightProvider(nn.Module):
@@ -191,8 +205,8 @@ class RoutedExperts(nn.Module):
         return w
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up_proj, down_proj) of the experts this module computes."""
-        w = self.weights()
+        """(gate_up_proj, down_proj) of the experts this module computes (low-rank deltas merged in)."""
+        w = self.weights().merged()
         return w.gate_up_proj, w.down_proj
 
     def fold_state(self, state: dict, prefix: str = "") -> None:
@@ -220,11 +234,13 @@ class RoutedExperts(nn.Module):
             if name == "gathered":
                 # Converts only the gathered experts' weights: converting whole stacks would read (and, mapped from
                 # a file, page in) every expert at every decoding step.
-                y = gathered_swiglu(rows, weights, w.gate_up_proj, w.down_proj, plan.expert, self.swiglu_limit)
+                lr = () if w.low_rank is None else (w.low_rank,)
+                y = gathered_swiglu(rows, weights, w.gate_up_proj, w.down_proj, plan.expert, self.swiglu_limit, *lr)
             else:
                 layout = "ragged" if name == "grouped_mm" else "padded"
+                lr = () if w.low_rank is None else (*w.low_rank.to(compute).tensors(), w.low_rank.scaling)
                 y = grouped_swiglu(rows, weights, w.gate_up_proj.to(compute), w.down_proj.to(compute), plan.offsets,
-                                   layout, self.swiglu_limit)[0]
+                                   layout, self.swiglu_limit, *lr)[0]
         return y.to(dtype)
 
 
