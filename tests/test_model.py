@@ -163,19 +163,29 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_the_names(p
         torch.testing.assert_close(model.eval()(ids).logits, logits, rtol=0, atol=0)
 
 
-def test_activation_checkpointing_recomputes_each_block_in_the_backward(tiny_config):
-    """Only each block's inputs are kept: its forward runs again during the backward, inside the block's own hooks
+def test_activation_checkpointing_keeps_less_and_recomputes_each_block_in_the_backward(tiny_config):
+    """Only each block's inputs are kept for the backward, where its forward runs again inside the block's own hooks
     (which FSDP2 unshards in), as torchtitan wraps them."""
     from seekmoe.parallel import apply_activation_checkpointing
 
     model = seekmoe.build_model(tiny_config).train()
-    calls = []
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 32))
+    calls, saved = [], []
     for block in model.model.layers:
         block.register_forward_pre_hook(lambda module, args: calls.append("block"))
         block.self_attn.register_forward_pre_hook(lambda module, args: calls.append("attn"))
+
+    def kept_bytes() -> tuple[int, torch.Tensor]:  # what autograd keeps from the forward (a checkpoint keeps its own inside)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            loss = model(ids, labels=ids).loss
+        return sum(saved), loss
+
+    plain, _ = kept_bytes()
     apply_activation_checkpointing(model)
-    ids = torch.randint(0, tiny_config.vocab_size, (2, 8))
-    loss = model(ids, labels=ids).loss
+    calls.clear()
+    checkpointed, loss = kept_bytes()
+    assert checkpointed < 0.8 * plain
     L = tiny_config.num_hidden_layers
     assert calls.count("block") == calls.count("attn") == L
     loss.backward()
