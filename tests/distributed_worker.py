@@ -6,8 +6,9 @@
     python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py matrix JOBS_JSON
 
 `grads`: forward and backward of an expert-parallel + FSDP2 model on each rank's slice of a global batch equal the
-single-process model's on the whole batch (logits, loss, every gradient), for a random routing, a routing that
-leaves an expert without tokens, and one that sends every token to the same experts; also node-limited routing.
+single-process model's on the whole batch (logits, loss, every gradient), for a random routing (with activation
+checkpointing applied too), a routing that leaves an expert without tokens, and one that sends every token to the
+same experts; also node-limited routing.
 `train`: a Trainer run; every rank then checks that the router biases are bit-identical on every rank.
 `matrix` (tests/test_matrix.py): several `seekmoe` command lines (a JSON list of argv lists) one after the other in
 this one process group, each under its own `parallel.ep=`, so a matrix pays torchrun's start-up once; compile=true
@@ -53,7 +54,8 @@ def check_grads(ep: int) -> None:
             moe.gate.e_score_correction_bias.copy_(bias)
         model = seekmoe.build_model(config).train()
         model.load_state_dict(reference.state_dict())
-        parallelize(model, procs, parallel)
+        # Activation checkpointing on top of EP and FSDP2 once: the recomputed blocks must give the same gradients.
+        parallelize(model, procs, parallel, activation_checkpointing=scenario == "random")
         torch.manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (2 * W, 16))
         ref_out = reference(ids, labels=ids)

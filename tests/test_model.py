@@ -1,5 +1,6 @@
 """Model behaviour beyond parity: losses, gradients, expert counts, meta-device builds."""
 
+import pytest
 import torch
 
 import seekmoe
@@ -131,17 +132,61 @@ def test_save_then_load_round_trips_exactly_with_mtp_and_bias(tiny_config, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v4"])
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_the_names(preset):
+    """Applied from outside (parallel/compile.py), checkpointing changes neither the gradients, nor the parameter
+    names and state-dict keys, nor eval-mode scoring; V4's blocks carry hyper-connection streams."""
     from seekmoe.model.experts import grouped_mm_supported
+    from seekmoe.parallel import apply_activation_checkpointing
 
     torch.manual_seed(0)
-    model = seekmoe.build_model(tiny_config).train()
-    ids = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    config = seekmoe.ModelConfig.preset(preset)
+    model = seekmoe.build_model(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
     model(ids, labels=ids).loss.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
+    expected = {n: p.grad for n, p in model.named_parameters()}  # None for parameters no loss reaches (V4's)
+    assert sum(g is not None for g in expected.values()) > len(expected) // 2
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        logits = model.eval()(ids).logits
+    model.train().zero_grad(set_to_none=True)
     grouped_mm_supported.cache_clear()  # the backend probe must not disturb a checkpointed first forward
-    model.gradient_checkpointing = True
+    apply_activation_checkpointing(model)
     model(ids, labels=ids).loss.backward()
+    assert [n for n, _ in model.named_parameters()] == list(expected) and list(model.state_dict()) == keys
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[n], rtol=0, atol=1e-6, msg=n)
+        if expected[n] is None:
+            assert p.grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, expected[n], rtol=0, atol=1e-6, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, logits, rtol=0, atol=0)
+
+
+def test_activation_checkpointing_keeps_less_and_recomputes_each_block_in_the_backward(tiny_config):
+    """Only each block's inputs are kept for the backward, where its forward runs again inside the block's own hooks
+    (which FSDP2 unshards in), as torchtitan wraps them."""
+    from seekmoe.parallel import apply_activation_checkpointing
+
+    model = seekmoe.build_model(tiny_config).train()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 32))
+    calls, saved = [], []
+    for block in model.model.layers:
+        block.register_forward_pre_hook(lambda module, args: calls.append("block"))
+        block.self_attn.register_forward_pre_hook(lambda module, args: calls.append("attn"))
+
+    def kept_bytes() -> tuple[int, torch.Tensor]:  # what autograd keeps from the forward (a checkpoint keeps its own inside)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            loss = model(ids, labels=ids).loss
+        return sum(saved), loss
+
+    plain, _ = kept_bytes()
+    apply_activation_checkpointing(model)
+    calls.clear()
+    checkpointed, loss = kept_bytes()
+    assert checkpointed < 0.8 * plain
+    L = tiny_config.num_hidden_layers
+    assert calls.count("block") == calls.count("attn") == L
+    loss.backward()
+    assert calls.count("block") == L and calls.count("attn") == 2 * L

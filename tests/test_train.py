@@ -225,10 +225,11 @@ def test_the_step_passes_the_mtp_weight_to_the_objective_and_leaves_the_config_a
 
 def test_parallelize_applies_activation_checkpointing_and_compile_in_one_process():
     from seekmoe.parallel import ParallelConfig, Processes, parallelize
+    from seekmoe.parallel.compile import CheckpointedForward
 
     model = seekmoe.build_model(seekmoe.ModelConfig.preset("tiny")).train()
-    assert not model.gradient_checkpointing
+    assert not any(isinstance(block.forward, CheckpointedForward) for block in model.model.layers)
     parallelize(model, Processes(), ParallelConfig(), activation_checkpointing=True, compile=True)
-    assert model.gradient_checkpointing
+    assert all(isinstance(block.forward, CheckpointedForward) for block in model.model.layers)
     assert all(block._compiled_call_impl is not None for block in model.model.layers)
     assert all(m.compiled for m in model.modules() if hasattr(m, "compiled"))

@@ -81,7 +81,7 @@ class HyperHead(nn.Module):
 
     def __init__(self, hidden_size: int, hc_mult: int, hc_eps: float, norm_eps: float):
         super().__init__()
-        self.hc_eps, self.norm_eps = hc_eps, norm_eps
+        self.hc_mult, self.hc_eps, self.norm_eps = hc_mult, hc_eps, norm_eps
         self.hc_fn = nn.Parameter(torch.empty(hc_mult, hc_mult * hidden_size))
         self.hc_base = nn.Parameter(torch.empty(hc_mult))
         self.hc_scale = nn.Parameter(torch.empty(1))
@@ -92,6 +92,10 @@ class HyperHead(nn.Module):
         self.hc_fn.normal_(0.0, std)
         self.hc_base.zero_()
         self.hc_scale.fill_(1.0)
+
+    def expand(self, h: torch.Tensor) -> torch.Tensor:
+        """The embeddings h [B, S, H] onto the streams the blocks carry: [B, S, n, H] (block_choice.build_streams)."""
+        return expand_streams(h, self.hc_mult)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixes = F.linear(unweighted_rms_norm(x.flatten(2).float(), self.norm_eps), self.hc_fn.float())

@@ -7,20 +7,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import CacheLayer
-from .block import DecoderBlock
+from .block_choice import build_block, build_rotary, build_streams
 from .experts import RoutedExperts
-from .hyper_connections import HyperConnection, HyperHead, expand_streams
+from .hyper_connections import HyperConnection, HyperHead
 from .moe import BalanceWindow, MoE, MoEStats, batch_balance_loss
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 from .routing import Router
 from .v4_attention import V4Attention
-from .v4_block import V4DecoderBlock
 from .v4_compressor import Compressor
 from .v4_rope import V4RotaryEmbedding
 
@@ -39,25 +37,21 @@ class CausalLMOutput:
 
 
 class DeepseekModel(nn.Module):
-    """The body: token embedding, decoder blocks (dense for the first `first_k_dense_replace`), final RMSNorm, and
-    the MTP modules (kept here so parameter names match the `model.` prefix of DeepSeek checkpoints)."""
+    """The body: token embedding, decoder blocks (the config's kind, block_choice.py), final RMSNorm, and the MTP
+    modules (kept here so parameter names match the `model.` prefix of DeepSeek checkpoints)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         n_mtp = 0 if config.is_v4 else config.num_nextn_predict_layers  # V4's MTP module is not built (as in transformers)
-        if config.is_v4:  # v4_block.py: blocks over hyper-connection streams
-            rotary = V4RotaryEmbedding(config)
-            self.layers = nn.ModuleList(V4DecoderBlock(config, i, rotary) for i in range(config.num_hidden_layers))
-        else:
-            self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i), i)
-                                        for i in range(config.num_hidden_layers))
+        rotary = build_rotary(config)
+        self.layers = nn.ModuleList(build_block(config, i, rotary) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, n_mtp + 1))
-        self.rotary_emb = rotary if config.is_v4 else RotaryEmbedding(config)
-        # DeepSeek-V4: the final collapse of its hyper-connection streams (None otherwise)
-        self.hc_head = (HyperHead(config.hidden_size, config.hc_mult, config.hc_eps, config.rms_norm_eps)
-                        if config.is_v4 else None)
+        self.rotary_emb = rotary
+        # How the residual stream enters and leaves the blocks (`hc_head`: DeepSeek-V4's checkpoint name for the
+        # final collapse of its hyper-connection streams; no parameters for the other families)
+        self.hc_head = build_streams(config)
 
 
 class CausalLM(nn.Module):
@@ -71,7 +65,6 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -126,17 +119,13 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(S, device=h.device)
         cos, sin = body.rotary_emb(position_ids)
-        if body.hc_head is not None:
-            h = expand_streams(h, self.config.hc_mult)
+        h = body.hc_head.expand(h)
         stats: list[MoEStats] = []
         for i, layer in enumerate(body.layers):
-            if self.gradient_checkpointing and self.training:
-                h, s = checkpoint(layer, h, cos, sin, attn_mask, None, input_ids, use_reentrant=False)
-            else:
-                h, s = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], input_ids)
+            h, s = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], input_ids)
             if s is not None:
                 stats.append(s)
-        h = body.norm(h if body.hc_head is None else body.hc_head(h))
+        h = body.norm(body.hc_head(h))
         logits = self.lm_head(h)
         out = CausalLMOutput(logits=logits, hidden_states=h)
         if labels is None:

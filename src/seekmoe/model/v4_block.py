@@ -1,7 +1,7 @@
 """A DeepSeek-V4 decoder block: V4 attention and a DeepSeekMoE layer (hash-routed or learned), each entered through
 a manifold-constrained hyper-connection over the `hc_mult` residual streams (hyper_connections.py).
 
-transformer.py builds these instead of `DecoderBlock` when `config.is_v4`; the blocks take and return the streams
+block_choice.py builds these instead of `DecoderBlock` when `config.is_v4`; the blocks take and return the streams
 [B, S, hc_mult, hidden] (the model expands the embeddings onto them and collapses them with `HyperHead`).
 """
 

@@ -6,14 +6,34 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..model.experts import configure_experts
 
 
+class CheckpointedForward:
+    """A decoder block's forward that, in training mode, keeps only its inputs and recomputes its activations in the
+    backward (non-reentrant torch.utils.checkpoint); in eval mode (scoring, decoding with a cache) it is the block's
+    own forward. Set as the block's instance `forward` rather than wrapping the block in a module: parameter names,
+    `isinstance` and state-dict keys stay the model's own, which materialize, LoRA, freezing and DCP rely on."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __call__(self, *args, **kwargs):
+        block = self.block
+        forward = type(block).forward  # the class's (FSDP2's subclass inherits it)
+        if not block.training:
+            return forward(block, *args, **kwargs)
+        return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder block's activations in the backward instead of keeping them (in training mode): the
-    model checkpoints every block call, outside any compiled block graph."""
-    model.gradient_checkpointing = True
+    """Recompute each decoder block's activations in the backward instead of keeping them (in training mode), by
+    giving every block of `model.model.layers` a `CheckpointedForward` (again is a no-op). The block's hooks (FSDP2's
+    unshard) stay outside the checkpoint and a compiled block compiles it into its graph, as torchtitan applies them."""
+    for block in model.model.layers:
+        block.forward = CheckpointedForward(block)
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
