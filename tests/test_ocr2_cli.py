@@ -105,33 +105,42 @@ def test_analyze_reports_routing_per_modality_on_image_chats(folder, tmp_path, c
     chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     assert main(["analyze", "--model", str(folder / "ocr2"), "--data", str(chats), "--out", str(out),
-                 "--probe-tokens", "0", "--no-progress"]) == 0
+                 "--no-progress"]) == 0
     assert f"{2 * PLACEHOLDERS} image and" in capsys.readouterr().out
-    modality = json.loads((out / "analysis.json").read_text())["modality"]
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["probes"]["tokens"] > 2 * PLACEHOLDERS  # the ablation probes ran on the chats, pictures included
+    modality = analysis["modality"]
     assert modality["image_token_id"] == IMAGE_TOKEN and modality["tokens"]["image"] == 2 * PLACEHOLDERS
     (layer,) = modality["layers"]  # the tiny model's one MoE layer
     assert abs(sum(layer["load"]["image"]) - 1) < 1e-6 and abs(sum(layer["load"]["text"]) - 1) < 1e-6
     assert "Image token id" in (out / "report.html").read_text()
 
 
-def test_analyzed_chat_logits_equal_the_model_given_transformers_inputs(folder):
-    """analyze's chats carry the packed images (image_grid_thw); the model reads them as transformers' inputs."""
+def test_analyzed_chats_batched_equal_each_chat_given_transformers_inputs(folder, tmp_path):
+    """analyze batches chats of equal length with their images packed (image_grid_thw); each row's logits are
+    those of its chat alone, its image as transformers' processor passes it."""
     from seekmoe.analysis.sources import load_image_chats
     from seekmoe.inference.tokenizer import Tokenizer
 
     model = seekmoe.from_pretrained(folder / "ocr2", dtype=torch.float32)
-    chats = folder / "chat.jsonl"
-    chats.write_text(json.dumps({"messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(folder / "page.png")}}]},
-        {"role": "assistant", "content": "apples"}]}) + "\n")
+    pictures = [picture(30, 40, seed=3), picture(64, 20, seed=4)]  # within a tile: equal placeholder counts
+    for i, p in enumerate(pictures):
+        p.save(tmp_path / f"{i}.png")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(tmp_path / f"{i}.png")}}]},
+        {"role": "assistant", "content": "apples"}]}) + "\n" for i in range(2)))
     tokenizer = Tokenizer(folder / "ocr2", model.config.bos_token_id, model.config.eos_token_id)
     ((ids, inputs),) = load_image_chats(chats, tokenizer, model.config, 10 ** 6).batches(2)
-    assert int((ids == IMAGE_TOKEN).sum()) == PLACEHOLDERS
-    theirs = transformers_processor()([Image.open(folder / "page.png")], return_tensors="pt")
+    assert ids.shape[0] == 2 and (ids == IMAGE_TOKEN).sum(1).tolist() == [PLACEHOLDERS] * 2
     with torch.no_grad():
         got = model(ids, **inputs).logits
-        want = model(ids, pixel_values=theirs["pixel_values"], num_local_patches=theirs["num_local_patches"]).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for b, p in enumerate(pictures):
+            theirs = transformers_processor()([p], return_tensors="pt")
+            want = model(ids[b:b + 1], pixel_values=theirs["pixel_values"],
+                         num_local_patches=theirs["num_local_patches"]).logits[0]
+            torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-5)
+    assert (got[0] - got[1]).abs().max() > 1e-3  # the two pictures make different logits
 
 
 def test_chat_image_command_on_an_ocr2_folder(folder, capsys, monkeypatch):
