@@ -6,17 +6,16 @@ backend): RGB (transparency over white); a global view resized bicubically (on u
 normalized by `image_mean` / `image_std` (0.5: [-1, 1]).
 
 A folder's `preprocessor_config.json` (what transformers' processor `save_pretrained` writes) sets these; without
-one, `processor_for` derives them from config.json. An image becomes `Ocr2Config.image_tokens(...)` placeholders:
+one, `default_processor` derives them from config.json. An image becomes `Ocr2Config.image_tokens(...)` placeholders:
 its crops' query features, the global view's, one separator. Who calls it: vision/ocr2_checkpoint.py (reads and
 writes the file), Ocr2Config.image_processor (prompts for generate, chat, serve; analyze's chats).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +93,11 @@ class Ocr2ImageProcessor:
             raise ValueError(f"{source}: image_processor_type={kind!r}: expected 'DeepseekOcr2ImageProcessor'")
         for key, want in _FIXED:
             value = d.get(key, want)
-            if value is None or (value != want if not isinstance(want, float) else abs(value - want) > 1e-12):
+            if isinstance(want, float):  # 1/255 as JSON writes it back
+                differs = not isinstance(value, (int, float)) or isinstance(value, bool) or abs(value - want) > 1e-12
+            else:
+                differs = value is not want if isinstance(want, bool) else value != want
+            if differs:
                 raise ValueError(f"{source}: {key}={value!r}: expected {want!r} (the only preprocessing seekmoe "
                                  f"runs, transformers' default)")
         size = d.get("size", {"height": cls.image_size, "width": cls.image_size})
@@ -149,8 +152,8 @@ class Ocr2ImageProcessor:
         t = self.tile_size
         columns, rows = tile_grid(height, width, t, self.min_patches, self.max_patches)
         resized = image.resize((t * columns, t * rows), Image.BICUBIC)
-        return [_normalized(resized.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)), self.image_mean, self.image_std)
-                for r in range(rows) for c in range(columns)]
+        return [_normalized(resized.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)), self.image_mean,
+                            self.image_std) for r in range(rows) for c in range(columns)]
 
     def __call__(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """transformers' inputs: `pixel_values` [images, 3, S, S], `num_local_patches` [images] and, when any
