@@ -74,7 +74,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
     tokenizer = Tokenizer(args.model, model.config.bos_token_id, model.config.eos_token_id)
-    vision = getattr(model.config, "vision_config", None) is not None  # a vision-language model: chats with pictures
+    # a vision-language model (its config has the language model's as text_config, and an image_processor()):
+    # its data may be chats with pictures
+    vision = getattr(model.config, "text_config", None) is not None
     vocab_size = (model.config.text_config if vision else model.config).vocab_size
     seq_len = args.seq_len or min(256, model.config.max_position_embeddings)
     if seq_len > model.config.max_position_embeddings:

@@ -92,14 +92,12 @@ class ImageChats:
 
 def load_image_chats(path: str | Path, tokenizer, config, max_tokens: int) -> ImageChats:
     """The chats of the JSONL file `path` rendered for the vision-language model of `config` (prompt and answers,
-    pictures preprocessed as Kimi-K2.5's processor does; file:// pictures read only under the file's folder), at
-    most `max_tokens` tokens (at least one chat)."""
+    pictures preprocessed by `config.image_processor()`, the model's own; file:// pictures read only under the
+    file's folder), at most `max_tokens` tokens (at least one chat)."""
     from ..posttrain.sft_data import read_jsonl
-    from ..vision.preprocess import ImageProcessor
     from ..vision.sft import render_vision_example
 
-    processor = ImageProcessor(patch_size=config.vision_config.patch_size,
-                               merge_size=config.vision_config.merge_kernel_size[0])
+    processor = config.image_processor()
     rows, total = [], 0
     for n, record in enumerate(read_jsonl(path), start=1):
         try:

@@ -191,6 +191,16 @@ class VisionLanguageConfig:
         kh, kw = self.vision_config.merge_kernel_size
         return kh * kw
 
+    def image_processor(self):
+        """Pillow images -> (pixel_values, image_grid_thw) as the model takes them, with `placeholders(grid)`
+        (vision/preprocess.ImageProcessor; DeepSeek-OCR-2's Ocr2Config.image_processor is the same interface)."""
+        from .preprocess import ImageProcessor
+
+        kernel = self.vision_config.merge_kernel_size
+        if kernel[0] != kernel[1]:
+            raise ValueError(f"merge_kernel_size {list(kernel)}: the image processor merges square blocks")
+        return ImageProcessor(patch_size=self.vision_config.patch_size, merge_size=kernel[0])
+
     @classmethod
     def from_dict(cls, d: dict, text_config: ModelConfig) -> "VisionLanguageConfig":
         """Read a `kimi_k25` config.json dict; `text_config` is its `text_config` already read (and bounded)."""

@@ -54,13 +54,8 @@ IMAGE_TAG = "<image>"  # where `seekmoe generate --image` puts an image in a raw
 def image_prompt(text: str, images: list, tokenizer, config, add_bos: bool = True
                  ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
     """(token ids, pixel_values, image_grid_thw) of a prompt whose k-th vision.sft.IMAGE_MARK stands for images[k]
-    (Pillow images): each becomes its image-token placeholders, preprocessed as Kimi-K2.5 does (as DeepSeek-OCR-2
-    does for an Ocr2Config: vision/ocr2_preprocess.py)."""
-    if getattr(config, "model_type", None) == "deepseek_ocr2":
-        from .ocr2_preprocess import ocr2_image_prompt
-
-        return ocr2_image_prompt(text, images, tokenizer, config, add_bos)
-    from .preprocess import ImageProcessor
+    (Pillow images): each becomes its image-token placeholders, preprocessed as the model's
+    `config.image_processor()` does it (Kimi-K2.5's, or DeepSeek-OCR-2's packed views)."""
     from .sft import IMAGE_MARK, encode_with_images
 
     marks = text.count(IMAGE_MARK)
@@ -68,8 +63,7 @@ def image_prompt(text: str, images: list, tokenizer, config, add_bos: bool = Tru
         raise ValueError(f"the prompt has {marks} image positions for {len(images)} images")
     if not images:
         return tokenizer.encode(text, add_bos=add_bos), None, None
-    kernel = config.vision_config.merge_kernel_size
-    processor = ImageProcessor(patch_size=config.vision_config.patch_size, merge_size=kernel[0])
+    processor = config.image_processor()
     pixel_values, grid = processor(images)
     counts = [processor.placeholders(g) for g in grid.tolist()]
     return encode_with_images(text, tokenizer, counts, config.image_token_id, add_bos), pixel_values, grid

@@ -5,13 +5,15 @@ them back (its conversion mapping renames on load and reverses on save).
 On disk the language model is a plain DeepSeek text model (`model.layers.{i}...`, per-expert matrices,
 `lm_head.weight`), SAM lies under `model.sam_model.`, the query encoder under `model.qwen2_model.model.model.`
 (its queries `model.qwen2_model.query_768|1024`), the projector is `model.projector.layers.*` and the separator
-`model.view_seperator` (sic).
+`model.view_seperator` (sic). The image preprocessing is `preprocessor_config.json` (transformers' processor's file),
+read when present and written on save (Ocr2Config.save).
 
 Who calls it: vision/checkpoint.py's load_vision_language dispatches here on model_type; Ocr2Model.save_pretrained.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -25,6 +27,9 @@ from ..model_folder import check_fits_memory, config_from_dict
 from .checkpoint import _check_vision_memory, _vision_targets, copy_vision_tensors
 from .ocr2_config import Ocr2Config, ocr2_text_config_dict
 from .ocr2_model import Ocr2Model
+from .ocr2_preprocess import read_processor
+
+log = logging.getLogger(__name__)
 
 # (our parameter-name prefix, the disk prefix), the first match wins
 _PREFIXES = (("vision_tower.sam_model.", "model.sam_model."),
@@ -59,8 +64,11 @@ def read_ocr2_config(raw: dict, source: str) -> Ocr2Config:
 def load_ocr2(path: Path, raw: dict, dtype: torch.dtype | None = None,
               device: str | torch.device | None = None) -> Ocr2Model:
     """A DeepSeek-OCR-2 folder as an Ocr2Model: shapes and completeness checked on the meta device first, then each
-    tensor copied into place once, in `dtype` (default: the checkpoint's)."""
+    tensor copied into place once, in `dtype` (default: the checkpoint's); its preprocessor_config.json (else the
+    default preprocessing, as the log line says) as `config.processor`."""
     config = read_ocr2_config(raw, str(path / "config.json"))
+    config.processor, where = read_processor(path, config)
+    log.info(where)
     device = torch.device(device or "cpu")
     if device.type == "meta":
         with torch.device("meta"):

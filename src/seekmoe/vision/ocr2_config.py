@@ -2,10 +2,12 @@
 `SamConfig` (`vision_config.sam_config`: the SAM ViT-B image encoder, its neck and two downsampling convolutions),
 `EncoderConfig` (`vision_config.encoder_config`: the Qwen2-style encoder that reads the SAM tokens through learned
 queries), and `Ocr2Config` for the whole (the placeholder token id and the language model's ModelConfig, a
-multi-head DeepSeek-V2 MoE, as `text_config`).
+multi-head DeepSeek-V2 MoE, as `text_config`), with the folder's image preprocessing (`processor`, which
+preprocessor_config.json holds: it is written beside config.json).
 
 Who reads it: vision/ocr2_sam.py, vision/ocr2_encoder.py and vision/ocr2_model.py build from it;
-vision/ocr2_checkpoint.py reads and writes it.
+vision/ocr2_checkpoint.py reads and writes it; what asks any vision-language model's config (prompts, the engine,
+analyze) reads `text_config`, `image_token_id` and `image_processor()`, as of Kimi-K2.5's VisionLanguageConfig.
 """
 
 from __future__ import annotations
@@ -189,6 +191,8 @@ class Ocr2Config:
     image_token_id: int = 128815
     extra: dict = field(default_factory=dict, repr=False)
     vision_extra: dict = field(default_factory=dict, repr=False)
+    # an ocr2_preprocess.Ocr2ImageProcessor: the folder's preprocessor_config.json (None: ocr2_preprocess's defaults)
+    processor: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_token_id, int) or isinstance(self.image_token_id, bool) \
@@ -222,6 +226,24 @@ class Ocr2Config:
     @property
     def max_position_embeddings(self) -> int:
         return self.text_config.max_position_embeddings
+
+    @property
+    def media_placeholder_token_id(self) -> int:
+        """`image_token_id` by the name a text model's config gives its image token (analyze asks for it)."""
+        return self.image_token_id
+
+    def preprocessing(self):
+        """The Ocr2ImageProcessor settings of this model: `processor`, else the defaults config.json implies."""
+        from .ocr2_preprocess import default_processor
+
+        return self.processor if self.processor is not None else default_processor(self)
+
+    def image_processor(self):
+        """Pillow images -> (pixel_values, image_grid_thw) as the model takes them, with `placeholders(row)`
+        (ocr2_preprocess.PackedViews; Kimi-K2.5's VisionLanguageConfig.image_processor is the same interface)."""
+        from .ocr2_preprocess import PackedViews
+
+        return PackedViews(self.preprocessing(), self)
 
     def view_tokens(self, side: int) -> int:
         """Image features of one square view of `side` pixels: the encoder's learned queries, 144 for a SAM grid
@@ -261,9 +283,11 @@ class Ocr2Config:
                 "text_config": self.text_config.to_dict(), "vision_config": vision}
 
     def save(self, directory) -> None:
-        """Write `directory/config.json`."""
+        """Write `directory/config.json` and `directory/preprocessor_config.json` (the image preprocessing, which
+        transformers' AutoImageProcessor loads)."""
         Path(directory).mkdir(parents=True, exist_ok=True)
         (Path(directory) / "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        self.preprocessing().save(directory)
 
 
 def ocr2_text_config_dict(raw: dict, source: str) -> dict:

@@ -101,11 +101,18 @@ class Ocr2Model(nn.Module):
         return self.images_features(*unpack_views(pixel_values, image_grid_thw))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              pixel_values_local: torch.Tensor | None = None, num_local_patches=None) -> torch.Tensor:
-        """[B, S, hidden]: token embeddings with image features over the placeholders. ValueError when the
-        placeholders and the images' features differ in number."""
+              pixel_values_local: torch.Tensor | None = None, num_local_patches=None,
+              image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S, hidden]: token embeddings with image features over the placeholders; the images as transformers
+        passes them, or packed (`image_grid_thw`: pack_views's layout, `pixel_values` its flat pixels). ValueError
+        when the placeholders and the images' features differ in number."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if image_grid_thw is not None and pixel_values is not None:
+            if pixel_values_local is not None or num_local_patches is not None:
+                raise ValueError("image_grid_thw (packed images) given with pixel_values_local or num_local_patches: "
+                                 "expected one form of the images")
+            pixel_values, pixel_values_local, num_local_patches = unpack_views(pixel_values, image_grid_thw)
         is_image = input_ids == self.config.image_token_id
         embeds = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
         n_placeholders = int(is_image.sum())
@@ -122,9 +129,12 @@ class Ocr2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 pixel_values_local: torch.Tensor | None = None, num_local_patches=None,
-                labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
-        """input_ids [B, S] with each image's placeholders; other keywords go to CausalLM.forward."""
-        embeds = self.embed(input_ids, pixel_values, pixel_values_local, num_local_patches)
+                labels: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutput:
+        """input_ids [B, S] with each image's placeholders; the images as `embed` takes them (so
+        `model(ids, pixel_values=, image_grid_thw=)` with config.image_processor()'s output, as for Kimi-K2.5);
+        other keywords go to CausalLM.forward."""
+        embeds = self.embed(input_ids, pixel_values, pixel_values_local, num_local_patches, image_grid_thw)
         if labels is not None:
             labels = labels.masked_fill(labels == self.config.image_token_id, -100)
         return self.language_model(input_ids, labels=labels, inputs_embeds=embeds, **kwargs)
