@@ -25,8 +25,6 @@ def keep_thread_count():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent: some tokenizations (PYTHONHASHSEED=5 here) give a non-finite loss "
-                   "at step 1 of V4 SFT; not yet root-caused (closing note, issue 21)")
 def test_sft_of_a_v4_model_takes_one_example_a_row_and_lowers_its_loss(tmp_path, capsys):
     records = [{"prompt": p, "completion": c} for p, c in PAIRS] * 6
     texts = [f"User: {r['prompt']}\n\nAssistant: {r['completion']}" for r in records]
@@ -52,6 +50,35 @@ def test_sft_of_a_v4_model_takes_one_example_a_row_and_lowers_its_loss(tmp_path,
         got = sft_forward(model, batch, torch.device("cpu"), None).lm_loss
         want = model(torch.tensor([ex.ids]), labels=torch.tensor([ex.labels])).lm_loss
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v4"])
+def test_a_model_materialized_from_a_folder_holds_nothing_to_empty_left(preset, tmp_path, monkeypatch):
+    """The trainer's path for --init-from / SFT: a meta model filled from a folder. to_empty's memory is made NaN here
+    so that a tensor nothing wrote (V4's rope frequencies once: a NaN or slightly-off loss from run to run) shows."""
+    from torch import nn
+
+    from seekmoe import ModelConfig, build_model
+    from seekmoe.parallel.materialize import materialize
+
+    to_empty = nn.Module.to_empty
+
+    def poisoned(module, *, device, recurse=True):
+        module = to_empty(module, device=device, recurse=recurse)
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+        return module
+
+    config = ModelConfig.preset(preset)
+    torch.manual_seed(0)
+    build_model(config).save_pretrained(tmp_path)
+    want = from_pretrained(tmp_path)
+    monkeypatch.setattr(nn.Module, "to_empty", poisoned)
+    got = materialize(build_model(config, device="meta"), torch.device("cpu"), tmp_path)
+    wanted = dict(want.named_buffers()) | dict(want.named_parameters())
+    for name, t in [*got.named_buffers(), *got.named_parameters()]:
+        assert torch.equal(t, wanted[name]), name
 
 
 @pytest.mark.slow  # test_families_integration compares compiled and eager V4 generation in the default suite
