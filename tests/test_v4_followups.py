@@ -128,3 +128,30 @@ def test_expert_parallel_training_of_tiny_v4_reproduces_one_process(corpus, cach
     assert len(got) == len(want) == 3
     for step, (a, b) in enumerate(zip(got, want), start=1):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs {b}"
+
+
+@pytest.mark.parametrize("prefill,steps", [(37, 0), (37, 3), (64, 1), (9, 12)])
+def test_info_counts_the_bytes_the_compact_v4_cache_allocates(prefill, steps):
+    """`seekmoe info`'s V4 arithmetic (v4_cache_bytes) against the storage the per-layer caches keep alive, counted
+    here from the tensors (each storage once): right after a prefill (where a kept slice would pin the prefill's
+    projections) and after decoding steps, windows open and closed."""
+    from seekmoe import ModelConfig
+    from seekmoe.info import v4_cache_bytes
+    from seekmoe.model import CausalLM
+    from seekmoe.model.v4_cache import V4LayerCache
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.preset("tiny-v4", num_nextn_predict_layers=0)).eval()
+    caches = [V4LayerCache(model.config.sliding_window) for _ in model.model.layers]
+    ids = torch.randint(0, 512, (2, prefill + steps), generator=torch.Generator().manual_seed(prefill))
+    with torch.no_grad():
+        model(ids[:, :prefill], position_ids=torch.arange(prefill), cache=caches)
+        for t in range(prefill, prefill + steps):
+            model(ids[:, t:t + 1], position_ids=torch.tensor([t]), cache=caches)
+    storages = {}
+    for c in caches:
+        for t in [c.window, *(x for s in (c.compressor, c.indexer) for x in (s.kv, s.gate, s.keys, *(s.prior or ())))]:
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    want = v4_cache_bytes(model.config, prefill + steps, 4) * 2  # fp32, a batch of 2
+    assert sum(storages.values()) == want == sum(c.nbytes() for c in caches)
