@@ -241,7 +241,8 @@ def _rehash(table: torch.Tensor, sources: torch.Tensor, copies: torch.Tensor, fr
             generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
     """`table` [vocab, top_k] (expert ids) with `fraction` of the entries naming each source expert (sources[j], new
     ids) moved to its copies (copies[j]), chosen by a seeded permutation and split evenly among a source's copies. A
-    token's experts stay distinct: a copy is a new id, in no row before. Returns (table, (moved, entries of sources))."""
+    token's experts stay distinct: a copy is a new id, in no row before. Returns (table, (moved, entries naming a
+    source))."""
     table = table.clone()
     flat = table.view(-1)
     moved = total = 0
