@@ -96,7 +96,8 @@ class V4Compact:
         self.outputs = torch.cat(tokens).tolist()
 
     def cache_bytes_per_token(self) -> float:
-        return sum(c.nbytes() for c in self.caches) / (self.prompt.shape[1] + len(self.outputs))
+        """The storage the caches keep alive over the tokens they hold (the last output is never fed back)."""
+        return sum(c.nbytes() for c in self.caches) / self.caches[0].seen
 
 
 class Transformers:
@@ -115,15 +116,18 @@ class Transformers:
         self.outputs, self.cache = out.sequences[0, self.ids.shape[1]:].tolist(), out.past_key_values
 
     def cache_bytes_per_token(self) -> float:
-        """Every tensor the cache's layers hold (whatever their names: V4's caches are not keys/values alone)."""
-        seen, total = set(), 0
+        """Every storage the cache's layers keep alive, each once (whatever their names: V4's layers keep the
+        compressed keys, the indexer's keys, open windows and overlaps in dicts beside keys/values), over the tokens
+        it holds (the last output is never fed back)."""
+        storages = {}
         for layer in getattr(self.cache, "layers", []):
             for value in vars(layer).values():
-                for t in (value if isinstance(value, (list, tuple)) else [value]):
-                    if isinstance(t, torch.Tensor) and id(t) not in seen:
-                        seen.add(id(t))
-                        total += t.numel() * t.element_size()
-        return total / (self.ids.shape[1] + len(self.outputs))
+                values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) \
+                    else [value]
+                for t in values:
+                    if isinstance(t, torch.Tensor):
+                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values()) / (self.ids.shape[1] + len(self.outputs) - 1)
 
 
 def decode_rate(engine, new_tokens: int, repeats: int) -> float:
@@ -197,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 if theirs is not None:
                     cells.append(measure("transformers", lambda: Transformers(theirs, prompt, args.new_tokens),
                                          args.new_tokens, args.repeats))
-                compact = (v4_cache_bytes(config, context + args.new_tokens, size) / (context + args.new_tokens)
-                           if config.is_v4 else None)
+                held = context + args.new_tokens - 1  # the tokens the caches hold: the last output is not fed back
+                compact = v4_cache_bytes(config, held, size) / held if config.is_v4 else None
                 reference = next((c["outputs"] for c in cells if "outputs" in c), None)  # seekmoe's first
                 for cell in cells:
                     outputs = cell.pop("outputs", None)

@@ -14,6 +14,9 @@ bias update then raises their selection bias by bias_update_speed a step (and lo
 mean load) until they get tokens: about (1 + spread of the old biases) / (2 x speed) steps (54 at speed 0.01 in
 benchmarks/grow.py); new_expert_bias_update_speed makes that faster for the new experts.
 --init copy (default) starts each new expert as a noisy copy of an old expert of its router group; the outputs move.
+DeepSeek-V4's hash-routed layers pick experts from a frozen token table that names the old experts only: their new
+experts get no tokens (the command says so), unless --init copy --rehash F hands a fraction F of each copied
+expert's tokens to its copies (0.5 splits them evenly with one copy).
 """
 
 def add_expand_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +38,10 @@ def add_expand_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=0.01, metavar="R",
                         help="relative noise on copied weights, router rows and biases (default 0.01)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the noise and initialization")
+    parser.add_argument("--rehash", type=float, default=0.0, metavar="F",
+                        help="hash-routed layers (DeepSeek-V4): move this fraction of the token-table entries that "
+                             "name a copied expert to its copies, chosen at random with --seed (needs --init copy; "
+                             "default 0: the table keeps naming old experts and the new ones there get no tokens)")
 
 
 def run_expand(args: argparse.Namespace) -> int:
@@ -47,7 +54,7 @@ def run_expand(args: argparse.Namespace) -> int:
     source, out, model = load_source(args.model, args.out, "expanded")
     torch.manual_seed(args.seed)
     grown, report = expand_model(model, args.add_experts, layers=args.layers, init=args.init, noise=args.noise,
-                                 seed=args.seed)
+                                 seed=args.seed, rehash=args.rehash)
     save_grown(grown, source, out)
     print(f"routed experts per MoE layer: {report.experts_before} -> {report.experts_after} "
           f"(init {args.init}); new experts in {len(report.layers)} layer(s): {', '.join(report.layers)}")
@@ -55,6 +62,8 @@ def run_expand(args: argparse.Namespace) -> int:
         print(f"dormant (never selected) slots in: {', '.join(report.dormant_layers)}")
     for change in report.changes:
         print(f"changed: {change}")
+    for note in report.notes:
+        print(f"note: {note}")
     print(parameter_change(model.config, grown.config))
     if args.init == "zero":
         print("outputs: exactly the old model's (new experts unselectable, zero down projections)" if report.exact

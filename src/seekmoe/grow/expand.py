@@ -7,9 +7,20 @@ weights, dilutes the others. Two starts:
   range of sigmoid scores below every old expert's) and its down projection is zero, so the expanded model computes
   exactly what the old one did. Training then brings traffic to it through the auxiliary-loss-free bias update,
   which raises an underloaded expert's bias by `bias_update_speed` a step (train/onboarding.py can make that faster for
-  the new experts). Its gate/up projections and router row start random, as a fresh model's would.
+  the new experts). Its gate/up projections and router row start random, as a fresh model's would; under DeepSeek-V4's
+  `sqrtsoftplus` scores, which have no upper bound, its router row starts at zero instead, so that its score is the
+  constant sqrt(softplus(0)) ~ 0.83 for every token and the same bias margin keeps it out of reach.
 - `copy`: each new expert is a copy of an old expert of its group, with small relative noise on its weights, router
   row and bias, so it starts as a second specialist of what it copies; the output moves (the copy takes slots).
+
+Since the added experts are never selected, the kept top-k and its normalization (`norm_topk_prob`) are the old ones:
+elementwise scores (sigmoid, sqrtsoftplus) of the old experts do not depend on how many experts there are.
+
+DeepSeek-V4's hash-routed layers (`mlp_layer_types: hash_moe`) choose experts by a frozen token table (`tid2eid`),
+which names old experts only: their added experts get no tokens (recorded as dormant) unless `rehash` > 0 with
+`copy`, which moves that fraction of each copied expert's (token, slot) entries, chosen at random with `seed`, to its
+copies (split evenly among them), so a copy takes over part of its source's tokens as it does in the learned layers.
+`zero` keeps the table: a zero expert taking a slot would change the output.
 
 Router groups are contiguous runs of `n_routed_experts / n_group` experts, so new experts are inserted at the end of
 every group (N / n_group per group) and the old ones renumbered: appending them all at the end would move old experts
@@ -30,6 +41,9 @@ from ..model.moe import MoE
 from ..train.grown_experts import RECORD_KEY, UNSELECTABLE_MARGIN, GrowRecord, unselectable_bias
 
 INITS = ("copy", "zero")
+# Scorings under which --init zero can keep added experts out of every top-k with a selection bias: elementwise ones
+# whose score for the added experts' rows is bounded by 1 (sigmoid: any row; sqrtsoftplus: a zero row, ~0.83).
+ZERO_INIT_SCORINGS = ("sigmoid", "sqrtsoftplus")
 
 
 @dataclass
@@ -55,6 +69,7 @@ class ExpandReport:
     dormant_layers: list[str]  # MoE layers whose added slots are dormant (left out by `layers`)
     changes: list[str]
     exact: bool  # whether the expanded model's outputs equal the old one's by construction
+    notes: list[str] = field(default_factory=list)  # what the user should know (hash-routed layers)
 
 
 def moe_layer_paths(model: CausalLM) -> dict[str, int]:
@@ -96,12 +111,12 @@ def plan_layout(config: ModelConfig, n_add: int) -> ExpertLayout:
 
 
 def expand_model(model: CausalLM, n_add: int, layers: list[int] | None = None, init: str = "copy",
-                 noise: float = 0.01, seed: int = 0) -> tuple[CausalLM, ExpandReport]:
+                 noise: float = 0.01, seed: int = 0, rehash: float = 0.0) -> tuple[CausalLM, ExpandReport]:
     """A copy of `model` with `n_add` more routed experts in every MoE layer (new ones live only in `layers`, by
     on-disk layer number, when given), initialized by `init` ('copy' or 'zero', see the module docstring), the added
     experts recorded in the config (record.py; a record of an earlier expansion is replaced: its experts count as
-    old now). `noise` is the relative noise of `copy`; `seed` makes it
-    repeatable."""
+    old now). `noise` is the relative noise of `copy`; `seed` makes it repeatable; `rehash` is the fraction of each
+    copied expert's token-table entries moved to its copies in hash-routed layers (`copy` only)."""
     config = model.config
     if config.n_routed_experts == 0:
         raise ValueError("the model has no MoE layers (n_routed_experts=0): turn a dense model into a MoE with "
@@ -111,12 +126,21 @@ def expand_model(model: CausalLM, n_add: int, layers: list[int] | None = None, i
     if not math.isfinite(noise) or noise < 0:
         raise ValueError(f"--noise {noise!r} is invalid: expected a non-negative number")
     has_bias = config.topk_method == "noaux_tc"
-    if init == "zero" and not (has_bias and config.scoring_func == "sigmoid"):
-        raise ValueError(f"--init zero needs DeepSeek-V3's router (topk_method='noaux_tc', scoring_func='sigmoid'; "
-                         f"this model has {config.topk_method!r}, {config.scoring_func!r}): new experts are kept "
-                         f"out of the top-k by a selection bias, and softmax scores would change with every added "
-                         f"expert; use --init copy")
+    if init == "zero" and not (has_bias and config.scoring_func in ZERO_INIT_SCORINGS):
+        raise ValueError(f"--init zero needs a selection-bias router with elementwise scores (topk_method='noaux_tc', "
+                         f"scoring_func one of {ZERO_INIT_SCORINGS}: DeepSeek-V3/V4; this model has "
+                         f"{config.topk_method!r}, {config.scoring_func!r}): new experts are kept out of the top-k by "
+                         f"a selection bias, and softmax scores would change with every added expert; use --init copy")
+    if not (isinstance(rehash, (int, float)) and 0 <= rehash <= 1):
+        raise ValueError(f"--rehash {rehash!r} is invalid: expected a fraction in [0, 1]")
     paths = moe_layer_paths(model)
+    modules = dict(model.named_modules())
+    hashed = {p for p in paths if hasattr(modules[p].gate, "tid2eid")}  # DeepSeek-V4's hash-routed layers
+    if rehash and init != "copy":
+        raise ValueError(f"--rehash {rehash} needs --init copy: a hash-routed token moved to an added '{init}' expert "
+                         f"(zero down projection) would lose that expert's output, so the model would change")
+    if rehash and not hashed:
+        raise ValueError(f"--rehash {rehash}: this model has no hash-routed layers (mlp_layer_types 'hash_moe')")
     if layers is not None:
         unknown = sorted(set(layers) - set(paths.values()))
         if unknown:
@@ -129,8 +153,9 @@ def expand_model(model: CausalLM, n_add: int, layers: list[int] | None = None, i
                              f"since a config has one n_routed_experts for every layer")
     layout = plan_layout(config, n_add)
     live = {p for p, i in paths.items() if layers is None or i in layers}
-    record = GrowRecord(init=init, new={p: layout.added for p in paths if p in live},
-                        dormant={p: layout.added for p in paths if p not in live},
+    routed = live - (hashed if not rehash else set())  # where the added experts will get tokens
+    record = GrowRecord(init=init, new={p: layout.added for p in paths if p in routed},
+                        dormant={p: layout.added for p in paths if p not in routed},
                         unselectable_bias_margin=UNSELECTABLE_MARGIN)
     new_config = config.replace(n_routed_experts=config.n_routed_experts + n_add, n_group=layout.n_group,
                                 topk_group=layout.topk_group, extra={**config.extra, RECORD_KEY: record.to_dict()})
@@ -143,22 +168,35 @@ def expand_model(model: CausalLM, n_add: int, layers: list[int] | None = None, i
     if set(missing) - expert_keys or unexpected:
         raise RuntimeError(f"expand: unexpected state-dict mismatch {missing} {unexpected}")
     generator = torch.Generator().manual_seed(seed)
-    modules = dict(grown.named_modules())
-    old_modules = dict(model.named_modules())
+    new_modules = dict(grown.named_modules())
+    tables = torch.Generator().manual_seed(seed)  # the rehash's own stream: the copies' noise is the same without it
+    notes = []
     for path in paths:
-        _fill_layer(old_modules[path], modules[path], layout, "copy" if init == "copy" and path in live else "zero",
-                    noise, config.initializer_range, generator)
+        moved = _fill_layer(modules[path], new_modules[path], layout,
+                            "copy" if init == "copy" and path in live else "zero", noise, config.initializer_range,
+                            generator, zero_rows=config.scoring_func != "sigmoid",
+                            rehash=rehash if path in live else 0.0, table_generator=tables)
+        if path in hashed and path in live:
+            notes.append(f"{path} is hash-routed: " + (
+                f"{moved[0]} of its token table's {moved[1]} entries that named a copied expert now name its copy "
+                f"(--rehash {rehash:g})" if rehash else
+                "its token table (tid2eid) names old experts only, so the added experts there get no tokens "
+                "(dormant); --init copy --rehash F moves a fraction F of each copied expert's tokens to its copy"))
     grown = grown.to(dtype).eval()
     exact = init == "zero" and not layout.changes
-    report = ExpandReport(config.n_routed_experts, new_config.n_routed_experts, sorted(live, key=paths.get),
-                          sorted(set(paths) - live, key=paths.get), layout.changes, exact)
+    report = ExpandReport(config.n_routed_experts, new_config.n_routed_experts, sorted(routed, key=paths.get),
+                          sorted(set(paths) - routed, key=paths.get), layout.changes, exact, notes)
     return grown, report
 
 
 @torch.no_grad()
 def _fill_layer(old: MoE, new: MoE, layout: ExpertLayout, init: str, noise: float, std: float,
-                generator: torch.Generator) -> None:
-    """The old experts, router rows and biases at their new ids; the added ones initialized by `init`."""
+                generator: torch.Generator, zero_rows: bool = False, rehash: float = 0.0,
+                table_generator: torch.Generator | None = None) -> tuple[int, int]:
+    """The old experts, router rows and biases at their new ids; the added ones initialized by `init` (`zero_rows`:
+    zero router rows for `zero`, see the module docstring). A hash-routed layer's table is renumbered, and with
+    `rehash` a fraction of its entries moved to the copies: returns (entries moved, entries that named a source)."""
+    moved = (0, 0)
     keep = torch.tensor(layout.old_to_new)
     added, source = torch.tensor(layout.added), torch.tensor(layout.source)
     old_gate_up, old_down = (w.detach().float() for w in old.experts.expert_weights())  # [E, 2I, H], [E, H, I]
@@ -168,8 +206,10 @@ def _fill_layer(old: MoE, new: MoE, layout: ExpertLayout, init: str, noise: floa
                           (router.weight, old_router)):
         param.index_copy_(0, keep, values.to(param.dtype))
     if hasattr(old.gate, "tid2eid"):  # a hash-routed layer (DeepSeek-V4): its token table names experts by new id
-        # (the table never picks the added experts: they learn only in the layers a router ranks)
-        new.gate.tid2eid.copy_(keep[old.gate.tid2eid])
+        table = keep[old.gate.tid2eid]  # [vocab, top_k]
+        if rehash:
+            table, moved = _rehash(table, keep[source], added, rehash, table_generator or generator)
+        new.gate.tid2eid.copy_(table)
     old_bias = old.gate.e_score_correction_bias
     if old_bias is not None:
         router.e_score_correction_bias.index_copy_(0, keep, old_bias)
@@ -186,11 +226,32 @@ def _fill_layer(old: MoE, new: MoE, layout: ExpertLayout, init: str, noise: floa
             spread = old_bias.std() if old_bias.numel() > 1 else old_bias.new_zeros(())
             bias = old_bias[source] + noise * spread * torch.randn(len(layout.added), generator=generator)
             router.e_score_correction_bias.index_copy_(0, added, bias)
-        return
+        return moved
     n = len(layout.added)
     experts.gate_up_proj.index_copy_(0, added, torch.randn((n, *old_gate_up.shape[1:]), generator=generator) * std)
     experts.down_proj.index_copy_(0, added, torch.zeros(n, *old_down.shape[1:]))
-    router.weight.index_copy_(0, added, torch.randn((n, old_router.shape[1]), generator=generator) * std)
+    rows = torch.randn((n, old_router.shape[1]), generator=generator) * std
+    router.weight.index_copy_(0, added, rows.zero_() if zero_rows else rows)  # drawn anyway: same stream either way
     if old_bias is not None:
         router.e_score_correction_bias.index_copy_(0, added, unselectable_bias(old_bias).expand(n))
+    return moved
+
+
+def _rehash(table: torch.Tensor, sources: torch.Tensor, copies: torch.Tensor, fraction: float,
+            generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`table` [vocab, top_k] (expert ids) with `fraction` of the entries naming each source expert (sources[j], new
+    ids) moved to its copies (copies[j]), chosen by a seeded permutation and split evenly among a source's copies. A
+    token's experts stay distinct: a copy is a new id, in no row before. Returns (table, (moved, entries naming a
+    source))."""
+    table = table.clone()
+    flat = table.view(-1)
+    moved = total = 0
+    for src in sources.unique().tolist():
+        mine = copies[sources == src]
+        where = (flat == src).nonzero().squeeze(1)
+        where = where[torch.randperm(where.numel(), generator=generator)]
+        take = int(round(fraction * where.numel()))
+        flat[where[:take]] = mine[torch.arange(take) % mine.numel()]
+        moved, total = moved + take, total + where.numel()
+    return table, (moved, total)
 

@@ -3,7 +3,9 @@ CSA's indexer) the tokens of the window still open, the previous window's first 
 the compressed keys so far. What grows with the context is one compressed key per `rate` tokens (plus the
 indexer's); the window and the open window are bounded.
 
-Keys are concatenated as tokens arrive (eager decoding; every sequence of the batch at the same positions).
+Keys are concatenated as tokens arrive (eager decoding; every sequence of the batch at the same positions). What is
+kept past a step is copied out of the step's tensors (`_own`): a slice would keep the whole step's projections alive
+(after a 1K-token prefill, ~4x the cache itself), so the bytes held are what `seekmoe info` counts.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .v4_compressor import Compressor
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t in storage of its own size (a copy where t is a view into a larger tensor)."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 @dataclass
@@ -32,14 +39,14 @@ class CompressorState:
             kv, gate = torch.cat([self.kv, kv], dim=1), torch.cat([self.gate, gate], dim=1)
         m = compressor.rate
         usable = kv.shape[1] // m * m
-        self.kv, self.gate = kv[:, usable:], gate[:, usable:]
+        self.kv, self.gate = _own(kv[:, usable:]), _own(gate[:, usable:])
         if usable:
             keys = compressor.pool(kv[:, :usable], gate[:, :usable], self.windows * m, inv_freq, self.prior)
             if compressor.overlap:  # the last closed window's first series, with its position bias
                 D = compressor.head_dim
                 last_gate = gate[:, usable - m:usable] + compressor.position_bias
-                self.prior = (kv[:, usable - m:usable, :D], last_gate[..., :D])
-            self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=1)
+                self.prior = (_own(kv[:, usable - m:usable, :D]), _own(last_gate[..., :D]))
+            self.keys = _own(keys) if self.keys is None else torch.cat([self.keys, keys], dim=1)
             self.windows += usable // m
         if self.keys is None:
             self.keys = kv.new_zeros(kv.shape[0], 0, compressor.head_dim)
@@ -61,13 +68,15 @@ class V4LayerCache:
         first of them); keeps the last sliding_window - 1 for the next step."""
         full = kv if self.window is None else torch.cat([self.window, kv], dim=1)
         first = self.seen - (0 if self.window is None else self.window.shape[1])
-        self.window = full[:, -(self.sliding_window - 1):] if self.sliding_window > 1 else full[:, :0]
+        self.window = _own(full[:, -(self.sliding_window - 1):] if self.sliding_window > 1 else full[:, :0])
         self.seen += kv.shape[1]
         return full, first
 
     def nbytes(self) -> int:
-        """Bytes held now (for measuring the cache against its per-token arithmetic)."""
+        """Bytes of the storages this cache keeps alive now, each counted once (what memory it holds, for measuring
+        the cache against `seekmoe info`'s per-token arithmetic)."""
         tensors = [self.window]
         for state in (self.compressor, self.indexer):
             tensors += [state.kv, state.gate, state.keys, *(state.prior or ())]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+        return sum(storages.values())

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from ..checkpoint import _Loader, checkpoint_files, dequantize_fp8
 from ..model.rope import RotaryEmbedding
+from ..model.v4_rope import V4RotaryEmbedding
 from ..model_folder import read_config_json
 from ..model.transformer import init_module
 
@@ -76,8 +77,10 @@ def materialize(model: nn.Module, device: torch.device, folder: str | Path | Non
             if loader.fresh:
                 init_shards(model, only=loader.fresh)
             for module in model.modules():
-                if isinstance(module, RotaryEmbedding):
-                    module.reset_parameters()  # a non-persistent buffer: in no checkpoint
+                # Non-persistent buffers are in no checkpoint: to_empty left them as whatever memory held (for V4's
+                # rope, missed here once, that gave losses off by ~1e-3 or NaN from run to run).
+                if isinstance(module, (RotaryEmbedding, V4RotaryEmbedding)):
+                    module.reset_parameters()
     return model
 
 
