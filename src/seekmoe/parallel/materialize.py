@@ -22,8 +22,6 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from ..checkpoint import _Loader, checkpoint_files, dequantize_fp8
-from ..model.rope import RotaryEmbedding
-from ..model.v4_rope import V4RotaryEmbedding
 from ..model_folder import read_config_json
 from ..model.transformer import init_module
 
@@ -77,9 +75,13 @@ def materialize(model: nn.Module, device: torch.device, folder: str | Path | Non
             if loader.fresh:
                 init_shards(model, only=loader.fresh)
             for module in model.modules():
-                # Non-persistent buffers are in no checkpoint: to_empty left them as whatever memory held (for V4's
-                # rope, missed here once, that gave losses off by ~1e-3 or NaN from run to run).
-                if isinstance(module, (RotaryEmbedding, V4RotaryEmbedding)):
+                # Non-persistent buffers (rope frequencies) are in no checkpoint: to_empty left them as whatever
+                # memory held. Every module that has one recomputes it; a class list here once missed V4's rope,
+                # which gave losses off by ~1e-3 or NaN from run to run.
+                if module._non_persistent_buffers_set:
+                    if not hasattr(module, "reset_parameters"):
+                        raise TypeError(f"{type(module).__name__} has a non-persistent buffer but no "
+                                        "reset_parameters() to recompute it after loading")
                     module.reset_parameters()
     return model
 
