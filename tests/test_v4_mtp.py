@@ -237,3 +237,33 @@ def whole_sequence_drafts(model, tokens: list[int], drafts: list[int]) -> list[i
             h, _ = model.mtp_forward(k, h, torch.tensor([known[k: k + P + 1]]), cos, sin)
             out.append(int(model.mtp_logits(k, h[0, -1]).argmax()))
     return out
+
+
+def test_v4_flash_as_released_counts_the_elements_of_its_published_files():
+    """DeepSeek-V4-Flash's config.json (its compress_ratios end with the MTP module's 0) built on the meta device and
+    written as the release stores it -- routed experts MXFP4 (two values a byte, an E8M0 scale per 32), the FP8
+    linears with a scale per 128x128 block, the rest as is -- holds exactly the 158,069,433,298 elements of the
+    release's 46 safetensors files (as listed from them), MTP module and hash tables included."""
+    from seekmoe.checkpoint import disk_items
+    from seekmoe.checkpoint_v4 import v4_disk_key
+    from seekmoe.model import CausalLM
+
+    config = ModelConfig.from_dict(dict(
+        model_type="deepseek_v4", compress_ratios=[0, 0] + [4, 128] * 20 + [4, 0], num_hash_layers=3,
+        compress_rope_theta=160000, rope_scaling=dict(type="yarn", factor=16, beta_fast=32, beta_slow=1,
+                                                      original_max_position_embeddings=65536)))
+    with torch.device("meta"):
+        model = CausalLM(config)
+    fp8 = ("attn.wq_a.", "attn.wq_b.", "attn.wkv.", "attn.wo_a.", "attn.wo_b.", "attn.indexer.wq_b.",
+           "shared_experts.", "e_proj.", "h_proj.")
+    stored = mtp = 0
+    for name, t in disk_items(dict(model.state_dict()), config):
+        key, n = v4_disk_key(name), t.numel()
+        if ".ffn.experts." in key:
+            n = n // 2 + n // 32
+        elif any(part in key for part in fp8):
+            n += -(-t.shape[0] // 128) * -(-t.shape[1] // 128)
+        stored += n
+        mtp += n if key.startswith("mtp.0.") else 0
+    assert stored == 158_069_433_298 and mtp > 0
+    assert round(sum(p.numel() for p in model.model.mtp.parameters()) / 1e9, 2) == 6.61  # 290.9B with the MTP
