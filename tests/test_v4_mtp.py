@@ -130,7 +130,8 @@ def test_the_release_mtp_module_equals_a_float64_reference(release):
     path, hf, mtp = release
     ours = from_pretrained(path, dtype=torch.float64)
     assert ours.config.layer_types == LAYER_TYPES[:L] and len(ours.model.mtp) == 1
-    assert ours.model.mtp[0].self_attn.layer_type == "sliding_attention" and ours.model.mtp[0].self_attn.compressor is None
+    attn = ours.model.mtp[0].self_attn
+    assert attn.layer_type == "sliding_attention" and attn.compressor is None
     ids = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(2))  # 2.5 windows, 5 CSA windows
     want_main, want_mtp = reference(hf, mtp, ids)
     with torch.no_grad():

@@ -170,8 +170,8 @@ def _v4_blocks_count(config: ModelConfig) -> int:
         per_kind = {kind: sum(p.numel() for p in V4DecoderBlock(config, i, rotary).parameters())
                     for kind, i in kinds.items()}
         head = sum(p.numel() for p in HyperHead(config.hidden_size, config.hc_mult, 0.0, 1.0).parameters())
-        mtp = (config.num_nextn_predict_layers
-               and config.num_nextn_predict_layers * sum(p.numel() for p in V4MTPModule(config, 1, rotary).parameters()))
+        D = config.num_nextn_predict_layers
+        mtp = D and D * sum(p.numel() for p in V4MTPModule(config, 1, rotary).parameters())
     return head + mtp + sum(per_kind[kind] for kind in zip(config.layer_types, config.mlp_layer_types))
 
 

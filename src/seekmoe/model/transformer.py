@@ -21,8 +21,8 @@ from .rope import RotaryEmbedding
 from .routing import Router
 from .v4_attention import V4Attention
 from .v4_block import V4DecoderBlock
-from .v4_mtp import V4MTPModule
 from .v4_compressor import Compressor
+from .v4_mtp import V4MTPModule
 from .v4_rope import V4RotaryEmbedding
 
 
@@ -48,16 +48,17 @@ class DeepseekModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        n_mtp = config.num_nextn_predict_layers
-        if config.is_v4:  # v4_block.py: blocks over hyper-connection streams; v4_mtp.py: the release's MTP module
+        if config.is_v4:  # v4_block.py: blocks over hyper-connection streams
             rotary = V4RotaryEmbedding(config)
             self.layers = nn.ModuleList(V4DecoderBlock(config, i, rotary) for i in range(config.num_hidden_layers))
-            self.mtp = nn.ModuleList(V4MTPModule(config, k, rotary) for k in range(1, n_mtp + 1))
         else:
             self.layers = nn.ModuleList(DecoderBlock(config, config.is_moe_layer(i), i)
                                         for i in range(config.num_hidden_layers))
-            self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, n_mtp + 1))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # (registered after the norm: the parameter order optimizer states and checkpoints of earlier runs follow)
+        depths = range(1, config.num_nextn_predict_layers + 1)
+        self.mtp = nn.ModuleList(V4MTPModule(config, k, rotary) if config.is_v4 else MTPModule(config, k)
+                                 for k in depths)  # V4: v4_mtp.py, the release's module over the streams
         self.rotary_emb = rotary if config.is_v4 else RotaryEmbedding(config)
         # DeepSeek-V4: the final collapse of its hyper-connection streams (None otherwise)
         self.hc_head = (HyperHead(config.hidden_size, config.hc_mult, config.hc_eps, config.rms_norm_eps)
@@ -196,8 +197,8 @@ class CausalLM(nn.Module):
                     sin: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: CacheLayer | None = None,
                     token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         """MTP module `depth` (1-based) over h_prev [B, S, mtp_state_size] (the previous depth's states) and the
-        tokens `depth` ahead [B, S]: (h [B, S, mtp_state_size], its MoE stats). The one MTP forward of training (`_mtp_loss`) and
-        of drafting while decoding (inference/compiled.py, with `cache`)."""
+        tokens `depth` ahead [B, S]: (h [B, S, mtp_state_size], its MoE stats). The one MTP forward of training
+        (`_mtp_loss`) and of drafting while decoding (inference/compiled.py, with `cache`)."""
         mtp = self.model.mtp[depth - 1]
         embeds = self.model.embed_tokens(tokens) if token_embeds is None else token_embeds
         return mtp(h_prev, embeds, cos, sin, attn_mask, cache, tokens)
