@@ -103,8 +103,9 @@ def test_a_folder_seekmoe_saves_is_the_one_transformers_saves_and_reloads(v4_fol
 
 
 def test_release_names_and_legacy_config_keys_load(v4_folder, tmp_path):
-    """DeepSeek's release spelling: no `model.` prefix, embed/head/norm/hc_head_fn, an MTP module (skipped),
-    compress_ratios and num_hash_layers instead of layer_types and mlp_layer_types, a flat rope_scaling."""
+    """DeepSeek's release spelling: no `model.` prefix, embed/head/norm/hc_head_fn, an MTP key past the configured
+    depth (skipped; test_v4_mtp.py loads whole MTP modules), compress_ratios and num_hash_layers instead of
+    layer_types and mlp_layer_types, a flat rope_scaling."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -122,7 +123,7 @@ def test_release_names_and_legacy_config_keys_load(v4_folder, tmp_path):
     config = json.loads((path / "config.json").read_text())
     for key in ("layer_types", "mlp_layer_types", "compress_rates", "rope_parameters", "partial_rotary_factor"):
         config.pop(key)
-    config.update(compress_ratios=[0, 4, 8, 4, 0], compress_rate_hca=8, num_hash_layers=1)
+    config.update(compress_ratios=[0, 4, 8, 4, 0], compress_rate_hca=8, num_hash_layers=1, num_nextn_predict_layers=0)
     (tmp_path / "rel" / "config.json").write_text(json.dumps(config))
     ours = from_pretrained(tmp_path / "rel")
     assert ours.config.layer_types == LAYERS and ours.config.mlp_layer_types[:2] == ["hash_moe", "moe"]

@@ -50,7 +50,7 @@ def hf_state_items(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
         state.pop("lm_head.weight", None)
     yield from disk_items(state, config)
     L = config.num_hidden_layers
-    for j in range(len(model.model.mtp)):
+    for j in range(0 if config.is_v4 else len(model.model.mtp)):  # V4's release does not repeat them
         for suffix, shared in _MTP_SHARED.items():
             source = state.get(shared, state["model.embed_tokens.weight"])
             yield f"model.layers.{L + j}.{suffix}", source
@@ -63,7 +63,7 @@ def disk_items(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterator[
     # transformers writes DeepSeek-OCR-2's text model with its experts stacked, as we hold them (no conversion)
     per_expert = config.model_type not in STACKED_EXPERT_MODEL_TYPES
     for key, tensor in state.items():
-        key = _to_disk_key(key, L)
+        key = key if config.is_v4 else _to_disk_key(key, L)  # V4's MTP modules: `mtp.{j}.` (checkpoint_v4.py)
         if per_expert and key.endswith(".mlp.experts.gate_up_proj"):
             prefix = key[: -len("gate_up_proj")]
             for e in range(tensor.shape[0]):
@@ -273,8 +273,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         return model if dtype is None else model.to(dtype)
 
     files = checkpoint_files(path)
-    if not config.is_v4:  # V4's MTP module is not built: its config keeps num_nextn_predict_layers as it is
-        config = _without_absent_mtp(config, files, path)
+    config = _without_absent_mtp(config, files, path)
     stored = _checkpoint_dtype(path, files)
     if dtype is None:
         dtype = stored
@@ -342,7 +341,9 @@ def _without_absent_mtp(config: ModelConfig, files: dict[str, str], path: Path) 
     """`config` without MTP modules when the checkpoint holds no tensor of any declared MTP layer (transformers
     never saves them, and many published fine-tunes drop them); a partial MTP layer stays an error later."""
     D, L = config.num_nextn_predict_layers, config.num_hidden_layers
-    if D == 0 or any(key.startswith(f"model.layers.{L + j}.") for key in files for j in range(D)):
+    # DeepSeek-V4's release (and seekmoe's V4 folders) hold them as `mtp.{j}.`; transformers' V4 never saves them
+    prefixes = tuple(p for j in range(D) for p in (f"model.layers.{L + j}.", f"mtp.{j}.", f"model.mtp.{j}."))
+    if D == 0 or any(key.startswith(prefixes) for key in files):
         return config
     warnings.warn(f"{path}: config.json declares {D} MTP layer(s) (num_nextn_predict_layers) but the checkpoint "
                   f"holds no weights for them: loading without MTP (no speculative decoding)", MissingMTPWarning,
@@ -528,8 +529,9 @@ class _Loader:
         """Our parameter name for a disk key (and the expert slice), or None for keys we deliberately skip."""
         if self.config.is_v4:
             key = v4_model_key(key)  # transformers' and DeepSeek's V4 names (checkpoint_v4.py)
-            if key is None:
-                return None
+            m = re.match(r"^model\.mtp\.(\d+)\.", key)
+            if m and int(m.group(1)) >= D:
+                return None  # MTP modules beyond the configured depth
         m = _LAYER_KEY.match(key)
         if m and int(m.group(1)) >= L:
             j = int(m.group(1)) - L

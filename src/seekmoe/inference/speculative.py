@@ -42,7 +42,8 @@ class MTPDrafter:
                        for k in range(1, depth + 1)]
         self.fused = True  # greedy_step may be used (tests turn it off to run `draft` every step)
         # carry[k - 1][slot]: module k's output at its last kept position, the state module k + 1 starts from.
-        self.carry = torch.zeros(depth, batch_size, model.config.hidden_size, dtype=param.dtype, device=param.device)
+        # (its width: hidden_size, or DeepSeek-V4's hc_mult streams of it, flattened: model/v4_mtp.py)
+        self.carry = torch.zeros(depth, batch_size, model.mtp_state_size, dtype=param.dtype, device=param.device)
 
     def reset(self, slot: int) -> None:
         """Empty a slot for a new sequence."""

@@ -155,10 +155,11 @@ def parameter_count(config: ModelConfig) -> int:
 
 
 def _v4_blocks_count(config: ModelConfig) -> int:
-    """The parameters of a DeepSeek-V4 model's blocks and final stream collapse, one block built per distinct
-    (attention type, MoE type) pair (its MTP module is not built)."""
+    """The parameters of a DeepSeek-V4 model's blocks, final stream collapse and MTP modules, one block built per
+    distinct (attention type, MoE type) pair and one MTP module."""
     from ..model.hyper_connections import HyperHead
     from ..model.v4_block import V4DecoderBlock
+    from ..model.v4_mtp import V4MTPModule
     from ..model.v4_rope import V4RotaryEmbedding
 
     kinds: dict[tuple[str, str], int] = {}
@@ -169,7 +170,9 @@ def _v4_blocks_count(config: ModelConfig) -> int:
         per_kind = {kind: sum(p.numel() for p in V4DecoderBlock(config, i, rotary).parameters())
                     for kind, i in kinds.items()}
         head = sum(p.numel() for p in HyperHead(config.hidden_size, config.hc_mult, 0.0, 1.0).parameters())
-    return head + sum(per_kind[kind] for kind in zip(config.layer_types, config.mlp_layer_types))
+        D = config.num_nextn_predict_layers
+        mtp = D and D * sum(p.numel() for p in V4MTPModule(config, 1, rotary).parameters())
+    return head + mtp + sum(per_kind[kind] for kind in zip(config.layer_types, config.mlp_layer_types))
 
 
 def _human(n: float, unit: str = "") -> str:

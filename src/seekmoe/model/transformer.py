@@ -20,6 +20,7 @@ from .rope import RotaryEmbedding
 from .routing import Router
 from .v4_attention import V4Attention
 from .v4_compressor import Compressor
+from .v4_mtp import V4MTPModule
 from .v4_rope import V4RotaryEmbedding
 
 
@@ -28,7 +29,9 @@ class CausalLMOutput:
     """logits [B, S, vocab]; with labels, the loss and its parts; per-MoE-layer expert token counts."""
 
     logits: torch.Tensor
-    hidden_states: torch.Tensor  # [B, S, hidden] after the final norm (what MTP modules start from)
+    # What the MTP modules start from: [B, S, hidden] after the final norm; DeepSeek-V4's residual streams before
+    # their collapse, flattened [B, S, hc_mult * hidden] (v4_mtp.py)
+    hidden_states: torch.Tensor
     loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + balance_loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # mean over the MTP depths of their cross-entropies (unweighted)
@@ -43,11 +46,13 @@ class DeepseekModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        n_mtp = 0 if config.is_v4 else config.num_nextn_predict_layers  # V4's MTP module is not built (as in transformers)
         rotary = build_rotary(config)
         self.layers = nn.ModuleList(build_block(config, i, rotary) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, n_mtp + 1))
+        # (registered after the norm: the parameter order optimizer states and checkpoints of earlier runs follow)
+        depths = range(1, config.num_nextn_predict_layers + 1)
+        self.mtp = nn.ModuleList(V4MTPModule(config, k, rotary) if config.is_v4 else MTPModule(config, k)
+                                 for k in depths)  # V4: v4_mtp.py, the release's module over the streams
         self.rotary_emb = rotary
         # How the residual stream enters and leaves the blocks (`hc_head`: DeepSeek-V4's checkpoint name for the
         # final collapse of its hyper-connection streams; no parameters for the other families)
@@ -80,6 +85,12 @@ class CausalLM(nn.Module):
         from .attention_choice import supports_packed_masks
 
         return supports_packed_masks(self.config)
+
+    @property
+    def mtp_state_size(self) -> int:
+        """The width of the state passed between MTP depths (`hidden_states`): hidden_size, or DeepSeek-V4's
+        hc_mult streams of it."""
+        return self.config.hidden_size * (self.config.hc_mult if self.config.is_v4 else 1)
 
     def moe_layers(self) -> list[MoE]:
         """Every MoE layer, main blocks first, then MTP modules: the order of `expert_counts` rows."""
@@ -125,9 +136,13 @@ class CausalLM(nn.Module):
             h, s = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], input_ids)
             if s is not None:
                 stats.append(s)
-        h = body.norm(body.hc_head(h))
+        if self.config.is_v4:  # V4: the MTP modules start from the streams before their collapse
+            mtp_states = h.flatten(2)
+            h = body.norm(body.hc_head(h))
+        else:
+            h = mtp_states = body.norm(body.hc_head(h))
         logits = self.lm_head(h)
-        out = CausalLMOutput(logits=logits, hidden_states=h)
+        out = CausalLMOutput(logits=logits, hidden_states=mtp_states)
         if labels is None:
             return out
 
@@ -136,7 +151,7 @@ class CausalLM(nn.Module):
         if mtp is None:
             mtp = self.training
         if mtp and body.mtp and input_ids is not None and S > 1 + len(body.mtp):
-            out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, stats, attn_mask, inputs_embeds)
+            out.mtp_loss = self._mtp_loss(input_ids, labels, mtp_states, cos, sin, stats, attn_mask, inputs_embeds)
             lam = self.config.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
             out.loss = out.loss + lam * out.mtp_loss
         if stats:
@@ -170,15 +185,16 @@ class CausalLM(nn.Module):
     def mtp_forward(self, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: CacheLayer | None = None,
                     token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        """MTP module `depth` (1-based) over h_prev [B, S, hidden] (the previous depth's states) and the tokens
-        `depth` ahead [B, S]: (h [B, S, hidden], its MoE stats). The one MTP forward of training (`_mtp_loss`) and
-        of drafting while decoding (inference/compiled.py, with `cache`)."""
+        """MTP module `depth` (1-based) over h_prev [B, S, mtp_state_size] (the previous depth's states) and the
+        tokens `depth` ahead [B, S]: (h [B, S, mtp_state_size], its MoE stats). The one MTP forward of training
+        (`_mtp_loss`) and of drafting while decoding (inference/compiled.py, with `cache`)."""
         mtp = self.model.mtp[depth - 1]
         embeds = self.model.embed_tokens(tokens) if token_embeds is None else token_embeds
         return mtp(h_prev, embeds, cos, sin, attn_mask, cache, tokens)
 
     def mtp_logits(self, depth: int, h: torch.Tensor) -> torch.Tensor:
-        """MTP module `depth`'s predictions from its states h [..., hidden]: the shared LM head after its own norm."""
+        """MTP module `depth`'s predictions from its states h [..., mtp_state_size]: the shared LM head after its own
+        norm (V4: after its own collapse of the streams too)."""
         return self.lm_head(self.model.mtp[depth - 1].shared_head["norm"](h))
 
     def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
