@@ -34,12 +34,19 @@ def fused_rows_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     if scheme == "int8":
         return (qweight.float() * x.unsqueeze(1)).sum(-1) * scale.float()
     M, out, G = scale.shape
-    # Byte j holds columns 2j (low nibble) and 2j+1 (high): multiplying each nibble by the even or odd inputs needs
-    # no interleaving copy, so the whole product stays one elementwise-and-reduce loop over the bytes.
+    # A group's byte j holds column j (low nibble) and column j + g/2 (high; formats.py), so both nibbles meet
+    # contiguous halves of the inputs. With byte p = low + 16 * high, low * x_low + high * x_high equals
+    # low * (x_low - x_high / 16) + p * (x_high / 16): a mask and two conversions a byte, no shift; and the codes'
+    # offset 8 comes off as 8 * (the group's input sum), spread over the group's bytes so the loop stays one
+    # multiply-and-sum (inductor then reads each code byte once, in one vectorized loop).
     packed = qweight.view(M, out, G, -1)  # [M, out, G, g/2]
-    x_even, x_odd = x[:, 0::2].reshape(M, 1, G, -1), x[:, 1::2].reshape(M, 1, G, -1)
-    low, high = (packed & 15).float() - 8, (packed >> 4).float() - 8
-    return ((low * x_even + high * x_odd) * scale.float().unsqueeze(-1)).sum((-2, -1))
+    half = packed.shape[-1]
+    groups = x.view(M, 1, G, 2, half)
+    x_high = groups[..., 1, :] * (1 / 16)
+    x_low = groups[..., 0, :] - x_high
+    offset = groups.sum((-2, -1)).unsqueeze(-1) * (8 / half)  # [M, 1, G, 1]
+    terms = (packed & 15).float() * x_low + packed.float() * x_high - offset
+    return (terms * scale.float().unsqueeze(-1)).sum((-2, -1))
 
 
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, scheme: str,
