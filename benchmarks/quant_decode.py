@@ -15,7 +15,7 @@ expert width 256, one shared expert: 289M parameters, 61M active), "small" the `
 
     python benchmarks/quant_decode.py                               # everything, 2 threads (minutes: 16 compiles)
     python benchmarks/quant_decode.py --models small --precisions fp32,int8 --modes eager --tokens 16   # a check
-    python benchmarks/quant_decode.py --kernels                     # the experts' kernels alone, 1 thread
+    python benchmarks/quant_decode.py --kernels                     # the experts' and a linear's kernels, 1 thread
 
 llama.cpp columns (with llama-cpp-python importable; --no-llama skips them): the same fp32 weights are saved as a
 folder and exported with seekmoe's own GGUF writer (`seekmoe export --format gguf`) to F32, BF16, F16 and Q8_0;
@@ -254,15 +254,8 @@ def expert_kernels(threads: int) -> list[list[str]]:
     def experts():
         return sets[next(calls) % len(sets)]
 
-    def timed(fn, n=30):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(n):
-            start = time.thread_time()
-            fn()
-            times.append(time.thread_time() - start)
-        return sorted(times)[n // 2] if threads == 1 else float("nan")
+    def timed(fn):
+        return expert_timed(fn, threads)
 
     runs = {"fp32 gathered, eager": lambda: gathered_swiglu(x, w, gate_up, down, experts())}
     compiled_fp32 = torch.compile(gathered_swiglu, dynamic=False)
@@ -309,6 +302,54 @@ def expert_kernels(threads: int) -> list[list[str]]:
     return rows
 
 
+def linear_kernels(threads: int) -> list[list[str]]:
+    """One decode row through a 1024 -> 1536 linear (the 289M model's q_proj; attention, dense and shared-expert
+    linears are most of a token's bytes besides the routed experts), in each path seekmoe has, timed as
+    expert_kernels times, each call another of 8 weights so that they come from memory, not cache."""
+    import torch.nn.functional as F
+
+    from seekmoe.quant import quantize
+    from seekmoe.quant.kernels import quantized_linear
+
+    out, inp, copies = 1536, 1024, 8
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out, inp, generator=gen) * 0.02 for _ in range(copies)]
+    x = torch.randn(1, inp, generator=gen)
+    calls = iter(range(10**9))
+
+    def pick(items):
+        return items[next(calls) % copies]
+
+    runs = {"fp32 F.linear, eager": lambda: F.linear(x, pick(weights))}
+    for scheme in ("int8", "int4"):
+        q = [quantize(w, QuantSpec(scheme)) for w in weights]
+        what = "int8 activations x codes (_int_mm)" if scheme == "int8" else "dequantize, F.linear"
+        runs[f"{scheme} seekmoe eager ({what})"] = lambda q=q, s=scheme: quantized_linear(x, *pick(q), s, False)
+        fused = torch.compile(quantized_linear, dynamic=False)
+        runs[f"{scheme} seekmoe fused, compiled"] = lambda q=q, s=scheme, f=fused: f(x, *pick(q), s, True)
+        if scheme == "int8":
+            runs["int8 torch _weight_int8pack_mm, eager"] = lambda q=q: torch._weight_int8pack_mm(x, *pick(q))
+    rows = [["linear kernel (1024 -> 1536, 1 row, 1 thread)", "ms", "G weights/s", "GB/s read"]]
+    for name, fn in runs.items():
+        seconds = expert_timed(fn, threads)
+        per_weight = 4 if name.startswith("fp32") else 1 if name.startswith("int8") else 0.5625
+        rows.append([name, f"{seconds * 1e3:.3f}", f"{out * inp / seconds / 1e9:.1f}",
+                     f"{out * inp * per_weight / seconds / 1e9:.1f}"])
+    return rows
+
+
+def expert_timed(fn, threads: int, n: int = 30) -> float:
+    """Median CPU time of the calling thread over n calls of fn, after 3 warmups (nan unless one thread)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.thread_time()
+        fn()
+        times.append(time.thread_time() - start)
+    return sorted(times)[n // 2] if threads == 1 else float("nan")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {','.join(SHAPES)}")
@@ -323,7 +364,8 @@ def main() -> None:
                    help="folder for the GGUF files (kept and reused; default a temporary folder)")
     p.add_argument("--no-llama", action="store_true", help="skip the llama.cpp columns")
     p.add_argument("--kernels", action="store_true",
-                   help="only the routed experts' kernels at one thread (which product is fastest), then exit")
+                   help="only the routed experts' and one linear's decode kernels at one thread (which product is "
+                        "fastest), then exit")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default results/quant_decode.json, quant_decode_quick.json with --quick)")
     args = p.parse_args()
@@ -331,6 +373,7 @@ def main() -> None:
         torch.set_num_threads(1)
         print(header("routed experts' decode kernels"))
         print(table(expert_kernels(1)))
+        print(table(linear_kernels(1)))
         return
     if args.quick:
         args.models, args.modes, args.tokens = "small", "eager", EXACT_TOKENS

@@ -1,21 +1,24 @@
 """Matrix products with int8/int4 weights (formats.py), for decoding on a CPU where reading the weights is the cost.
 
 Decoding multiplies a few rows by each weight once per token, so its time is the bytes of weights read: the point
-of 1- and 0.5-byte weights is to read only those bytes. Two ways to get there, chosen once per module (`fused`):
+of 1- and 0.5-byte weights is to read only those bytes. Which product runs is chosen once per module (`fused`, set
+for compiled decoding) and by the rows' count (DECODE_ROWS: decoding's few rows, or prefill's many):
 
-- fused (compiled decoding, few rows): the product is written as elementwise multiply-and-sum with the dequantization
-  inside it (`(codes - 8) * scale * x`, summed over the inputs), so that inductor fuses the gather of the experts'
-  codes, their conversion and the reduction into one loop that reads each code byte once and never materializes a
-  float weight. Measured at the 289M model's expert shapes (`benchmarks/quant_decode.py --kernels`), this runs 3.1x
-  (int8) and 1.7x (int4) faster than the compiled fp32 gathered product, and 9-10x faster than torch's weight-only
-  CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`: what torchao's CPU layouts call), which take
-  one call per (row, expert) and projection (and, for int4, a torch-build-specific packing).
-- otherwise (eager, or many rows: prefill): the weights are dequantized to the activations' dtype and multiplied by
-  torch's dense kernels — except int8 on a CPU, which torch's weight-only kernel `_weight_int8pack_mm` (also
-  torchao's int8 CPU path) multiplies reading the int8 bytes only: linears whole, and eager decoding's experts
-  one row at a time.
+- fused (compiled decoding): the product is written as elementwise multiply-and-sum with the dequantization inside
+  it, so that inductor fuses the gather of the experts' codes, their conversion and the reduction into one loop
+  that reads each code byte once and never materializes a float weight. int4 uses llama.cpp's Q4_0 nibble order
+  (formats.py) so both nibbles meet contiguous inputs. At the 289M model's expert shapes (benchmarks/README.md,
+  `quant_decode.py --kernels`, 1 thread) this runs 2.4x (int8) and 1.6x (int4) faster than compiled fp32.
+  What limits it is arithmetic, not bandwidth: inductor's loop converts every code to fp32 (no integer dot
+  products), so int8 reads ~14 GB/s and int4 ~9 G weights/s (5 GB/s) a thread, where fp32 reads 20-25.
+- eager int8 on a CPU, few rows: the rows are rounded to int8 (one scale a row) and multiplied by the codes in
+  integers (torch._int_mm: oneDNN's VNNI kernels), reading each expert's or linear's bytes in place: 7x faster
+  than torch's weight-only `_weight_int8pack_mm` (torchao's int8 CPU path) on the experts, 2x faster than fp32's
+  GEMV on a linear. The rounding is the one approximation beyond the weights' (bounded: int8_dynamic_matmul).
+- otherwise (eager int4, prefill, other devices): the weights are dequantized to the activations' dtype and
+  multiplied by torch's dense kernels — except int8 prefill on a CPU, through `_weight_int8pack_mm`.
 
-Accumulation is fp32 throughout; results come back in the activations' dtype.
+Accumulation is fp32 (int32 for the integer products); results come back in the activations' dtype.
 """
 
 from __future__ import annotations
