@@ -203,6 +203,30 @@ def test_int4_bytes_hold_column_j_and_column_j_plus_half_a_group(group_size):
     assert torch.equal(dequantize(q, s, "int4", torch.bfloat16), want.bfloat16())
 
 
+def test_int8_greedy_decoding_equals_fp32_on_a_trained_model(trained):
+    """Eager decoding: int8 weights with int8-rounded activations (integer products) give fp32's tokens."""
+    model, prompts = trained
+    want = greedy(model, prompts)
+    quantized = quantize_model(copy.deepcopy(model), QuantSpec("int8"))
+    assert greedy(quantized, prompts) == want
+    int4 = quantize_model(copy.deepcopy(model), QuantSpec("int4", 16), embeddings=True)
+    agree = sum(a == b for x, y in zip(greedy(int4, prompts), want) for a, b in zip(x, y))
+    assert agree >= 0.75 * sum(map(len, want))  # 4 bits: close, not bit-equal
+
+
+def test_compiled_int8_decoding_equals_eager(trained, monkeypatch):
+    """The fused multiply-and-sum products (compiled decoding's, float activations) give eager decoding's tokens
+    (integer products on int8-rounded activations), with no graph break (fullgraph)."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    model, prompts = trained
+    quantized = quantize_model(copy.deepcopy(model), QuantSpec("int8"))
+    want = greedy(quantized, prompts[:2], n=16)
+    configure_quantized(quantized, compiled=True)
+    assert greedy(quantized, prompts[:2], n=16, compile=True) == want
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------ folders
 @pytest.mark.parametrize("scheme,extra", [("int8", []), ("int4", ["--group-size", "16", "--embeddings"])])
 def test_a_quantized_folder_reloads_with_the_same_logits(model_dir, tmp_path, capsys, scheme, extra):
