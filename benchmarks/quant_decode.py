@@ -15,7 +15,8 @@ expert width 256, one shared expert: 289M parameters, 61M active), "small" the `
 
     python benchmarks/quant_decode.py                               # everything, 2 threads (minutes: 16 compiles)
     python benchmarks/quant_decode.py --models small --precisions fp32,int8 --modes eager --tokens 16   # a check
-    python benchmarks/quant_decode.py --kernels                     # the experts' kernels alone, 1 thread
+    python benchmarks/quant_decode.py --kernels                     # the experts' and a linear's kernels, 1 thread
+    python benchmarks/quant_decode.py --kernels --vnni-probe        # + a hand-written integer int4 kernel (C++)
 
 llama.cpp columns (with llama-cpp-python importable; --no-llama skips them): the same fp32 weights are saved as a
 folder and exported with seekmoe's own GGUF writer (`seekmoe export --format gguf`) to F32, BF16, F16 and Q8_0;
@@ -254,15 +255,8 @@ def expert_kernels(threads: int) -> list[list[str]]:
     def experts():
         return sets[next(calls) % len(sets)]
 
-    def timed(fn, n=30):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(n):
-            start = time.thread_time()
-            fn()
-            times.append(time.thread_time() - start)
-        return sorted(times)[n // 2] if threads == 1 else float("nan")
+    def timed(fn):
+        return expert_timed(fn, threads)
 
     runs = {"fp32 gathered, eager": lambda: gathered_swiglu(x, w, gate_up, down, experts())}
     compiled_fp32 = torch.compile(gathered_swiglu, dynamic=False)
@@ -309,6 +303,156 @@ def expert_kernels(threads: int) -> list[list[str]]:
     return rows
 
 
+def linear_kernels(threads: int) -> list[list[str]]:
+    """One decode row through a 1024 -> 1536 linear (the 289M model's q_proj; attention, dense and shared-expert
+    linears are most of a token's bytes besides the routed experts), in each path seekmoe has, timed as
+    expert_kernels times, each call another of 8 weights so that they come from memory, not cache."""
+    import torch.nn.functional as F
+
+    from seekmoe.quant import quantize
+    from seekmoe.quant.kernels import quantized_linear
+
+    out, inp, copies = 1536, 1024, 8
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out, inp, generator=gen) * 0.02 for _ in range(copies)]
+    x = torch.randn(1, inp, generator=gen)
+    calls = iter(range(10**9))
+
+    def pick(items):
+        return items[next(calls) % copies]
+
+    runs = {"fp32 F.linear, eager": lambda: F.linear(x, pick(weights))}
+    for scheme in ("int8", "int4"):
+        q = [quantize(w, QuantSpec(scheme)) for w in weights]
+        what = "int8 activations x codes (_int_mm)" if scheme == "int8" else "dequantize, F.linear"
+        runs[f"{scheme} seekmoe eager ({what})"] = lambda q=q, s=scheme: quantized_linear(x, *pick(q), s, False)
+        fused = torch.compile(quantized_linear, dynamic=False)
+        runs[f"{scheme} seekmoe fused, compiled"] = lambda q=q, s=scheme, f=fused: f(x, *pick(q), s, True)
+        if scheme == "int8":
+            runs["int8 torch _weight_int8pack_mm, eager"] = lambda q=q: torch._weight_int8pack_mm(x, *pick(q))
+    rows = [["linear kernel (1024 -> 1536, 1 row, 1 thread)", "ms", "G weights/s", "GB/s read"]]
+    for name, fn in runs.items():
+        seconds = expert_timed(fn, threads)
+        per_weight = 4 if name.startswith("fp32") else 1 if name.startswith("int8") else 0.5625
+        rows.append([name, f"{seconds * 1e3:.3f}", f"{out * inp / seconds / 1e9:.1f}",
+                     f"{out * inp * per_weight / seconds / 1e9:.1f}"])
+    return rows
+
+
+# What integer dot products would give int4 (not a seekmoe path: a measurement for benchmarks/README.md's "what
+# limits us"): llama.cpp's Q4_0 x Q8_0 scheme written by hand — each row rounded to int8 per 32 inputs, the 32 codes
+# of a group (halves order: a mask and a shift) times them in one VPDPBUSD (AVX512-VNNI; two VPMADDUBSW/VPMADDWD
+# steps on AVX2), one float multiply-add a group. Built with torch's C++ extension loader (a compiler and ninja).
+_VNNI_PROBE = r"""
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <cmath>
+#include <vector>
+static inline __m256i dot_u8_s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+torch::Tensor q4_rows(torch::Tensor x, torch::Tensor qw, torch::Tensor sc, torch::Tensor expert) {
+  const int64_t M = x.size(0), in = x.size(1), out = qw.size(1), G = in / 32;
+  auto y = torch::empty({M, out}, x.options());
+  std::vector<int8_t> xq(in); std::vector<float> xs(G); std::vector<int32_t> xsum(G);
+  const float* xp = x.data_ptr<float>(); const uint8_t* qp = qw.data_ptr<uint8_t>();
+  const at::Half* sp = sc.data_ptr<at::Half>(); const int64_t* ep = expert.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      float amax = 0;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xp[m * in + g * 32 + k]));
+      const float d = amax > 0 ? amax / 127.f : 1.f;
+      int32_t sum = 0;
+      for (int k = 0; k < 32; ++k) {
+        const int v = (int)std::nearbyint(xp[m * in + g * 32 + k] / d);
+        xq[g * 32 + k] = (int8_t)v; sum += v;
+      }
+      xs[g] = d; xsum[g] = sum;
+    }
+    const uint8_t* W = qp + ep[m] * out * (in / 2);
+    const at::Half* S = sp + ep[m] * out * G;
+    for (int64_t o = 0; o < out; ++o) {
+      __m256 acc = _mm256_setzero_ps(); float offset = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const __m128i p = _mm_loadu_si128((const __m128i*)(W + o * (in / 2) + g * 16));
+        const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), low4);
+        const __m256i dot = dot_u8_s8(codes, _mm256_loadu_si256((const __m256i*)(xq.data() + g * 32)));
+        const float d = (float)S[o * G + g] * xs[g];
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d), acc);
+        offset += d * 8 * xsum[g];
+      }
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+      h = _mm_hadd_ps(h, h); h = _mm_hadd_ps(h, h);
+      yp[m * out + o] = _mm_cvtss_f32(h) - offset;
+    }
+  }
+  return y;
+}
+"""
+
+
+def vnni_probe(threads: int) -> list[list[str]]:
+    """The experts' int4 decode step (expert_kernels' shapes and timing) through _VNNI_PROBE, next to seekmoe's
+    fused compiled product, and its error against that float product (from rounding the activations)."""
+    import tempfile
+
+    import torch.nn.functional as F
+    from torch.utils.cpp_extension import load_inline
+
+    from seekmoe.quant import quantize
+    from seekmoe.quant.kernels import gathered_quantized_swiglu
+
+    build = Path(tempfile.gettempdir()) / "seekmoe_q4_probe"
+    build.mkdir(exist_ok=True)
+    native = load_inline("seekmoe_q4_probe", cpp_sources=_VNNI_PROBE, functions=["q4_rows"],
+                         extra_cflags=["-O3", "-march=native"], build_directory=str(build))
+    H, I, E, K = 1024, 256, 64, 6
+    gen = torch.Generator().manual_seed(0)
+    spec = QuantSpec("int4")
+    gate_up = quantize(torch.randn(E, 2 * I, H, generator=gen) * 0.02, spec)
+    down = quantize(torch.randn(E, H, I, generator=gen) * 0.02, spec)
+    x, w = torch.randn(K, H, generator=gen), torch.rand(K, generator=gen)
+    sets = [torch.randperm(E, generator=gen)[:K] for _ in range(64)]
+    calls = iter(range(10**9))
+
+    def experts():
+        return sets[next(calls) % len(sets)]
+
+    def probe(expert):
+        gate, up = native.q4_rows(x, *gate_up, expert).chunk(2, dim=-1)
+        return native.q4_rows((F.silu(gate) * (up * w.unsqueeze(-1))).contiguous(), *down, expert)
+
+    fused = torch.compile(gathered_quantized_swiglu, dynamic=False)
+    want = fused(x, w, gate_up, down, sets[0], "int4", True, torch.float32)
+    error = ((probe(sets[0]) - want).norm() / want.norm()).item()
+    rows = [["int4 experts (289M shapes, 1 thread)", "ms", "GB/s read", "error vs fused"]]
+    for name, fn in [("seekmoe fused, compiled", lambda: fused(x, w, gate_up, down, experts(), "int4", True,
+                                                                  torch.float32)),
+                     ("hand-written Q4_0 x Q8_0 integer dot products", lambda: probe(experts()))]:
+        seconds = expert_timed(fn, threads)
+        rows.append([name, f"{seconds * 1e3:.2f}", f"{K * 3 * H * I * 0.5625 / seconds / 1e9:.1f}",
+                     "-" if name.startswith("seekmoe") else f"{error:.2%}"])
+    return rows
+
+
+def expert_timed(fn, threads: int, n: int = 30) -> float:
+    """Median CPU time of the calling thread over n calls of fn, after 3 warmups (nan unless one thread)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.thread_time()
+        fn()
+        times.append(time.thread_time() - start)
+    return sorted(times)[n // 2] if threads == 1 else float("nan")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {','.join(SHAPES)}")
@@ -323,7 +467,11 @@ def main() -> None:
                    help="folder for the GGUF files (kept and reused; default a temporary folder)")
     p.add_argument("--no-llama", action="store_true", help="skip the llama.cpp columns")
     p.add_argument("--kernels", action="store_true",
-                   help="only the routed experts' kernels at one thread (which product is fastest), then exit")
+                   help="only the routed experts' and one linear's decode kernels at one thread (which product is "
+                        "fastest), then exit")
+    p.add_argument("--vnni-probe", action="store_true",
+                   help="with --kernels: also build and time a hand-written int4 x int8 integer-dot-product kernel "
+                        "(llama.cpp's scheme; needs a C++ compiler and ninja; a measurement, not a seekmoe path)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default results/quant_decode.json, quant_decode_quick.json with --quick)")
     args = p.parse_args()
@@ -331,6 +479,9 @@ def main() -> None:
         torch.set_num_threads(1)
         print(header("routed experts' decode kernels"))
         print(table(expert_kernels(1)))
+        print(table(linear_kernels(1)))
+        if args.vnni_probe:
+            print(table(vnni_probe(1)))
         return
     if args.quick:
         args.models, args.modes, args.tokens = "small", "eager", EXACT_TOKENS

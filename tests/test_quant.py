@@ -17,7 +17,9 @@ from seekmoe.model.experts import RoutedExperts
 from seekmoe.model.mlp import MLP
 from seekmoe.quant import (QuantizedExperts, QuantizedLinear, QuantSpec, configure_quantized, dequantize, quantize,
                            quantize_model)
-from seekmoe.quant.formats import bytes_per_weight
+from seekmoe.quant.folder import SINGLE_NAME
+from seekmoe.quant.formats import bytes_per_weight, unpack_int4
+from seekmoe.quant.kernels import DECODE_ROWS, int8_dynamic_matmul, rows_to_int8
 from test_inference_tokenizer import make_model_dir
 
 
@@ -112,7 +114,9 @@ def test_casting_a_quantized_model_leaves_codes_and_scales_alone():
 @pytest.mark.parametrize("fused", [False, True])
 def test_quantized_experts_and_linears_equal_float64_on_their_dequantized_weights(scheme, fused):
     """Oracle: the float experts and linears in float64 with the dequantized weights, fresh random inputs, in
-    decoding's few-rows case and prefill's many-rows case."""
+    decoding's few-rows case and prefill's many-rows case (eager int8's few rows round the activations too: the
+    next test)."""
+    integer = scheme == "int8" and not fused
     spec = QuantSpec(scheme, 16)
     experts = RoutedExperts(8, 32, 16)
     torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
@@ -124,7 +128,7 @@ def test_quantized_experts_and_linears_equal_float64_on_their_dequantized_weight
         oracle.gate_up_proj.copy_(dequantize(quantized.gate_up_proj.qweight, quantized.gate_up_proj.scale, scheme))
         oracle.down_proj.copy_(dequantize(quantized.down_proj.qweight, quantized.down_proj.scale, scheme))
     dispatcher = LocalDispatcher(8)
-    for tokens in (2, 24):
+    for tokens in (24,) if integer else (2, 24):
         x = torch.randn(tokens, 32)
         scores = torch.rand(tokens, 8)
         weights, indices = scores.topk(2, dim=-1)
@@ -135,12 +139,72 @@ def test_quantized_experts_and_linears_equal_float64_on_their_dequantized_weight
     linear = torch.nn.Linear(32, 24, bias=False)
     qlinear = QuantizedLinear.from_float(linear, spec)
     qlinear.fused = fused
-    x = torch.randn(2, 3, 32)
+    x = torch.randn(4 if integer else 2, 3, 32)
     want = x.double() @ dequantize(qlinear.weight.qweight, qlinear.weight.scale, scheme).double().t()
     torch.testing.assert_close(qlinear(x).double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_integer_products_err_only_by_rounding_the_activations():
+    """Eager int8 decoding multiplies int8 activations by the int8 codes (torch._int_mm). Oracles: the integer
+    product in int64, and float64 on the dequantized weights, from which each output may move by at most
+    sum_k |w_k| * x_scale / 2 (every input rounded to its row's step x_scale = max |x| / 127)."""
+    torch.manual_seed(0)  # the expert check below rounds its float64 oracle's activations: no near-ties by chance
+    w = torch.randn(24, 40)
+    codes, scale = quantize(w, QuantSpec("int8"))
+    x = torch.randn(DECODE_ROWS, 40)
+    x[1] = 0  # an all-zero row: scale floor, codes 0, output 0
+    x[2, 5] = 50.0  # an outlier coarsens its row's step
+    x8, x_scale = rows_to_int8(x)
+    assert torch.equal(torch._int_mm(x8, codes.t()).long(), x8.long() @ codes.long().t())
+    got = int8_dynamic_matmul(x, codes, scale).double()
+    w_deq = dequantize(codes, scale, "int8").double()
+    want = x.double() @ w_deq.t()
+    bound = x_scale.double() / 2 * w_deq.abs().sum(-1)  # [M, out]
+    assert ((got - want).abs() <= bound + 1e-5).all() and torch.equal(got[1], torch.zeros(24, dtype=torch.float64))
+    # Through the experts (eager, decoding's few rows): each row's own expert, both projections, against float64
+    # on the dequantized weights with the activations rounded as the kernel rounds them.
+    experts = RoutedExperts(8, 32, 16)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    quantized = QuantizedExperts.from_float(experts, QuantSpec("int8"))
+    gu = dequantize(quantized.gate_up_proj.qweight, quantized.gate_up_proj.scale, "int8").double()
+    dn = dequantize(quantized.down_proj.qweight, quantized.down_proj.scale, "int8").double()
+    x, scores = torch.randn(2, 32), torch.rand(2, 8)
+    weights, indices = scores.topk(2, dim=-1)
+    rows, row_weights, plan = LocalDispatcher(8).dispatch(x, indices, weights)
+    got = quantized(rows, row_weights, plan).double()
+
+    def rounded(v):
+        v8, v_scale = rows_to_int8(v)
+        return v8.double() * v_scale.double()
+
+    h = torch.einsum("moi,mi->mo", gu[plan.expert], rounded(rows))
+    gate, up = h.chunk(2, dim=-1)
+    a = torch.nn.functional.silu(gate) * up * row_weights.double().unsqueeze(-1)
+    want = torch.einsum("moi,mi->mo", dn[plan.expert], rounded(a.float()))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [4, 16, 32])  # 4: bytes unpacked one by one; 16, 32: 8 bytes a word
+def test_int4_bytes_hold_column_j_and_column_j_plus_half_a_group(group_size):
+    """llama.cpp's Q4_0 nibble order (formats.py): byte j of a group holds column j low and j + g/2 high; and
+    dequantize gives (code - 8) * scale in every unpacking path."""
+    G, half = 64 // group_size, group_size // 2
+    w = torch.randn(5, 64)
+    q, s = quantize(w, QuantSpec("int4", group_size))
+    codes = torch.round(w.unflatten(-1, (G, -1)) / s.float().unsqueeze(-1)).add(8).clamp(0, 15).to(torch.uint8)
+    assert torch.equal(q.unflatten(-1, (G, half)) & 15, codes[..., :half])
+    assert torch.equal(q.unflatten(-1, (G, half)) >> 4, codes[..., half:])
+    assert torch.equal(unpack_int4(q, G), codes.flatten(-2))
+    want = ((codes.float() - 8) * s.float().unsqueeze(-1)).flatten(-2)
+    assert torch.equal(dequantize(q, s, "int4"), want)
+    odd = torch.empty(q.numel() + 1, dtype=torch.uint8)[1:].view(q.shape).copy_(q)  # not word-aligned: bytewise
+    assert torch.equal(dequantize(odd, s, "int4"), want)
+    assert torch.equal(dequantize(q, s, "int4", torch.bfloat16), want.bfloat16())
+
+
 def test_int8_greedy_decoding_equals_fp32_on_a_trained_model(trained):
+    """Eager decoding: int8 weights with int8-rounded activations (integer products) give fp32's tokens."""
     model, prompts = trained
     want = greedy(model, prompts)
     quantized = quantize_model(copy.deepcopy(model), QuantSpec("int8"))
@@ -151,8 +215,8 @@ def test_int8_greedy_decoding_equals_fp32_on_a_trained_model(trained):
 
 
 def test_compiled_int8_decoding_equals_eager(trained, monkeypatch):
-    """The fused multiply-and-sum products (compiled decoding's) give the eager dequantized products' tokens, with
-    no graph break (fullgraph)."""
+    """The fused multiply-and-sum products (compiled decoding's, float activations) give eager decoding's tokens
+    (integer products on int8-rounded activations), with no graph break (fullgraph)."""
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     torch._dynamo.reset()
     model, prompts = trained
@@ -184,6 +248,30 @@ def test_a_quantized_folder_reloads_with_the_same_logits(model_dir, tmp_path, ca
     assert main(["generate", "--model", str(out), "--prompt", "def f(", "--max-new-tokens", "5", "--ignore-eos",
                  "--stats"]) == 0
     assert capsys.readouterr().err.startswith("5 tokens")
+
+
+def test_an_int4_folder_in_the_older_interleaved_nibble_order_still_loads(model_dir, tmp_path, capsys):
+    """Folders written before the "halves" order (even column low, odd high, no int4_order key) are repacked on load:
+    the same logits as a folder written today."""
+    from safetensors.torch import load_file, save_file
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert main(["quantize", "--model", str(model_dir), "--scheme", "int4", "--group-size", "16", "--out",
+                 str(new)]) == 0
+    capsys.readouterr()
+    assert json.loads((new / "config.json").read_text())["quantization_config"]["int4_order"] == "halves"
+    old.mkdir()
+    state = load_file(str(new / SINGLE_NAME))
+    for key in [k for k in state if k.endswith(".qweight")]:
+        codes = unpack_int4(state[key], state[key.removesuffix("qweight") + "scale"].shape[-1])
+        state[key] = codes[..., 0::2] | (codes[..., 1::2] << 4)  # the older order
+    save_file(state, str(old / SINGLE_NAME))
+    config = json.loads((new / "config.json").read_text())
+    del config["quantization_config"]["int4_order"]
+    (old / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 400, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(seekmoe.from_pretrained(old)(ids).logits, seekmoe.from_pretrained(new)(ids).logits)
 
 
 def test_bad_quantization_options_fail_cleanly_before_writing(model_dir, tmp_path, capsys):

@@ -2,7 +2,9 @@
 and the source folder's other files (tokenizer, chat template), so seekmoe reloads them without requantizing.
 
 config.json's `quantization_config` is {"quant_method": "seekmoe", "scheme": "int8"|"int4", "group_size": G (int4),
-"embeddings": bool, "dtype": "float32"|"bfloat16"|"float16", "format": "seekmoe-state-dict"}. The tensors are the
+"embeddings": bool, "dtype": "float32"|"bfloat16"|"float16", "format": "seekmoe-state-dict", "int4_order":
+"halves" (int4)}. An int4 folder without `int4_order` was written before it, in the "interleaved" nibble order
+(formats.py): its codes are repacked on load, so old folders keep loading. The tensors are the
 quantized model's own state dict — `...experts.gate_up_proj.qweight`/`.scale`, `...q_a_proj.weight.qweight`/`.scale`,
 float tensors under their usual names — not DeepSeek's per-expert keys: transformers cannot read this format, and
 `seekmoe export`'s folders stay the exchange format. Loading builds the model on the meta device, replaces its
@@ -24,8 +26,8 @@ from ..checkpoint import SINGLE_NAME, swap_folder
 from ..config import ModelConfig
 from ..model import CausalLM
 from ..model_folder import check_fits_memory, config_from_dict, read_config_json
-from .formats import QuantSpec, bytes_per_weight
-from .modules import quantize_model
+from .formats import INT4_ORDERS, QuantSpec, bytes_per_weight, int4_from_interleaved
+from .modules import QuantizedTensor, quantize_model
 
 QUANT_METHOD = "seekmoe"
 FORMAT = "seekmoe-state-dict"
@@ -57,6 +59,8 @@ def save_quantized(model: CausalLM, out: str | os.PathLike, source: str | os.Pat
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     quant = {"quant_method": QUANT_METHOD, **model.quantization,
              "dtype": str(dtype).removeprefix("torch."), "format": FORMAT}
+    if quant["scheme"] == "int4":
+        quant["int4_order"] = INT4_ORDERS[0]
     model.config.replace(extra={**model.config.extra, "quantization_config": quant}).save(tmp)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
@@ -84,6 +88,9 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if quant.get("format") != FORMAT:
         raise ValueError(f"{path}: quantization_config format {quant.get('format')!r}: expected {FORMAT!r}")
     spec = QuantSpec(quant.get("scheme"), int(quant.get("group_size", 32)))
+    order = quant.get("int4_order", "interleaved")  # absent: a folder from before the "halves" order
+    if spec.scheme == "int4" and order not in INT4_ORDERS:
+        raise ValueError(f"{path}: quantization_config int4_order {order!r}: expected one of {INT4_ORDERS}")
     config = config_from_dict(raw, str(path / "config.json"))
     dtype = dtype or DTYPES.get(quant.get("dtype"), torch.float32)
     device = torch.device(device or "cpu")
@@ -98,6 +105,11 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = None,
     model.to_empty(device=device)
     model.model.rotary_emb.reset_parameters()  # a non-persistent buffer: to_empty left it uninitialized
     _fill(model, file, config)
+    if spec.scheme == "int4" and order == "interleaved":
+        with torch.no_grad():
+            for t in model.modules():
+                if isinstance(t, QuantizedTensor):
+                    t.qweight.copy_(int4_from_interleaved(t.qweight, t.scale.shape[-1]))
     model.eval()
     return model
 

@@ -68,9 +68,8 @@ class QuantizedLinear(nn.Module):
         return cls(QuantizedTensor(*quantize(linear.weight, spec)), spec, linear.in_features, linear.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Fused multiply-and-sum pays for a few rows only (each row re-reads the codes); prefill uses dense kernels.
-        fused = self.fused and x.numel() <= 8 * self.in_features
-        return quantized_linear(x, self.weight.qweight, self.weight.scale, self.spec.scheme, fused)
+        # Fused multiply-and-sum pays for a few rows only (each row re-reads the codes): kernels.DECODE_ROWS.
+        return quantized_linear(x, self.weight.qweight, self.weight.scale, self.spec.scheme, self.fused)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.spec.to_json()}"
