@@ -19,6 +19,7 @@ pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 import seekmoe  # noqa: E402
+from seekmoe.vision.ocr2_checkpoint import DefaultPreprocessingWarning  # noqa: E402
 from test_ocr2 import IMAGE_TOKEN, hf_model  # noqa: E402
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.3, 0.5, 0.7]  # not transformers' defaults: a file read is a file used
@@ -79,11 +80,9 @@ def test_preprocessor_config_is_read_and_written_back_for_transformers(folder, t
     assert all(torch.equal(again[k], want[k]) for k in ("pixel_values", "pixel_values_local", "num_local_patches"))
 
     (tmp_path / "saved" / "preprocessor_config.json").unlink()  # a folder without one: the defaults, said so
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="seekmoe.vision.ocr2_checkpoint"):
+    with pytest.warns(DefaultPreprocessingWarning, match=r"no preprocessor_config.json: default DeepSeek-OCR-2 "
+                      r"preprocessing \(global views 208px, tiles 156px"):
         bare = seekmoe.from_pretrained(tmp_path / "saved", device="meta")
-    assert "no preprocessor_config.json: default DeepSeek-OCR-2 preprocessing (global views 208px, tiles 156px" \
-        in caplog.text
     assert (bare.config.processor.image_size, bare.config.processor.tile_size) == (208, 156)
     for key, value, match in (("tile_size", 0, "tile_size=0"), ("resample", 2, "resample=2: expected 3"),
                               ("size", {"height": 96, "width": 64}, "square global views"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +28,13 @@ from ..model_folder import check_fits_memory, config_from_dict
 from .checkpoint import _check_vision_memory, _vision_targets, copy_vision_tensors
 from .ocr2_config import Ocr2Config, ocr2_text_config_dict
 from .ocr2_model import Ocr2Model
-from .ocr2_preprocess import read_processor
+from .ocr2_preprocess import PREPROCESSOR_FILE, read_processor
 
 log = logging.getLogger(__name__)
+
+
+class DefaultPreprocessingWarning(UserWarning):
+    """A DeepSeek-OCR-2 folder without preprocessor_config.json: images are prepared with the default settings."""
 
 # (our parameter-name prefix, the disk prefix), the first match wins
 _PREFIXES = (("vision_tower.sam_model.", "model.sam_model."),
@@ -68,7 +73,10 @@ def load_ocr2(path: Path, raw: dict, dtype: torch.dtype | None = None,
     default preprocessing, as the log line says) as `config.processor`."""
     config = read_ocr2_config(raw, str(path / "config.json"))
     config.processor, where = read_processor(path, config)
-    log.info(where)
+    if (path / PREPROCESSOR_FILE).is_file():
+        log.info(where)
+    else:  # preprocessing the folder does not state changes what the model sees: said where a user reads it
+        warnings.warn(where, DefaultPreprocessingWarning, stacklevel=3)
     device = torch.device(device or "cpu")
     if device.type == "meta":
         with torch.device("meta"):
