@@ -122,6 +122,7 @@ def decode(folder: Path, tokens: int, threads: int, extra: list[str]) -> dict:
     wall = time.perf_counter() - start
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    print(f"generate {' '.join(extra)} --mmap:", *out.stderr.strip().splitlines()[-3:], sep="\n  ", flush=True)
     speed = re.search(r"(\d+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)", out.stderr)
     mem = re.search(r"peak RSS ([\d.]+) GiB, RSS now ([\d.]+) GiB \(([\d.]+) private, ([\d.]+) file pages\)",
                     out.stderr)

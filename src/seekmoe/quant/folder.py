@@ -65,14 +65,26 @@ def save_quantized(model: CausalLM, out: str | os.PathLike, source: str | os.Pat
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the embedding's (tied) or, quantized, stored under lm_head.weight.*
-    # clone(): safetensors refuses tensors sharing storage (the MTP modules may share the head).
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp / SINGLE_NAME),
-              metadata={"format": "pt", "quantization": json.dumps(quant)})
+    save_file(unshared(state), str(tmp / SINGLE_NAME), metadata={"format": "pt", "quantization": json.dumps(quant)})
     if source is not None:
         for entry in Path(source).iterdir():
             if entry.name not in _MODEL_FILES and entry.is_file() and not entry.name.endswith(".safetensors"):
                 shutil.copy2(entry, tmp / entry.name)
     swap_folder(tmp, out)
+
+
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` on the CPU, contiguous, a tensor whose storage an earlier one holds (the MTP modules may share the
+    head) copied: safetensors refuses shared storage. Only those are copied, so saving a model larger than half the
+    memory does not hold it twice."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = None,
