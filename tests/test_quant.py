@@ -274,6 +274,28 @@ def test_an_int4_folder_in_the_older_interleaved_nibble_order_still_loads(model_
         assert torch.equal(seekmoe.from_pretrained(old)(ids).logits, seekmoe.from_pretrained(new)(ids).logits)
 
 
+def test_a_folder_larger_than_memory_is_quantized_from_its_mapped_files(model_dir, tmp_path, capsys, monkeypatch):
+    """Only the quantized copy must fit: weights that do not are mapped from their files (the same bytes written as
+    when they fit); a quantized copy that does not fit either is refused before anything is written."""
+    from safetensors.torch import load_file
+
+    import seekmoe.checkpoint as checkpoint
+    import seekmoe.model_folder as model_folder
+
+    fits, mapped = tmp_path / "fits", tmp_path / "mapped"
+    argv = ["quantize", "--model", str(model_dir), "--scheme", "int4", "--group-size", "16", "--out"]
+    assert main(argv + [str(fits)]) == 0
+    monkeypatch.setattr(checkpoint, "available_memory", lambda device: (1000, "a test"))
+    with pytest.warns(checkpoint.MappedLoadNote, match="do not fit in memory"):
+        assert main(argv + [str(mapped)]) == 0
+    want, got = load_file(str(fits / SINGLE_NAME)), load_file(str(mapped / SINGLE_NAME))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    capsys.readouterr()
+    monkeypatch.setattr(model_folder, "available_memory", lambda device: (1000, "a test"))
+    assert main(argv + [str(tmp_path / "none")]) == 2
+    assert "int4 weights" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
 def test_bad_quantization_options_fail_cleanly_before_writing(model_dir, tmp_path, capsys):
     out = tmp_path / "q"
     base = ["quantize", "--model", str(model_dir), "--out", str(out)]

@@ -59,6 +59,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_quantize(args: argparse.Namespace) -> int:
     from .. import from_pretrained
+    from ..model_folder import check_fits_memory, config_from_dict, read_config_json
     from .folder import is_quantized_folder, save_quantized
     from .modules import quantize_model, quantized_bytes
 
@@ -74,7 +75,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.group_size < 2 or args.group_size % 2:
         raise ValueError(f"--group-size={args.group_size}: expected an even number of at least 2")
     spec = QuantSpec(args.scheme, args.group_size)
-    model = from_pretrained(source, dtype=DTYPES[args.dtype] if args.dtype else None)
+    # Only the quantized copy must fit: a folder larger than memory is mapped from its files (its own dtype) and
+    # read a stack at a time while quantizing.
+    config = config_from_dict(read_config_json(source / "config.json"), str(source / "config.json"))
+    check_fits_memory(config, bytes_per_weight(spec), f"{spec.scheme} weights", torch.device("cpu"),
+                      source=str(source))
+    model = from_pretrained(source, dtype=DTYPES[args.dtype] if args.dtype else None, mmap="auto")
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     quantize_model(model, spec, embeddings=args.embeddings)  # checks every width before changing anything
     save_quantized(model, out, source)

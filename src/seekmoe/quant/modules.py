@@ -22,12 +22,13 @@ backend were chosen for the dtype at quantization.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..model.experts import RoutedExperts, select_backend
 from ..model.grouped_swiglu import grouped_swiglu
 from .formats import QuantSpec, dequantize, quantize
-from .kernels import gathered_quantized_swiglu, quantized_linear
+from .kernels import DECODE_ROWS, gathered_quantized_swiglu, quantized_linear
 
 # kv_b_proj is read as a matrix by the absorbed MLA decoding path; the lightning indexer's projections (V3.2, V4)
 # pick which tokens attention sees, and int8 rounding there changes the picks (tiny-v32: logits 0.10 off, not 0.006).
@@ -132,18 +133,40 @@ class QuantizedExperts(nn.Module):
         backend = self.backend
         compute = torch.float32 if backend.bf16_in_fp32 and dtype == torch.bfloat16 else dtype
         gu, dn = self.gate_up_proj, self.down_proj
+        # Fused loops where compiled decoding traces them (or a few rows); an eager prefill's many rows would make
+        # them materialize [rows, out, in] temporaries (gigabytes at DeepSeek-V2-Lite's widths).
+        compiling, few = torch.compiler.is_compiling(), rows.shape[0] <= DECODE_ROWS
+        fused = self.fused and (compiling or few)
         with torch.autocast(device_type, enabled=False):
-            if self.fused or rows.shape[0] < self.n_experts:  # a shape rule, fixed per compiled shape
+            if fused or (few if not compiling else rows.shape[0] < self.n_experts):  # a shape rule once compiled
                 y = gathered_quantized_swiglu(rows.to(compute), weights.float(), (gu.qweight, gu.scale),
-                                              (dn.qweight, dn.scale), plan.expert, self.spec.scheme, self.fused,
+                                              (dn.qweight, dn.scale), plan.expert, self.spec.scheme, fused,
                                               compute)
-            else:
+            elif compiling or rows.device.type != "cpu":  # one graph: every expert at once
                 layout = "ragged" if backend.many_rows == "grouped_mm" else "padded"
                 y = grouped_swiglu(rows.to(compute), weights.float(),
                                    dequantize(gu.qweight, gu.scale, self.spec.scheme, compute),
                                    dequantize(dn.qweight, dn.scale, self.spec.scheme, compute), plan.offsets,
                                    layout)[0]
+            else:
+                y = self._per_expert(rows.to(compute), weights.float(), plan, compute)
         return y.to(dtype)
+
+    def _per_expert(self, rows: torch.Tensor, weights: torch.Tensor, plan, compute: torch.dtype) -> torch.Tensor:
+        """Eager prefill on a CPU: each expert that has rows dequantized once, on its own, and applied to its rows
+        (grouped in expert order by the dispatcher): only the experts in use are converted, and one expert's float
+        weights at a time are alive, not the whole stack's (1.5 GB in fp32 for one DeepSeek-V2-Lite gate_up stack)."""
+        gu, dn, scheme = self.gate_up_proj, self.down_proj, self.spec.scheme
+        out = rows.new_empty(rows.shape[0], self.hidden_size)
+        ends = plan.offsets.tolist()  # one host read of the group ends
+        for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+            if end == start:
+                continue
+            gate, up = F.linear(rows[start:end], dequantize(gu.qweight[e], gu.scale[e], scheme, compute)).float() \
+                .chunk(2, dim=-1)
+            a = (F.silu(gate) * (up * weights[start:end, None])).to(compute)
+            out[start:end] = F.linear(a, dequantize(dn.qweight[e], dn.scale[e], scheme, compute))
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.n_experts} experts, {self.spec.to_json()}"
