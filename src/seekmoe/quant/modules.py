@@ -133,27 +133,31 @@ class QuantizedExperts(nn.Module):
         backend = self.backend
         compute = torch.float32 if backend.bf16_in_fp32 and dtype == torch.bfloat16 else dtype
         gu, dn = self.gate_up_proj, self.down_proj
-        # Fused loops where compiled decoding traces them (or a few rows); an eager prefill's many rows would make
-        # them materialize [rows, out, in] temporaries (gigabytes at DeepSeek-V2-Lite's widths).
-        compiling, few = torch.compiler.is_compiling(), rows.shape[0] <= DECODE_ROWS
-        fused = self.fused and (compiling or few)
+        # Compiled decoding traces the fused loops (or, unfused, one graph for every shape); eager on a CPU, int8's
+        # few rows take integer products and everything else converts each used expert on its own (_per_expert):
+        # gathered or whole-stack conversions make [rows or E, out, in] float temporaries, ~10x slower per weight
+        # at DeepSeek-V2-Lite's widths. Eager fused loops only for a few rows (their temporaries are [rows, out, in]).
+        n, few, scheme = rows.shape[0], rows.shape[0] <= DECODE_ROWS, self.spec.scheme
+        if torch.compiler.is_compiling():
+            path = "gathered" if self.fused or n < self.n_experts else "grouped"  # a shape rule once compiled
+        elif rows.device.type == "cpu":
+            path = "gathered" if few and (self.fused or scheme == "int8") else "per_expert"
+        else:
+            path = "gathered" if n < self.n_experts else "grouped"
         with torch.autocast(device_type, enabled=False):
-            if fused or (few if not compiling else rows.shape[0] < self.n_experts):  # a shape rule once compiled
+            if path == "gathered":
                 y = gathered_quantized_swiglu(rows.to(compute), weights.float(), (gu.qweight, gu.scale),
-                                              (dn.qweight, dn.scale), plan.expert, self.spec.scheme, fused,
-                                              compute)
-            elif compiling or rows.device.type != "cpu":  # one graph: every expert at once
+                                              (dn.qweight, dn.scale), plan.expert, scheme, self.fused, compute)
+            elif path == "grouped":
                 layout = "ragged" if backend.many_rows == "grouped_mm" else "padded"
-                y = grouped_swiglu(rows.to(compute), weights.float(),
-                                   dequantize(gu.qweight, gu.scale, self.spec.scheme, compute),
-                                   dequantize(dn.qweight, dn.scale, self.spec.scheme, compute), plan.offsets,
-                                   layout)[0]
+                y = grouped_swiglu(rows.to(compute), weights.float(), dequantize(gu.qweight, gu.scale, scheme, compute),
+                                   dequantize(dn.qweight, dn.scale, scheme, compute), plan.offsets, layout)[0]
             else:
                 y = self._per_expert(rows.to(compute), weights.float(), plan, compute)
         return y.to(dtype)
 
     def _per_expert(self, rows: torch.Tensor, weights: torch.Tensor, plan, compute: torch.dtype) -> torch.Tensor:
-        """Eager prefill on a CPU: each expert that has rows dequantized once, on its own, and applied to its rows
+        """Eager on a CPU: each expert that has rows dequantized once, on its own, and applied to its rows
         (grouped in expert order by the dispatcher): only the experts in use are converted, and one expert's float
         weights at a time are alive, not the whole stack's (1.5 GB in fp32 for one DeepSeek-V2-Lite gate_up stack)."""
         gu, dn, scheme = self.gate_up_proj, self.down_proj, self.spec.scheme
