@@ -1,11 +1,13 @@
 """A model larger than memory, decoded from memory-mapped weights: a DeepSeek-V2-Lite-shaped model (15.7B parameters,
 its exact config.json shapes; 31 GB in bf16) with random weights, written layer by layer (never all in memory), then
-decoded by `seekmoe generate --mmap` in a fresh process, once per variant: bf16 weights mapped from the files, and
-`--quantize int4` where this seekmoe has that flag (issue 24's quantization). Prints tokens/s, peak resident memory
-and the private (anonymous) part of it, and writes JSON.
+decoded by `seekmoe generate` in a fresh process, once per variant: bf16 weights mapped from the files (`--mmap`),
+int4 quantized while loading from them (`--mmap --quantize int4`), and what a user does once: `seekmoe quantize
+--scheme int4` into a folder that fits in memory, decoded eager (and compiled with --compiled). Prints tokens/s,
+peak resident memory and the private (anonymous) part of it, and writes JSON.
 
     python benchmarks/big_model.py --layers 3                  # a 3-layer slice (~3.7 GB): minutes
     python benchmarks/big_model.py                             # all 27 layers, 31 GB on disk (deleted afterwards)
+    python benchmarks/big_model.py --keep --compiled           # + the compiled int4 run; keep both folders
 
 Each run starts cold: the page cache of the model's own files is dropped first (posix_fadvise DONTNEED, which
 touches no other file), so the first tokens read their experts from the disk as a fresh process would.
@@ -111,23 +113,48 @@ def has_quantize_flag() -> bool:
     return "--quantize" in out.stdout
 
 
-def decode(folder: Path, tokens: int, threads: int, extra: list[str]) -> dict:
-    """One cold `seekmoe generate --mmap --stats` run; its tokens/s and memory lines, parsed."""
+def quantize_folder(folder: Path, out: Path, scheme: str, threads: int) -> dict:
+    """`seekmoe quantize` of the (mapped) bf16 folder into `out`, cold; its wall time and peak resident memory."""
     drop_page_cache(folder)
-    cmd = [sys.executable, "-m", "seekmoe", "generate", "--model", str(folder), "--mmap", "--prompt", PROMPT,
-           "--max-new-tokens", str(tokens), "--ignore-eos", "--temperature", "0", "--stats", *extra]
+    shutil.rmtree(out, ignore_errors=True)
+    code = ("import resource, sys; from seekmoe.cli import main; rc = main(sys.argv[1:]); "
+            "print(f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB', file=sys.stderr); "
+            "sys.exit(rc)")
+    cmd = [sys.executable, "-c", code, "quantize", "--model", str(folder), "--scheme", scheme, "--out", str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"seekmoe quantize failed:\n{done.stderr[-2000:]}")
+    print(f"seekmoe quantize --scheme {scheme}:", *done.stderr.strip().splitlines()[-2:], sep="\n  ", flush=True)
+    peak = float(re.search(r"peak RSS ([\d.]+) GiB", done.stderr).group(1))
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return {"wall_s": round(wall, 1), "peak_rss_gib": peak, "bytes": size}
+
+
+def decode(folder: Path, tokens: int, threads: int, extra: list[str], mmap: bool = True) -> dict:
+    """One cold `seekmoe generate --stats` run (`--mmap` unless told not to); its tokens/s and memory lines."""
+    drop_page_cache(folder)
+    cmd = [sys.executable, "-m", "seekmoe", "generate", "--model", str(folder), *(["--mmap"] if mmap else []),
+           "--prompt", PROMPT, "--max-new-tokens", str(tokens), "--ignore-eos", "--temperature", "0", "--stats",
+           *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    print(f"generate {' '.join(extra)} --mmap:", *out.stderr.strip().splitlines()[-3:], sep="\n  ", flush=True)
+    print(f"generate {' '.join(extra)}{' --mmap' if mmap else ''}:", *out.stderr.strip().splitlines()[-4:],
+          sep="\n  ", flush=True)
     speed = re.search(r"(\d+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)", out.stderr)
     mem = re.search(r"peak RSS ([\d.]+) GiB, RSS now ([\d.]+) GiB \(([\d.]+) private, ([\d.]+) file pages\)",
                     out.stderr)
-    return {"command": " ".join(cmd), "tokens": int(speed.group(1)), "decode_s": float(speed.group(2)),
-            "tokens_per_s": float(speed.group(3)), "peak_rss_gib": float(mem.group(1)),
+    compiling = re.search(r"including ([\d.]+)s compiling", out.stderr)
+    compile_s = float(compiling.group(1)) if compiling else 0.0
+    tokens, seconds = int(speed.group(1)), float(speed.group(2))
+    # the request's tokens over its time, prompt included, compiling not (the CLI rounds to 0.1 tokens/s)
+    return {"command": " ".join(cmd), "tokens": tokens, "decode_s": seconds, "compile_s": compile_s,
+            "tokens_per_s": tokens / (seconds - compile_s), "peak_rss_gib": float(mem.group(1)),
             "rss_end_gib": float(mem.group(2)), "private_gib": float(mem.group(3)),
             "file_pages_gib": float(mem.group(4)), "process_wall_s": round(wall, 1)}
 
@@ -141,11 +168,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the decoding process (default 2)")
     p.add_argument("--quantize", choices=("none", "int4", "int8"), default="int4",
                    help="also decode with --quantize SCHEME where seekmoe has the flag (default int4; none: skip)")
-    p.add_argument("--keep", action="store_true", help="keep the model folder (and reuse it if it is there)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the model folder and its quantized copy (the model folder is reused if it is there)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also decode the quantized folder with --compile on (compiling takes minutes at this size)")
     p.add_argument("--out", type=Path, default=RESULTS / "big_model.json")
     args = p.parse_args()
 
     config = v2_lite_config(args.layers)
+    qfolder = args.folder.with_name(f"{args.folder.name}-{args.quantize}")
     from seekmoe.info import parameter_count
 
     print(header(f"big_model: DeepSeek-V2-Lite shapes, {args.layers} layers, "
@@ -157,25 +188,39 @@ def main() -> None:
             size = write_model(args.folder, config)
             print(f"wrote {size / 2**30:.2f} GiB in {time.perf_counter() - start:.0f}s")
         size = sum(f.stat().st_size for f in args.folder.glob("*.safetensors"))
+        quantized = None
         runs = {"bf16 mapped": decode(args.folder, args.tokens, args.threads, ["--dtype", "bfloat16"])}
         if args.quantize != "none":
             if has_quantize_flag():
                 runs[f"{args.quantize} (from mapped bf16)"] = decode(args.folder, args.tokens, args.threads,
                                                                      ["--dtype", "bfloat16", "--quantize",
                                                                       args.quantize])
+                # what a user does once: `seekmoe quantize` to a folder that fits, then decode it (no mapping)
+                quantized = quantize_folder(args.folder, qfolder, args.quantize, args.threads)
+                runs[f"{args.quantize} folder, eager"] = decode(qfolder, args.tokens, args.threads,
+                                                               ["--dtype", "bfloat16"], mmap=False)
+                if args.compiled:
+                    runs[f"{args.quantize} folder, compiled"] = decode(
+                        qfolder, args.tokens, args.threads, ["--dtype", "bfloat16", "--compile", "on"], mmap=False)
             else:
                 print(f"(no --quantize in this seekmoe's generate: the {args.quantize} run is skipped)")
     finally:
         if not args.keep:
             shutil.rmtree(args.folder, ignore_errors=True)
-    rows = [["weights", "tokens/s", "peak RSS GiB", "private GiB", "file pages GiB", "process s"]]
+            shutil.rmtree(qfolder, ignore_errors=True)
+    rows = [["weights", "tokens/s", "peak RSS GiB", "private GiB", "file pages GiB", "process s", "compile s"]]
     for name, r in runs.items():
         rows.append([name, f"{r['tokens_per_s']:.2f}", f"{r['peak_rss_gib']:.2f}", f"{r['private_gib']:.2f}",
-                     f"{r['file_pages_gib']:.2f}", f"{r['process_wall_s']:.0f}"])
+                     f"{r['file_pages_gib']:.2f}", f"{r['process_wall_s']:.0f}", f"{r['compile_s']:.0f}"])
+    if quantized:
+        print(f"seekmoe quantize --scheme {args.quantize}: {quantized['bytes'] / 2**30:.2f} GiB written in "
+              f"{quantized['wall_s']:.0f}s, peak RSS {quantized['peak_rss_gib']:.2f} GiB (mapped source pages "
+              f"included)")
     print(f"weights on disk: {size / 2**30:.2f} GiB; memory: {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB; "
           f"{args.tokens} tokens after a {PROMPT!r} prompt, {args.threads} threads, cold page cache")
     print(table(rows))
-    write_json(args.out, {"layers": args.layers, "weights_bytes": size, "threads": args.threads, "runs": runs})
+    write_json(args.out, {"layers": args.layers, "weights_bytes": size, "threads": args.threads, "runs": runs,
+                          "quantize": quantized})
 
 
 if __name__ == "__main__":

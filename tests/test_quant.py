@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -237,6 +238,9 @@ def test_a_quantized_folder_reloads_with_the_same_logits(model_dir, tmp_path, ca
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "seekmoe" and config["scheme"] == scheme
     assert (out / "tokenizer.json").is_file() and not list(out.glob("*.bin"))  # safetensors only, no pickle
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}  # safetensors' own is owner-only
     ids = torch.randint(0, 400, (2, 9))
     fresh = quantize_model(seekmoe.from_pretrained(model_dir), QuantSpec(scheme, 16),
                            embeddings="--embeddings" in extra)

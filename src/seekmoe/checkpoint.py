@@ -122,7 +122,13 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_bytes: i
 def swap_folder(tmp: Path, final: Path) -> None:
     """Put the folder `tmp` in place of `final` and delete the old `final`. On Linux the two are exchanged in one
     atomic rename (renameat2 RENAME_EXCHANGE), so `final` is never missing; elsewhere the old one is renamed aside
-    first, and a crash between the two renames leaves it complete as `.old-NAME`."""
+    first, and a crash between the two renames leaves it complete as `.old-NAME`. Its files get the mode the
+    umask gives new files (safetensors >= 0.7 writes its own owner-only): a model folder is readable as a whole."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for entry in tmp.rglob("*"):
+        if entry.is_file() and not entry.is_symlink():
+            os.chmod(entry, 0o666 & ~mask)
     if final.exists() and _exchange(tmp, final):
         shutil.rmtree(tmp)
         return
