@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(
         {"rows": [{"model": name, **acc} for name, acc in rows], "held_out_questions": n, "seconds": seconds,
          "steps": {"text": args.text_steps, "align": args.align_steps, "full": args.full_steps},
-         "align_lr": args.align_lr, "full_lr": args.lr, "optimizer": args.optimizer, "grid": args.grid}, indent=2) + "\n")
+         "align_lr": args.align_lr, "full_lr": args.lr, "optimizer": args.optimizer, "grid": args.grid},
+        indent=2) + "\n")
     analyze_parser = argparse.ArgumentParser()
     add_analyze_arguments(analyze_parser)
     run_analyze(analyze_parser.parse_args(["--model", str(final), "--data", str(held_path), "--out",
