@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     # projection_output_norm) into one constant vector that drowned what differs between cells.
     p.add_argument("--align-lr", type=float, default=3e-4, help="learning rate of the align stage (small: see above)")
     # The same for the full stage: at 5e-3 the projected features grew to ~100x the text embeddings, nearly one vector,
-    # and the language model learned to ignore the image tokens; at 3e-3 (AdamW, with the output norm) it still did.
+    # and the language model learned to ignore the image tokens; at 3e-3 (AdamW, with the output norm) the answers
+    # still stayed at the blind guess.
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the full stage")
     p.add_argument("--train-tower", action="store_true",
                    help="train the vision tower in the full stage too (default: frozen, as LLaVA does)")
@@ -195,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     text_path = out / "data" / "text.jsonl"
     text_path.write_text("".join(json.dumps(r) + "\n" for r in text_records(train)))
     texts = [format_chat(r["messages"][:1]) + " " + r["messages"][1]["content"] for r in text_records(train)]
-    # No MTP module: a one-word answer gives it next to nothing to learn, and it cost a third of every step that is
-    # better spent on more steps (the position questions are the last to be learned).
+    # No MTP module: the run is ~1.45x faster without it, time spent on more full steps instead (the position
+    # questions are the last to be learned; benchmarks/README.md compares the two).
     base = make_text_model(out / "base", texts, seed=args.seed, num_nextn_predict_layers=0)
     # fp32: the same run on every CPU (precision "auto" would autocast to bf16 where the CPU computes it natively)
     common = {"seq_len": 128, "batch_size": args.batch_size, "warmup_steps": 10, "eval_every": 10 ** 6,
