@@ -78,6 +78,7 @@ def test_saved_folder_loads_in_transformers_with_the_same_logits(tmp_path):
     ref_model.save_pretrained(tmp_path / "hf")
     ours = seekmoe.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ours.save_pretrained(tmp_path / "ours")
+    assert "projection_output_norm" not in (tmp_path / "ours" / "config.json").read_text()  # seekmoe's own towers'
     back = Kimi_K25ForConditionalGeneration.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
     ids, pixel_values, grid = vision_inputs([[1, 2, 4], [1, 6, 6]], seed=4)
     with torch.no_grad():
@@ -176,3 +177,24 @@ def test_hostile_vision_config_is_one_clear_error(tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=re.escape(message)):
         seekmoe.from_pretrained(tmp_path)
+
+
+def test_a_fresh_position_grid_is_a_sum_of_a_row_and_a_column_part_and_tells_every_cell_apart():
+    from seekmoe.vision.config import VisionConfig, VisionLanguageConfig
+    from seekmoe.vision.model import VisionLanguageModel
+    from seekmoe.vision.tower import sincos_position_grid
+
+    table = sincos_position_grid(16, 16, 32)  # [rows, columns, channels]
+    assert table.shape == (16, 16, 32) and table.abs().max() <= 1
+    rows, cols = table[..., :16], table[..., 16:]
+    assert torch.equal(rows, rows[:, :1].expand_as(rows)) and torch.equal(cols, cols[:1].expand_as(cols))
+    assert torch.equal(rows[:, 0], cols[0])  # the same code along either axis
+    # resampled as the tower resamples it to a 6 x 6 patch grid, every cell still differs from every other
+    small = torch.nn.functional.interpolate(table.permute(2, 0, 1)[None], size=(6, 6), mode="bicubic",
+                                            align_corners=False)[0].flatten(1).T  # [36, 32]
+    distances = torch.cdist(small, small) + torch.eye(36) * 1e9
+    assert distances.min() > 1.0  # a normal(0, 0.02) grid: ~0.1
+
+    text = seekmoe.ModelConfig.preset("tiny")
+    model = VisionLanguageModel(VisionLanguageConfig(text, VisionConfig.preset("tiny")))
+    assert torch.equal(model.vision_tower.patch_embed.pos_emb.weight, sincos_position_grid(16, 16, 32))

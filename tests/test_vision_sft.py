@@ -113,3 +113,32 @@ def test_a_stopped_vision_run_resumes_exactly(colours, tmp_path, monkeypatch):
     args = ["sft", "--model", str(base), "--data", str(folder / "train.jsonl"), "--vision-tower", "tiny",
             "--max-steps", "2", *RUN, "save_every=1"]
     assert_resume_is_exact(main, args, tmp_path, stop_at=1)
+
+
+def test_a_fresh_tower_enters_at_the_text_embeddings_scale_and_keeps_its_output_norm_on_disk(colours, tmp_path):
+    """A preset tower's projector ends in an RMSNorm whose gain is the text embeddings' RMS, so image tokens start
+    at the scale of the tokens around them; the field and the gain survive save and load."""
+    from seekmoe.vision.sft import attach_vision_tower
+
+    _, base = colours
+    vlm = attach_vision_tower(base, "tiny").eval()
+    assert vlm.config.projection_output_norm
+    table = vlm.language_model.model.embed_tokens.weight
+    pixel_values, grid = ImageProcessor()([Image.new("RGB", (56, 28), (200, 40, 40))])
+    with torch.no_grad():
+        features = vlm.image_features(pixel_values, grid)  # [2, hidden]
+    assert torch.allclose(features.pow(2).mean(-1).sqrt(), table.pow(2).mean().sqrt().expand(2), rtol=0.02)  # eps
+
+    vlm.save_pretrained(tmp_path / "grown")
+    assert json.loads((tmp_path / "grown" / "config.json").read_text())["projection_output_norm"] is True
+    back = seekmoe.from_pretrained(tmp_path / "grown", dtype=torch.float32)
+    assert back.config.projection_output_norm
+    assert torch.equal(back.mm_projector.post_norm.weight, vlm.mm_projector.post_norm.weight)
+    with torch.no_grad():
+        assert torch.equal(back.image_features(pixel_values, grid), features)
+
+
+def test_projection_output_norm_must_be_a_boolean():
+    config = seekmoe.ModelConfig.preset("tiny")
+    with pytest.raises(ValueError, match="projection_output_norm='yes': expected true or false"):
+        VisionLanguageConfig(config, VisionConfig.preset("tiny"), projection_output_norm="yes")

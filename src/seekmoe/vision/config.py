@@ -141,6 +141,11 @@ class VisionLanguageConfig:
     vision_config: VisionConfig
     projection_hidden_size: int | None = None  # the projector's LayerNorm width: the tower's hidden size
     projection_layer_norm_eps: float = 1e-5
+    # seekmoe's own fresh towers only (Kimi-K2.5 has none, and its folders are written without the key): an RMSNorm
+    # at the projector's end whose gain starts at the text embeddings' RMS, so image tokens enter the language model
+    # at its embeddings' scale however the projector trains (without it, in `make demo-vision`, they grew to ~100x
+    # the text embeddings and the language model learned to ignore them). transformers does not know the field.
+    projection_output_norm: bool = False
     image_token_id: int = 163605
     video_token_id: int = 163840
     vision_start_token_id: int = 163602
@@ -155,6 +160,8 @@ class VisionLanguageConfig:
                              f"hidden_size {self.vision_config.hidden_size} (the projector normalizes its patches)")
         if not isinstance(self.image_token_id, int) or self.image_token_id < 0:
             raise ValueError(f"image_token_id={self.image_token_id!r}: expected a token id (a non-negative integer)")
+        if not isinstance(self.projection_output_norm, bool):
+            raise ValueError(f"projection_output_norm={self.projection_output_norm!r}: expected true or false")
         eps = self.projection_layer_norm_eps
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
             raise ValueError(f"projection_layer_norm_eps={eps!r}: expected a small positive number")
@@ -227,6 +234,8 @@ class VisionLanguageConfig:
         text = self.text_config.to_dict()  # a deepseek_v3 model as in Kimi-K2.5 (or v2, or seekmoe's own router)
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in ("extra", "text_config", "vision_config")}
+        if not self.projection_output_norm:  # Kimi-K2.5's config.json as released: no key it does not know
+            del d["projection_output_norm"]
         return {**self.extra, **d, "model_type": "kimi_k25", "architectures": ["Kimi_K25ForConditionalGeneration"],
                 "tie_word_embeddings": self.text_config.tie_word_embeddings, "text_config": text,
                 "vision_config": self.vision_config.to_dict()}

@@ -44,7 +44,8 @@ def attach_vision_tower(model_dir: str | os.PathLike, tower: str | None) -> Visi
     'small', or a Kimi-K2.5 folder whose tower is copied) and a fresh projector in front; or, when `model_dir` is
     already vision-language and `tower` is None, that model. The image token is the text model's
     media_placeholder_token_id where it has one, else one id past the text vocabulary: no text token can be it, and
-    it needs no embedding row."""
+    it needs no embedding row. A fresh projector of a preset tower ends in an RMSNorm at the text embeddings'
+    scale (`projection_output_norm`)."""
     from ..checkpoint import from_pretrained
 
     if is_vision_folder(model_dir):
@@ -67,8 +68,11 @@ def attach_vision_tower(model_dir: str | os.PathLike, tower: str | None) -> Visi
     # A text model that keeps an id for the image placeholder (media_placeholder_token_id, as modality-aware
     # routing reads it) keeps it; otherwise the image token is one id past its vocabulary.
     image_token_id = text.config.media_placeholder_token_id
+    # seekmoe's own towers end the projector in an RMSNorm at the text embeddings' scale (see VisionLanguageConfig);
+    # a donor's projector keeps its own form, so Kimi-K2.5's stays exact.
     config = VisionLanguageConfig(text_config=text.config, vision_config=vision,
-                                  image_token_id=text.config.vocab_size if image_token_id is None else image_token_id)
+                                  image_token_id=text.config.vocab_size if image_token_id is None else image_token_id,
+                                  projection_output_norm=donor.config.projection_output_norm if donor else True)
     model = VisionLanguageModel(config, language_model=text)
     if donor is not None:
         model.vision_tower.load_state_dict(donor.vision_tower.state_dict())

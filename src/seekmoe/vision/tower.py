@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.norm import RMSNorm
 from .config import VisionConfig, VisionLanguageConfig
 
 
@@ -63,6 +64,25 @@ class PatchEmbed(nn.Module):
             grid = F.interpolate(table.permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=False)
             grids.append(grid[0].permute(1, 2, 0).flatten(0, 1))
         return x + torch.cat(grids).to(x.dtype)
+
+
+def sincos_position_grid(height: int, width: int, dim: int) -> torch.Tensor:
+    """[height, width, dim]: a 2-D sine-cosine position table (MAE's fixed embedding, at low frequencies), a fresh
+    tower's position grid: the first half of the channels a function of the row, the second half the same function
+    of the column, so a cell's code is a row part plus a column part and stays smooth when resampled to a smaller
+    image. Channels past a multiple of 4 are zero; values lie in [-1, 1]."""
+    quarter = dim // 4
+    # angle k * pi / 2 across the table for k = 1..quarter: the lowest rises monotonically from one edge to the other
+    # (top tells from bottom on any resampled grid), the highest repeats every 4 / quarter of the table.
+    freqs = torch.arange(1, quarter + 1, dtype=torch.float32) * torch.pi / 2
+
+    def axis(n: int) -> torch.Tensor:  # [n, 2 * quarter]
+        angle = (torch.arange(n, dtype=torch.float32) + 0.5)[:, None] / n * freqs
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    rows = axis(height)[:, None, :].expand(height, width, 2 * quarter)
+    cols = axis(width)[None, :, :].expand(height, width, 2 * quarter)
+    return F.pad(torch.cat([rows, cols], dim=2), (0, dim - 4 * quarter))
 
 
 class Rope2D(nn.Module):
@@ -170,7 +190,8 @@ def merge_patches(x: torch.Tensor, sizes: list[tuple[int, int]], kernel: tuple[i
 
 class Projector(nn.Module):
     """Kimi-K2.5's patch-merger projector: LayerNorm over each patch, the kh * kw patches of a token concatenated,
-    then Linear -> GELU -> Linear to the language model's width."""
+    then Linear -> GELU -> Linear to the language model's width; with `projection_output_norm` (seekmoe's own
+    towers), an RMSNorm after it (`post_norm`)."""
 
     def __init__(self, config: VisionLanguageConfig):
         super().__init__()
@@ -179,7 +200,9 @@ class Projector(nn.Module):
         self.pre_norm = nn.LayerNorm(d, eps=config.projection_layer_norm_eps)
         self.proj = nn.Sequential(nn.Linear(merged, merged), nn.GELU(),
                                   nn.Linear(merged, config.text_config.hidden_size))
+        self.post_norm = RMSNorm(config.text_config.hidden_size) if config.projection_output_norm else None
 
     def forward(self, merged: torch.Tensor) -> torch.Tensor:
         """merged [T, k, hidden_vision] -> [T, hidden_text]."""
-        return self.proj(self.pre_norm(merged).flatten(1))
+        x = self.proj(self.pre_norm(merged).flatten(1))
+        return x if self.post_norm is None else self.post_norm(x)
