@@ -278,6 +278,15 @@ def test_an_int4_folder_in_the_older_interleaved_nibble_order_still_loads(model_
         assert torch.equal(seekmoe.from_pretrained(old)(ids).logits, seekmoe.from_pretrained(new)(ids).logits)
 
 
+def test_a_truncated_quantized_folder_is_refused_naming_the_tensor(model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model_dir), "--scheme", "int8", "--out", str(out)]) == 0
+    data = (out / SINGLE_NAME).read_bytes()
+    (out / SINGLE_NAME).write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"tensor .* is cut short \(the file ends early\)"):
+        seekmoe.from_pretrained(out)
+
+
 def test_a_folder_larger_than_memory_is_quantized_from_its_mapped_files(model_dir, tmp_path, capsys, monkeypatch):
     """Only the quantized copy must fit: weights that do not are mapped from their files (the same bytes written as
     when they fit); a quantized copy that does not fit either is refused before anything is written."""
