@@ -55,6 +55,9 @@ def test_a_graph_break_in_a_block_fails_the_request_and_generate_exits_nonzero(m
     torch._dynamo.reset()
     args = ["generate", "--model", str(model_dir), "--prompt", "def f(", "--max-new-tokens", "6", "--ignore-eos",
             "--compile", "on"]
+    if not compiled._HAS_ISOLATED_GUARD_SKIPPING:  # torch < 2.13 keeps the module guards: a break is only slower
+        assert main(args + ["--stats"]) == 0 and capsys.readouterr().err.startswith("6 tokens")
+        return
     assert main(args) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("seekmoe generate: error: 1 of 1 requests failed after 1 tokens: Unsupported: ")
