@@ -218,10 +218,12 @@ def _read_v32_layer_lists(d: dict) -> None:
     n = d.get("num_hidden_layers")
     layer_types = d.pop("layer_types", None)
     if layer_types is not None:
+        # transformers 5.25 names the kind 'indexed_attention'; 5.17 (the oldest we support) 'deepseek_sparse_attention'
         if not isinstance(layer_types, list) or len(layer_types) != n or \
-                any(kind != "indexed_attention" for kind in layer_types):
+                any(kind not in ("indexed_attention", "deepseek_sparse_attention") for kind in layer_types):
             raise ValueError(f"ModelConfig.layer_types={layer_types!r} is invalid: expected None or "
-                             f"num_hidden_layers={n} entries, each 'indexed_attention' (DeepSeek-V3.2)")
+                             f"num_hidden_layers={n} entries, each 'indexed_attention' (DeepSeek-V3.2; "
+                             f"'deepseek_sparse_attention' in transformers before 5.25)")
     mlp_types = d.pop("mlp_layer_types", None)
     if mlp_types is not None:
         ok = isinstance(mlp_types, list) and len(mlp_types) == n
@@ -235,5 +237,7 @@ def _read_v32_layer_lists(d: dict) -> None:
 def _write_v32_layer_lists(config: "ModelConfig", d: dict) -> None:
     """The per-layer lists transformers' DeepseekV32Config reads (it places MoE layers by mlp_layer_types)."""
     L = config.num_hidden_layers
-    d["layer_types"] = ["indexed_attention"] * L
+    # No layer_types: every layer is sparse, which is what an absent list means to every transformers version, and
+    # the kind's name changed ('deepseek_sparse_attention' in 5.17, 'indexed_attention' in 5.25; each refuses the other)
+    d.pop("layer_types", None)
     d["mlp_layer_types"] = ["sparse" if config.is_moe_layer(i) else "dense" for i in range(L)]
