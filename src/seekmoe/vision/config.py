@@ -131,8 +131,37 @@ class VisionConfig:
         return {**self.extra, **d}
 
 
+class TextConfigView:
+    """What a vision-language config reads through from its language model's (`text_config`), under the names a
+    text model's config gives them, where code written for text models reads them (tokenizer, engine, analyze);
+    `media_placeholder_token_id` is its `image_token_id` (Kimi-K2.5's remote-code name for it)."""
+
+    text_config: ModelConfig
+    image_token_id: int
+
+    @property
+    def media_placeholder_token_id(self) -> int:
+        return self.image_token_id
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.text_config.tie_word_embeddings
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.text_config.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.text_config.eos_token_id
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.text_config.max_position_embeddings
+
+
 @dataclass
-class VisionLanguageConfig:
+class VisionLanguageConfig(TextConfigView):
     """A Kimi-K2.5-style vision-language model: MoonViT (`vision_config`), a projector from merged patches to the
     language model's width, and a DeepSeek-MoE language model (`text_config`). Image features take the place of the
     `image_token_id` placeholder tokens (Kimi-K2.5's remote code calls it `media_placeholder_token_id`)."""
@@ -167,30 +196,8 @@ class VisionLanguageConfig:
             raise ValueError(f"projection_layer_norm_eps={eps!r}: expected a small positive number")
 
     @property
-    def media_placeholder_token_id(self) -> int:
-        """Kimi-K2.5's remote-code name for `image_token_id`."""
-        return self.image_token_id
-
-    @property
     def model_type(self) -> str:
         return "kimi_k25"
-
-    @property
-    def tie_word_embeddings(self) -> bool:
-        return self.text_config.tie_word_embeddings
-
-    # The language model's token ids and context, read where a text model's config is read (tokenizer, engine).
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.text_config.bos_token_id
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.text_config.eos_token_id
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.text_config.max_position_embeddings
 
     @property
     def merged_patches(self) -> int:

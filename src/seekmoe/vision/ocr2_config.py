@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ModelConfig
+from .config import TextConfigView
 
 # Far past the release (SAM ViT-B: 12 layers, 768 wide; the encoder: Qwen2-0.5B's 24 layers, 896 wide), small enough
 # that a hostile config.json cannot allocate anything large.
@@ -181,7 +182,7 @@ class EncoderConfig:
 
 
 @dataclass
-class Ocr2Config:
+class Ocr2Config(TextConfigView):
     """DeepSeek-OCR-2: SamConfig + EncoderConfig in front of a multi-head DeepSeek-V2 MoE (`text_config`);
     `image_token_id` is the placeholder each image feature replaces."""
 
@@ -209,28 +210,6 @@ class Ocr2Config:
     @property
     def model_type(self) -> str:
         return "deepseek_ocr2"
-
-    @property
-    def tie_word_embeddings(self) -> bool:
-        return self.text_config.tie_word_embeddings
-
-    # The language model's token ids and context, read where a text model's config is read (tokenizer, engine).
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.text_config.bos_token_id
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.text_config.eos_token_id
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.text_config.max_position_embeddings
-
-    @property
-    def media_placeholder_token_id(self) -> int:
-        """`image_token_id` by the name a text model's config gives its image token (analyze asks for it)."""
-        return self.image_token_id
 
     def preprocessing(self):
         """The Ocr2ImageProcessor settings of this model: `processor`, else the defaults config.json implies."""
