@@ -70,7 +70,7 @@ def load_ocr2(path: Path, raw: dict, dtype: torch.dtype | None = None,
               device: str | torch.device | None = None) -> Ocr2Model:
     """A DeepSeek-OCR-2 folder as an Ocr2Model: shapes and completeness checked on the meta device first, then each
     tensor copied into place once, in `dtype` (default: the checkpoint's); its preprocessor_config.json (else the
-    default preprocessing, as the log line says) as `config.processor`."""
+    default preprocessing, with a DefaultPreprocessingWarning) as `config.processor`."""
     config = read_ocr2_config(raw, str(path / "config.json"))
     config.processor, where = read_processor(path, config)
     if (path / PREPROCESSOR_FILE).is_file():
